@@ -1,0 +1,115 @@
+"""What every attack shares: the Attack contract and the one generic poisoning function.
+
+Attack contract: `apply(images) -> images` maps float [0,1] NCHW to the same shape, purely and
+deterministically (trigger randomness comes from the attack's own seed). `clean_label` says whether
+poisoned training samples keep their labels (and are drawn from the target class only).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Protocol
+
+import torch
+from torch import Tensor
+
+from ..data import ImageSet, to_float, to_uint8
+from ..errors import UsageError
+from ..registry import Registry
+
+ATTACKS = Registry("attack")
+
+CHUNK = 4096
+
+
+class Attack(Protocol):
+    clean_label: bool
+
+    def apply(self, images: Tensor) -> Tensor: ...
+
+
+@dataclass(frozen=True)
+class PoisonedSet:
+    """The attacker's training set: poisoned samples replace their clean originals.
+
+    `cross_mask` marks WaNet noise-mode samples (warped with random noise, labels kept).
+    """
+
+    data: ImageSet
+    poison_mask: Tensor
+    cross_mask: Tensor
+
+    @property
+    def poison_indices(self) -> Tensor:
+        return self.poison_mask.nonzero().flatten()
+
+
+def map_uint8(fn: Callable[[Tensor], Tensor], images: Tensor) -> Tensor:
+    """Apply a float-space image function to uint8 images in chunks, quantising back to uint8."""
+    out = torch.empty_like(images)
+    for start in range(0, len(images), CHUNK):
+        out[start:start + CHUNK] = to_uint8(fn(to_float(images[start:start + CHUNK])))
+    return out
+
+
+def train_trigger(attack: Attack) -> Callable[[Tensor], Tensor]:
+    """The training-time poisoning function (LC differs from its test trigger; others do not)."""
+    return getattr(attack, "apply_train", attack.apply)
+
+
+def check_rate_and_target(rate: float, target: int, num_classes: int) -> None:
+    if not 0 < rate < 1:
+        raise UsageError(f"poison rate must be in (0, 1), got {rate}")
+    if not 0 <= target < num_classes:
+        raise UsageError(f"target class must be in 0..{num_classes - 1}, got {target}")
+
+
+def choose_poison_indices(labels: Tensor, attack: Attack, rate: float, target: int, seed: int) -> Tensor:
+    """round(rate*N) indices: from all samples (dirty-label) or from the target class (clean-label)."""
+    n_poison = max(1, round(rate * len(labels)))
+    candidates = (labels == target).nonzero().flatten() if attack.clean_label else torch.arange(len(labels))
+    if n_poison > len(candidates):
+        raise UsageError(
+            f"clean-label poison rate {rate} needs {n_poison} target-class images but class {target} has "
+            f"{len(candidates)}; use a rate <= {len(candidates) / len(labels):.4f}"
+        )
+    order = torch.randperm(len(candidates), generator=torch.Generator().manual_seed(seed))
+    return candidates[order[:n_poison]].sort().values
+
+
+def poison(train: ImageSet, attack: Attack, rate: float, target: int, num_classes: int, seed: int) -> PoisonedSet:
+    """Poison `train` with `attack` (all2one to `target`), deterministically for `seed`."""
+    check_rate_and_target(rate, target, num_classes)
+    indices = choose_poison_indices(train.labels, attack, rate, target, seed)
+    images, labels = train.images.clone(), train.labels.clone()
+    images[indices] = map_uint8(train_trigger(attack), images[indices])
+    labels[indices] = target
+    poison_mask = torch.zeros(len(labels), dtype=torch.bool)
+    poison_mask[indices] = True
+    cross_mask = torch.zeros_like(poison_mask)
+    cross_ratio = getattr(attack, "cross_ratio", 0)
+    if cross_ratio:
+        cross = choose_cross_indices(poison_mask, round(cross_ratio * len(indices)), seed)
+        gen = torch.Generator().manual_seed(seed + 1)
+        images[cross] = map_uint8(lambda x: attack.apply_noise(x, gen), images[cross])
+        cross_mask[cross] = True
+    return PoisonedSet(ImageSet(images, labels), poison_mask, cross_mask)
+
+
+def choose_cross_indices(poison_mask: Tensor, count: int, seed: int) -> Tensor:
+    free = (~poison_mask).nonzero().flatten()
+    order = torch.randperm(len(free), generator=torch.Generator().manual_seed(seed + 2))
+    return free[order[:count]]
+
+
+def triggered_test_set(test: ImageSet, attack: Attack, target: int) -> ImageSet:
+    """The ASR set: the test trigger on every test image whose true label is not `target`, labelled `target`."""
+    keep = (test.labels != target).nonzero().flatten()
+    images = map_uint8(attack.apply, test.images[keep])
+    return ImageSet(images, torch.full((len(keep),), target, dtype=torch.int64))
+
+
+def resize_mask(mask: Tensor, height: int, width: int) -> Tensor:
+    """Nearest-neighbour resize of a [h, w] mask defined on 32x32 (the papers' resolution)."""
+    resized = torch.nn.functional.interpolate(mask[None, None].float(), size=(height, width), mode="nearest")
+    return resized[0, 0]

@@ -1,0 +1,180 @@
+"""The `bdsafety` command: parses, calls the Python API, prints. Bad input: one line on stderr, exit 2."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from pathlib import Path
+
+import torch
+import yaml
+
+from . import __version__, store
+from .data import DATASET_NAMES
+from .errors import UsageError
+from .defenses import DEFENSES, create_defense, defense_params, summary
+from .experiment import AttackSpec, DataSpec, evaluate_setup, prepare, purify, setup_from_record, setup_record, \
+    setup_tensors, train_model
+from .models import MODELS
+from .profiles import MODEL_FOR_PROFILE, TRAIN_PROFILES, default_profile
+from .train import resolve_device
+
+log = logging.getLogger("bdsafety")
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse with one-line errors (exit 2), as for every other bad input."""
+
+    def error(self, message: str):
+        raise UsageError(f"{message}; see '{self.prog} --help'")
+
+
+def parse_assignments(items: list[str] | None) -> dict:
+    """`key=value` pairs; values are parsed as YAML scalars (numbers, booleans, strings)."""
+    result = {}
+    for item in items or []:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise UsageError(f"--set expects key=value, got '{item}'")
+        try:
+            result[key.strip()] = yaml.safe_load(value)
+        except yaml.YAMLError:
+            raise UsageError(f"--set {key}: cannot parse value '{value}'") from None
+    return result
+
+
+def available_cores() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
+def check_out_free(out: Path) -> None:
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise UsageError(f"{out} already exists; choose another --out or remove it")
+
+
+def cmd_train(args) -> int:
+    out = Path(args.out)
+    check_out_free(out)
+    profile = args.profile or default_profile(args.dataset)
+    config = TRAIN_PROFILES[profile]
+    if args.epochs is not None:
+        config = type(config)(**{**config.to_json(), "epochs": args.epochs})
+    model_name = args.model or MODEL_FOR_PROFILE[profile]
+    MODELS.get(model_name)
+    device = resolve_device(args.device)
+    data = DataSpec(args.dataset, args.data_dir, args.reserve_fraction)
+    attack = AttackSpec(args.attack, parse_assignments(args.set), args.poison_rate, args.target)
+    setup = prepare(data, attack, args.seed)
+    log.info("training %s on %s (%s, %d epochs, %s)", model_name, args.dataset, args.attack, config.epochs, device)
+    model, result = train_model(setup, model_name, config, args.seed, device, progress=True)
+    record = {"stage": "train", "model": model_name, "profile": profile, "train_config": config.to_json(),
+              **setup_record(data, attack, args.seed, setup), **result}
+    store.save_stage(out, model, setup.model_spec(model_name), record, setup_tensors(setup))
+    print(format_metrics(result["metrics"]))
+    print(f"saved {out}")
+    return 0
+
+
+def cmd_eval(args) -> int:
+    model, _, record = store.load_stage(Path(args.dir), resolve_device(args.device))
+    _, _, setup = setup_from_record(record, args.data_dir)
+    print(format_metrics(evaluate_setup(model, setup)))
+    return 0
+
+
+def cmd_purify(args) -> int:
+    out = Path(args.out)
+    check_out_free(out)
+    device = resolve_device(args.device)
+    backdoored, spec, parent = store.load_stage(Path(args.source), device)
+    profile = args.profile or parent.get("profile", "paper")
+    defense = create_defense(args.defense, profile, **parse_assignments(args.set))
+    _, _, setup = setup_from_record(parent, args.data_dir)
+    purified, result = purify(defense, backdoored, setup, parent["seed"])
+    record = {"stage": "purify", "defense": args.defense, "profile": profile, "params": defense_params(defense),
+              "parent": str(Path(args.source).resolve()), "parent_metrics": parent.get("metrics", {}),
+              **{k: parent[k] for k in ("data", "attack", "seed", "model")}, **result}
+    store.save_stage(out, purified, spec, record)
+    print(format_metrics(result["metrics"]))
+    print(f"saved {out}")
+    return 0
+
+
+def cmd_defenses(args) -> int:
+    for name in DEFENSES.names():
+        print(f"{name:12s} {summary(DEFENSES.get(name))}")
+    return 0
+
+
+def format_metrics(metrics: dict) -> str:
+    return "  ".join(f"{k}={v:.4f}" for k, v in metrics.items())
+
+
+def add_common(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("-q", "--quiet", action="store_true", help="only warnings and results")
+    parser.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default)")
+    parser.add_argument("--data-dir", help="folder holding the dataset files (else $BDSAFETY_DATA, then system paths)")
+
+
+def build_parser() -> Parser:
+    parser = Parser(prog="bdsafety", description="Backdoor attacks, defenses and superficial-safety audits.")
+    parser.add_argument("--version", action="version", version=f"bdsafety {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=Parser)
+
+    train = sub.add_parser("train", help="train a backdoored (or clean) model and save it")
+    train.add_argument("--dataset", default="fashion-mnist", choices=DATASET_NAMES, metavar="NAME",
+                       help=f"one of {', '.join(DATASET_NAMES)}")
+    train.add_argument("--attack", default="badnets", help="attack name, or 'none' for a clean model")
+    train.add_argument("--out", required=True, help="run directory to create")
+    train.add_argument("--model", help=f"one of {', '.join(MODELS.names())} (default: the profile's)")
+    train.add_argument("--profile", choices=sorted(TRAIN_PROFILES), help="cpu (small datasets) or paper")
+    train.add_argument("--epochs", type=int, help="override the profile's epoch count")
+    train.add_argument("--poison-rate", type=float, default=0.05)
+    train.add_argument("--target", type=int, default=0)
+    train.add_argument("--seed", type=int, default=0)
+    train.add_argument("--reserve-fraction", type=float, default=0.05, help="defender's clean split (held out)")
+    train.add_argument("--set", action="append", metavar="KEY=VALUE", help="attack parameter, e.g. alpha=0.1")
+    add_common(train)
+    train.set_defaults(handler=cmd_train)
+
+    evaluate = sub.add_parser("eval", help="print clean accuracy and ASR of a saved model")
+    evaluate.add_argument("dir", help="run directory (from 'bdsafety train' or 'purify')")
+    add_common(evaluate)
+    evaluate.set_defaults(handler=cmd_eval)
+
+    purify_cmd = sub.add_parser("purify", help="run a defense on a backdoored model and save the purified model")
+    purify_cmd.add_argument("--from", dest="source", required=True, metavar="DIR", help="backdoored run directory")
+    purify_cmd.add_argument("--defense", required=True, help="defense name (see 'bdsafety defenses')")
+    purify_cmd.add_argument("--out", required=True, help="run directory to create")
+    purify_cmd.add_argument("--profile", choices=("paper", "cpu"), help="default: the backdoored run's profile")
+    purify_cmd.add_argument("--set", action="append", metavar="KEY=VALUE", help="hyperparameter, e.g. epochs=5")
+    add_common(purify_cmd)
+    purify_cmd.set_defaults(handler=cmd_purify)
+
+    defenses = sub.add_parser("defenses", help="list the defenses")
+    defenses.set_defaults(handler=cmd_defenses)
+    return parser
+
+
+def configure(quiet: bool) -> None:
+    logging.basicConfig(level=logging.WARNING if quiet else logging.INFO, format="%(message)s", stream=sys.stderr)
+    torch.set_num_threads(available_cores())
+
+
+def main(argv: list[str] | None = None) -> int:
+    try:
+        args = build_parser().parse_args(argv)
+        configure(args.quiet)
+        return args.handler(args)
+    except UsageError as exc:
+        print(f"bdsafety: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("bdsafety: interrupted; finished stages are kept, rerun the same command to resume", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

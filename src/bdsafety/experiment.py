@@ -1,0 +1,148 @@
+"""The shared setup of an experiment (data, split, attack, poisoned and triggered sets) and backdoor training."""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .attacks import ATTACKS, Attack, PoisonedSet, create_attack, poison, triggered_test_set
+from .defenses import DefenderData, Defense, run_defense
+from .data import DataBundle, ImageSet, Split, load_dataset, seed_for, split_reserve
+from .errors import UsageError
+from .models import ModelSpec, create_model
+from .registry import parameter_names
+from .train import TrainConfig, evaluate, fit
+
+
+@dataclass(frozen=True)
+class DataSpec:
+    name: str = "fashion-mnist"
+    data_dir: str | None = None
+    reserve_fraction: float = 0.05  # the defender's clean split (ALGORITHMS §11.1)
+
+
+@dataclass(frozen=True)
+class AttackSpec:
+    name: str = "badnets"  # "none" trains a clean model
+    params: dict = field(default_factory=dict)
+    poison_rate: float = 0.05
+    target: int = 0
+
+
+@dataclass(frozen=True)
+class Setup:
+    """Everything derived deterministically from (data, attack, seed); shared by every later stage."""
+
+    bundle: DataBundle
+    split: Split
+    attack: Attack | None
+    attack_spec: AttackSpec
+    poisoned: PoisonedSet | None
+    triggered_test: ImageSet | None
+
+    @property
+    def target(self) -> int:
+        return self.attack_spec.target
+
+    @property
+    def reserve(self) -> ImageSet:
+        """The defender's clean data: held out of training, never poisoned."""
+        return self.bundle.train.subset(self.split.reserve)
+
+    @property
+    def attacker_train(self) -> ImageSet:
+        return self.poisoned.data if self.poisoned is not None else self.bundle.train.subset(self.split.train)
+
+    def model_spec(self, model: str) -> ModelSpec:
+        return ModelSpec(model, self.bundle.shape[0], self.bundle.num_classes, self.bundle.mean, self.bundle.std)
+
+
+def build_attack(spec: AttackSpec, seed: int) -> Attack:
+    params = dict(spec.params)
+    if "seed" in parameter_names(ATTACKS.get(spec.name)) and "seed" not in params:
+        params["seed"] = seed_for(seed, "trigger")
+    return create_attack(spec.name, **params)
+
+
+def prepare(data: DataSpec, attack: AttackSpec, seed: int, bundle: DataBundle | None = None) -> Setup:
+    """Load data, split off the reserve, poison the training part and build the triggered test set."""
+    bundle = bundle or load_dataset(data.name, data.data_dir, seed=seed)
+    if not 0 <= attack.target < bundle.num_classes:
+        raise UsageError(f"target class must be in 0..{bundle.num_classes - 1}, got {attack.target}")
+    split = split_reserve(len(bundle.train), data.reserve_fraction, seed_for(seed, "reserve"))
+    if attack.name == "none":
+        return Setup(bundle, split, None, attack, None, None)
+    trigger = build_attack(attack, seed)
+    train = bundle.train.subset(split.train)
+    poisoned = poison(train, trigger, attack.poison_rate, attack.target, bundle.num_classes, seed_for(seed, "poison"))
+    return Setup(bundle, split, trigger, attack, poisoned, triggered_test_set(bundle.test, trigger, attack.target))
+
+
+def evaluate_setup(model: nn.Module, setup: Setup) -> dict:
+    return evaluate(model, setup.bundle.test, setup.triggered_test, setup.target if setup.attack else None)
+
+
+def train_model(setup: Setup, model_name: str, config: TrainConfig, seed: int, device: torch.device,
+                progress: bool = False) -> tuple[nn.Module, dict]:
+    """Train a (backdoored, or clean for attack 'none') model on the attacker's training set."""
+    torch.manual_seed(seed_for(seed, "init"))
+    model = create_model(setup.model_spec(model_name)).to(device).to(memory_format=torch.channels_last)
+    started = time.perf_counter()
+    history = fit(model, setup.attacker_train, config, seed_for(seed, "train"), progress=progress)
+    train_s = time.perf_counter() - started
+    metrics = evaluate_setup(model, setup)
+    return model, {"history": history, "metrics": metrics, "timings": {"train_s": train_s,
+                                                                        "eval_s": time.perf_counter() - started - train_s}}
+
+
+def defender_data(setup: Setup) -> DefenderData:
+    """What a defender holds: the reserve split; the attack is attached for EP only (run_defense strips it)."""
+    return DefenderData(setup.reserve, setup.bundle.num_classes, setup.attack, setup.target)
+
+
+def purify(defense: Defense, backdoored: nn.Module, setup: Setup, seed: int) -> tuple[nn.Module, dict]:
+    """Run `defense` on a copy of `backdoored` and evaluate the purified model on the test set."""
+    started = time.perf_counter()
+    purified, history = run_defense(defense, backdoored, defender_data(setup), seed_for(seed, "defense"))
+    duration = time.perf_counter() - started
+    return purified, {"history": history, "metrics": evaluate_setup(purified, setup), "timings": {"defense_s": duration}}
+
+
+def setup_record(data: DataSpec, attack: AttackSpec, seed: int, setup: Setup) -> dict:
+    """The part of record.json that lets any later stage rebuild the same Setup."""
+    return {
+        "data": {"name": data.name, "data_dir": str(Path(data.data_dir).resolve()) if data.data_dir else None,
+                 "reserve_fraction": data.reserve_fraction, "num_train": len(setup.split.train),
+                 "num_reserve": len(setup.split.reserve), "num_test": len(setup.bundle.test)},
+        "attack": {"name": attack.name, "params": _attack_params(setup.attack), "poison_rate": attack.poison_rate,
+                   "target": attack.target,
+                   "num_poisoned": int(setup.poisoned.poison_mask.sum()) if setup.poisoned else 0},
+        "seed": seed,
+    }
+
+
+def _attack_params(attack: Attack | None) -> dict:
+    return dataclasses.asdict(attack) if attack is not None else {}
+
+
+def setup_tensors(setup: Setup) -> dict[str, torch.Tensor]:
+    tensors = {"train_indices": setup.split.train, "reserve_indices": setup.split.reserve}
+    if setup.poisoned is not None:
+        tensors["poison_indices"] = setup.poisoned.poison_indices
+        tensors["cross_indices"] = setup.poisoned.cross_mask.nonzero().flatten()
+    return tensors
+
+
+def setup_from_record(record: dict, data_dir: str | None = None) -> tuple[DataSpec, AttackSpec, Setup]:
+    """Rebuild the exact Setup a stored model was trained with."""
+    data_rec, attack_rec = record["data"], record["attack"]
+    data = DataSpec(data_rec["name"], data_dir or data_rec.get("data_dir"), data_rec["reserve_fraction"])
+    attack = AttackSpec(attack_rec["name"], dict(attack_rec.get("params", {})), attack_rec["poison_rate"],
+                        attack_rec["target"])
+    return data, attack, prepare(data, attack, record["seed"])
+

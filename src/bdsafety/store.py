@@ -1,0 +1,152 @@
+"""The only module that knows the run-directory layout. Every write is atomic (temp file + rename).
+
+A stage directory holds `model.safetensors`, `model.json` (constructor arguments), optional
+`tensors.safetensors` (indices such as splits and poison masks) and `record.json`, written last.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import platform
+import shutil
+import sys
+import tempfile
+from pathlib import Path
+from typing import Iterator
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load as load_safetensors_bytes
+from safetensors.torch import save as save_safetensors_bytes
+from torch import Tensor, nn
+
+from . import __version__
+from .errors import UsageError
+from .models import ModelSpec, create_model
+
+MODEL_FILE, SPEC_FILE, RECORD_FILE, TENSORS_FILE = "model.safetensors", "model.json", "record.json", "tensors.safetensors"
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(data)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+
+
+def write_json(path: Path, obj) -> None:
+    atomic_write_bytes(path, (json.dumps(obj, indent=2, sort_keys=True, default=_jsonable) + "\n").encode())
+
+
+def _jsonable(value):
+    if isinstance(value, (tuple, set)):
+        return list(value)
+    if isinstance(value, Path):
+        return str(value)
+    raise TypeError(f"not JSON-serialisable: {type(value).__name__}")
+
+
+def read_json(path: Path) -> dict:
+    try:
+        return json.loads(Path(path).read_text())
+    except FileNotFoundError:
+        raise UsageError(f"{path} is missing; is this a bdsafety run directory?") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise UsageError(f"{path} is not valid JSON ({exc}); the run directory is damaged, rerun that stage") from None
+
+
+def versions() -> dict:
+    return {"bdsafety": __version__, "torch": torch.__version__, "python": sys.version.split()[0],
+            "platform": platform.platform()}
+
+
+def cpu_state_dict(model: nn.Module) -> dict[str, Tensor]:
+    return {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
+
+
+def is_finished(directory: Path) -> bool:
+    return (Path(directory) / RECORD_FILE).is_file()
+
+
+@contextlib.contextmanager
+def publishing(directory: Path) -> Iterator[Path]:
+    """Yield a hidden temp directory; on success it is renamed to `directory`, so a stage appears whole or not at all."""
+    directory = Path(directory)
+    if directory.exists() and any(directory.iterdir()):
+        raise UsageError(f"{directory} already exists and is not empty; choose another --out or remove it")
+    directory.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=directory.parent, prefix=f".{directory.name}.", suffix=".tmp"))
+    try:
+        yield tmp
+        if directory.exists():
+            directory.rmdir()
+        os.replace(tmp, directory)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def save_stage(directory: Path, model: nn.Module, spec: ModelSpec, record: dict,
+               tensors: dict[str, Tensor] | None = None) -> None:
+    """Write one finished stage (model + record) atomically as a directory."""
+    with publishing(directory) as tmp:
+        atomic_write_bytes(tmp / MODEL_FILE, save_safetensors_bytes(cpu_state_dict(model)))
+        write_json(tmp / SPEC_FILE, spec.to_json())
+        if tensors:
+            atomic_write_bytes(tmp / TENSORS_FILE, save_safetensors_bytes({k: v.contiguous() for k, v in tensors.items()}))
+        write_json(tmp / RECORD_FILE, {**record, "versions": versions()})
+
+
+def load_stage(directory: Path, device: torch.device | str = "cpu") -> tuple[nn.Module, ModelSpec, dict]:
+    """Rebuild a stage's model from its directory (never unpickles)."""
+    directory = Path(directory)
+    if not directory.is_dir():
+        raise UsageError(f"{directory} is not a directory; pass a bdsafety run directory (made by 'bdsafety train')")
+    record = read_json(directory / RECORD_FILE)
+    spec = ModelSpec.from_json(read_json(directory / SPEC_FILE))
+    model = create_model(spec)
+    load_weights_into(model, read_safetensors(directory / MODEL_FILE), directory / MODEL_FILE)
+    return model.to(device), spec, record
+
+
+def load_tensors(directory: Path) -> dict[str, Tensor]:
+    return read_safetensors(Path(directory) / TENSORS_FILE)
+
+
+def read_safetensors(path: Path) -> dict[str, Tensor]:
+    try:
+        return load_safetensors_bytes(Path(path).read_bytes())
+    except FileNotFoundError:
+        raise UsageError(f"{path} is missing; the run directory is incomplete, rerun that stage") from None
+    except (SafetensorError, ValueError, RuntimeError, OSError) as exc:
+        raise UsageError(f"{path} is not a valid safetensors file ({str(exc).splitlines()[0]}); replace it") from None
+
+
+def load_weights_into(model: nn.Module, state: dict[str, Tensor], source: Path) -> None:
+    """Copy `state` into `model`, naming the first missing, unexpected or mis-shaped key."""
+    expected = model.state_dict()
+    missing = [k for k in expected if k not in state]
+    unexpected = [k for k in state if k not in expected]
+    if missing or unexpected:
+        what = f"missing key '{missing[0]}'" if missing else f"unexpected key '{unexpected[0]}'"
+        raise UsageError(f"{source} does not fit this architecture: {what} "
+                         f"({len(missing)} missing, {len(unexpected)} unexpected); check --model")
+    for key, value in state.items():
+        if not isinstance(value, Tensor) or value.shape != expected[key].shape:
+            shape = tuple(value.shape) if isinstance(value, Tensor) else type(value).__name__
+            raise UsageError(f"{source}: key '{key}' has shape {shape}, the model expects "
+                             f"{tuple(expected[key].shape)}; check --model and the dataset")
+        if value.dtype.is_floating_point != expected[key].dtype.is_floating_point:
+            raise UsageError(f"{source}: key '{key}' has dtype {value.dtype}, expected {expected[key].dtype}")
+    model.load_state_dict(state)

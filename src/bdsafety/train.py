@@ -1,0 +1,194 @@
+"""The one fast training loop (backdoor training, fine-tuning defenses, RA) and evaluation.
+
+Data stays a pair of uint8 tensors on the device; each batch is indexed, converted to float and
+augmented with batched tensor ops. Optimizers that need a closure (SAM, PAM) get one.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import asdict, dataclass
+from typing import Callable, Iterator
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .data import ImageSet, augment, to_float
+from .errors import UsageError
+from .metrics import attack_success_rate, clean_accuracy
+
+LossFn = Callable[[nn.Module, Tensor, Tensor], Tensor]
+BatchHook = Callable[[Tensor, Tensor, torch.Generator], tuple[Tensor, Tensor]]
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """SGD recipe; defaults are the paper's backdoor-training recipe (ALGORITHMS §3)."""
+
+    epochs: int = 100
+    batch_size: int = 128
+    lr: float = 0.1
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    schedule: str = "cosine"  # "cosine" (stepped per epoch) or "constant"
+    crop_pad: int = 4
+    flip: bool = True
+    drop_last: bool = True
+    label_smoothing: float = 0.0
+
+    def __post_init__(self):
+        if self.epochs < 0 or self.batch_size < 1 or self.lr < 0:
+            raise UsageError(f"training needs epochs >= 0, batch_size >= 1, lr >= 0; got {self}")
+        if self.schedule not in ("cosine", "constant"):
+            raise UsageError(f"schedule must be 'cosine' or 'constant', got '{self.schedule}'")
+
+    def to_json(self) -> dict:
+        return asdict(self)
+
+
+def resolve_device(name: str = "auto") -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise UsageError(f"unknown device '{name}'; use cpu, cuda, cuda:N or auto") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise UsageError("device 'cuda' requested but no CUDA GPU is available; use --device cpu")
+    return device
+
+
+def model_device(model: nn.Module) -> torch.device:
+    return next(model.parameters()).device
+
+
+def sgd(model: nn.Module, config: TrainConfig) -> torch.optim.Optimizer:
+    return torch.optim.SGD(model.parameters(), lr=config.lr, momentum=config.momentum, weight_decay=config.weight_decay)
+
+
+def batch_indices(n: int, batch_size: int, gen: torch.Generator, drop_last: bool) -> Iterator[Tensor]:
+    order = torch.randperm(n, generator=gen)
+    stop = n - n % batch_size if drop_last and n >= batch_size else n
+    for start in range(0, stop, batch_size):
+        yield order[start:start + batch_size]
+
+
+def cross_entropy(label_smoothing: float = 0.0) -> LossFn:
+    return lambda model, x, y: F.cross_entropy(model(x), y, label_smoothing=label_smoothing)
+
+
+def fit(
+    model: nn.Module,
+    data: ImageSet,
+    config: TrainConfig,
+    seed: int,
+    *,
+    optimizer: torch.optim.Optimizer | None = None,
+    loss_fn: LossFn | None = None,
+    batch_hook: BatchHook | None = None,
+    after_step: Callable[[], None] | None = None,
+    progress: bool = False,
+) -> dict:
+    """Train `model` in place on `data` (uint8 images) with `config`. Returns a small history record."""
+    device = model_device(model)
+    images, labels = data.images.to(device), data.labels.to(device)
+    optimizer = optimizer or sgd(model, config)
+    scheduler = make_scheduler(optimizer, config)
+    loss_fn = loss_fn or cross_entropy(config.label_smoothing)
+    gen = torch.Generator().manual_seed(seed)
+    memory_format = preferred_memory_format(device)
+    model.train()
+    history, started = [], time.perf_counter()
+    for epoch in trange(config.epochs, progress):
+        total, steps = torch.zeros((), device=device), 0
+        for idx in batch_indices(len(labels), config.batch_size, gen, config.drop_last):
+            idx = idx.to(device)
+            x = augment(to_float(images[idx]), config.crop_pad, config.flip, gen)
+            y = labels[idx]
+            if batch_hook is not None:
+                x, y = batch_hook(x, y, gen)
+            x = x.contiguous(memory_format=memory_format)
+            total += optimizer_step(model, optimizer, loss_fn, x, y).detach()
+            steps += 1
+            if after_step is not None:
+                after_step()
+        scheduler.step()
+        history.append(check_finite(float(total) / max(steps, 1), epoch))
+    return {"epoch_losses": history, "duration_s": time.perf_counter() - started, "steps_per_epoch": steps}
+
+
+def optimizer_step(model: nn.Module, optimizer, loss_fn: LossFn, x: Tensor, y: Tensor) -> Tensor:
+    def closure():
+        optimizer.zero_grad(set_to_none=True)
+        loss = loss_fn(model, x, y)
+        loss.backward()
+        return loss
+
+    if getattr(optimizer, "needs_closure", False):
+        return optimizer.step(closure)
+    loss = closure()
+    optimizer.step()
+    return loss
+
+
+def make_scheduler(optimizer: torch.optim.Optimizer, config: TrainConfig):
+    if config.schedule == "cosine" and config.epochs > 0:
+        return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=config.epochs)
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _: 1.0)
+
+
+def check_finite(loss: float, epoch: int) -> float:
+    if not math.isfinite(loss):
+        raise UsageError(f"training diverged (loss {loss}) in epoch {epoch + 1}; lower the learning rate")
+    return loss
+
+
+def trange(n: int, progress: bool):
+    if not progress:
+        return range(n)
+    from tqdm.auto import trange as tqdm_trange
+
+    return tqdm_trange(n, desc="epochs", leave=False)
+
+
+def preferred_memory_format(device: torch.device) -> torch.memory_format:
+    # channels_last measured 20-30% faster for the small ResNet on CPU, and is the fast path on GPUs.
+    return torch.channels_last
+
+
+@torch.inference_mode()
+def predict(model: nn.Module, images: Tensor, batch_size: int = 1024) -> Tensor:
+    """Class predictions for uint8 images, in eval mode (the prior mode is restored)."""
+    return torch.cat([logits.argmax(1) for logits in iter_logits(model, images, batch_size)]) if len(images) else \
+        torch.empty(0, dtype=torch.int64)
+
+
+def iter_logits(model: nn.Module, images: Tensor, batch_size: int) -> Iterator[Tensor]:
+    device, was_training = model_device(model), model.training
+    model.eval()
+    try:
+        for start in range(0, len(images), batch_size):
+            x = to_float(images[start:start + batch_size].to(device)).contiguous(memory_format=torch.channels_last)
+            yield model(x).float()
+    finally:
+        model.train(was_training)
+
+
+@torch.inference_mode()
+def mean_loss(model: nn.Module, data: ImageSet, batch_size: int = 1024) -> float:
+    """Mean cross-entropy of `model` on `data` (eval mode)."""
+    total = 0.0
+    for start, logits in zip(range(0, len(data), batch_size), iter_logits(model, data.images, batch_size)):
+        y = data.labels[start:start + batch_size].to(logits.device)
+        total += float(F.cross_entropy(logits, y, reduction="sum"))
+    return total / max(len(data), 1)
+
+
+def evaluate(model: nn.Module, test: ImageSet, triggered: ImageSet | None, target: int | None) -> dict:
+    """C-Acc on the whole clean test set and ASR on the triggered non-target test set (ALGORITHMS §8)."""
+    metrics = {"clean_acc": clean_accuracy(predict(model, test.images).cpu(), test.labels.cpu())}
+    if triggered is not None and target is not None:
+        metrics["asr"] = attack_success_rate(predict(model, triggered.images).cpu(), target)
+    return metrics

@@ -1,0 +1,24 @@
+"""Shared fixtures: the seeded synthetic dataset and a backdoored tiny model trained on it (once per session)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from bdsafety.experiment import AttackSpec, DataSpec, prepare, train_model
+from bdsafety.train import TrainConfig
+
+torch.set_num_threads(2)
+
+TINY_TRAIN = TrainConfig(epochs=6, batch_size=64, lr=0.05, crop_pad=1, flip=False)
+
+
+@pytest.fixture(scope="session")
+def badnets_setup():
+    return prepare(DataSpec("synthetic"), AttackSpec("badnets", {}, 0.1, 0), seed=0)
+
+
+@pytest.fixture(scope="session")
+def backdoored(badnets_setup):
+    """(model, record) of preact_small trained with BadNets on synthetic data."""
+    return train_model(badnets_setup, "preact_small", TINY_TRAIN, seed=0, device=torch.device("cpu"))
