@@ -6,18 +6,21 @@ import argparse
 import logging
 import os
 import sys
+from importlib import resources
 from pathlib import Path
 
 import torch
 import yaml
 
-from . import __version__, store
+from . import __version__, interop, store
 from .data import DATASET_NAMES
 from .errors import UsageError
 from .defenses import DEFENSES, create_defense, defense_params, summary
 from .experiment import AttackSpec, DataSpec, evaluate_setup, prepare, purify, setup_from_record, setup_record, \
     setup_tensors, train_model
-from .models import MODELS
+from .models import MODELS, create_model
+from .run import Context, audit_purified, run_experiment
+from .spec import CHECKS, ExperimentSpec, load_spec
 from .profiles import MODEL_FOR_PROFILE, TRAIN_PROFILES, default_profile
 from .train import resolve_device
 
@@ -102,6 +105,104 @@ def cmd_purify(args) -> int:
     return 0
 
 
+def load_purified(path: Path, spec, device) -> torch.nn.Module:
+    """A purified model: a bdsafety run directory, or a weights file of the backdoored model's architecture."""
+    if path.is_dir():
+        model, other, _ = store.load_stage(path, device)
+        if other != spec:
+            raise UsageError(f"{path} is a {other.name} with {other.num_classes} classes, the backdoored model is "
+                             f"a {spec.name} with {spec.num_classes}; audit models of the same architecture")
+        return model
+    model = create_model(spec)
+    store.load_weights_into(model, store.read_state_dict(path), path)
+    return model.to(device)
+
+
+def cmd_audit(args) -> int:
+    out = Path(args.out)
+    check_out_free(out)
+    checks = tuple(c.strip() for c in args.checks.split(",") if c.strip())
+    for check in checks:
+        if check not in CHECKS:
+            raise UsageError(f"unknown check '{check}'; choose from: {', '.join(CHECKS)}")
+    device = resolve_device(args.device)
+    backdoored, spec, record = store.load_stage(Path(args.backdoored), device)
+    purified = load_purified(Path(args.purified), spec, device)
+    clean = load_purified(Path(args.clean), spec, device) if args.clean else None
+    _, _, setup = setup_from_record(record, args.data_dir)
+    ctx = Context.of(ExperimentSpec(dataset=record["data"]["name"], model=spec.name, seed=record["seed"],
+                                    profile=args.profile or record.get("profile")))
+    result = audit_purified(backdoored, purified, clean, setup, checks, ctx)
+    with store.publishing(out) as tmp:
+        store.write_json(tmp / "audit.json", {"checks": list(checks), "backdoored_dir": args.backdoored,
+                                              "purified": args.purified, **result, "versions": store.versions()})
+    summary_line = {"purified_asr": result["purified"]["asr"]}
+    if "ra" in result:
+        summary_line["ra_asr"] = result["ra"]["asr"]
+    if "qra" in result:
+        summary_line["qra_asr_purified"] = result["qra"]["asr_purified"]
+    print(format_metrics(summary_line))
+    print(f"saved {out / 'audit.json'}")
+    return 0
+
+
+def cmd_run(args) -> int:
+    spec = load_spec(args.spec, args.set)
+    return run_and_report(spec, Path(args.out), args.device)
+
+
+def cmd_demo(args) -> int:
+    spec = load_spec(resources.files("bdsafety") / "configs" / ("quick.yaml" if args.quick else "demo.yaml"), args.set)
+    return run_and_report(spec, Path(args.out), args.device)
+
+
+def run_and_report(spec, out: Path, device_name: str) -> int:
+    from .report import write_report
+
+    results = run_experiment(spec, out, resolve_device(device_name))
+    paths = write_report(out)
+    print(results_table(results))
+    print(f"results: {out / 'results.json'}; report: {', '.join(str(p) for p in paths if p.suffix in ('.md', '.html'))}")
+    return 0
+
+
+def results_table(results: dict) -> str:
+    lines = [f"backdoored: {format_metrics(results['backdoored'])}", "defense   o_acc  o_asr  p_acc  p_asr  qra_asr"]
+    for row in results["rows"]:
+        cells = [row.get(k) for k in ("o_clean_acc", "o_asr", "p_clean_acc", "p_asr", "qra_asr_purified")]
+        lines.append(f"{row['defense']:9s} " + "  ".join("  -  " if v is None else f"{v:.3f}" for v in cells))
+    return "\n".join(lines)
+
+
+def cmd_report(args) -> int:
+    from .report import write_report
+
+    for path in write_report(Path(args.dir)):
+        print(path)
+    return 0
+
+
+def cmd_import(args) -> int:
+    out = Path(args.out)
+    check_out_free(out)
+    MODELS.get(args.model)
+    data = DataSpec(args.dataset, args.data_dir, args.reserve_fraction)
+    attack = AttackSpec(args.attack, parse_assignments(args.set), args.poison_rate, args.target)
+    setup = prepare(data, attack, args.seed)
+    spec = setup.model_spec(args.model)
+    model = create_model(spec)
+    source = Path(args.file)
+    store.load_weights_into(model, interop.read_any(source, args.format, args.model, args.trust_pickle), source)
+    model = model.to(resolve_device(args.device))
+    metrics = evaluate_setup(model, setup)
+    record = {"stage": "import", "source": str(source.resolve()), "format": args.format, "model": args.model,
+              **setup_record(data, attack, args.seed, setup), "metrics": metrics}
+    store.save_stage(out, model, spec, record, setup_tensors(setup))
+    print(format_metrics(metrics))
+    print(f"saved {out}")
+    return 0
+
+
 def cmd_defenses(args) -> int:
     for name in DEFENSES.names():
         print(f"{name:12s} {summary(DEFENSES.get(name))}")
@@ -155,6 +256,53 @@ def build_parser() -> Parser:
 
     defenses = sub.add_parser("defenses", help="list the defenses")
     defenses.set_defaults(handler=cmd_defenses)
+
+    audit = sub.add_parser("audit", help="superficial-safety audit of a purified model (RA, QRA, LMC)")
+    audit.add_argument("--backdoored", required=True, metavar="DIR", help="backdoored run directory")
+    audit.add_argument("--purified", required=True, metavar="PATH",
+                       help="purified run directory, .safetensors file or weights-only .pt state dict")
+    audit.add_argument("--clean", metavar="PATH", help="clean reference model (needed by qra)")
+    audit.add_argument("--out", required=True, help="directory to create, holding audit.json")
+    audit.add_argument("--checks", default="ra,qra,lmc", help="comma-separated subset of ra,qra,lmc")
+    audit.add_argument("--profile", choices=("paper", "cpu"), help="audit lengths (default: the backdoored run's)")
+    add_common(audit)
+    audit.set_defaults(handler=cmd_audit)
+
+    imp = sub.add_parser("import", help="turn a weights file trained elsewhere into a bdsafety run directory")
+    imp.add_argument("file", help=".safetensors, weights-only .pt/.pth state dict, or BackdoorBench result file")
+    imp.add_argument("--out", required=True, help="run directory to create")
+    imp.add_argument("--model", required=True, help=f"architecture: one of {', '.join(MODELS.names())}")
+    imp.add_argument("--format", choices=("state_dict", "backdoorbench"), default="state_dict")
+    imp.add_argument("--dataset", default="fashion-mnist", choices=DATASET_NAMES, metavar="NAME")
+    imp.add_argument("--attack", default="badnets", help="the attack the model is suspected of (for ASR)")
+    imp.add_argument("--poison-rate", type=float, default=0.05)
+    imp.add_argument("--target", type=int, default=0)
+    imp.add_argument("--seed", type=int, default=0)
+    imp.add_argument("--reserve-fraction", type=float, default=0.05)
+    imp.add_argument("--set", action="append", metavar="KEY=VALUE", help="attack parameter")
+    imp.add_argument("--trust-pickle", action="store_true",
+                     help="allow full unpickling of BackdoorBench files (runs code from the file: trusted sources only)")
+    add_common(imp)
+    imp.set_defaults(handler=cmd_import)
+
+    run = sub.add_parser("run", help="run a whole experiment from a YAML spec (resumable)")
+    run.add_argument("spec", help="YAML spec file")
+    run.add_argument("--out", required=True, help="experiment directory (reused on rerun: finished stages skip)")
+    run.add_argument("--set", action="append", metavar="KEY=VALUE", help="spec override, e.g. train.epochs=4")
+    add_common(run)
+    run.set_defaults(handler=cmd_run)
+
+    demo = sub.add_parser("demo", help="the built-in Fashion-MNIST experiment (BadNets 5%%, all defenses)")
+    demo.add_argument("--out", required=True, help="experiment directory (reused on rerun)")
+    demo.add_argument("--quick", action="store_true", help="a shorter first look (about 5 minutes)")
+    demo.add_argument("--set", action="append", metavar="KEY=VALUE", help="spec override")
+    add_common(demo)
+    demo.set_defaults(handler=cmd_demo)
+
+    report = sub.add_parser("report", help="(re)write report.md / report.html from DIR/results.json")
+    report.add_argument("dir", help="experiment directory")
+    add_common(report)
+    report.set_defaults(handler=cmd_report)
     return parser
 
 
@@ -166,7 +314,7 @@ def configure(quiet: bool) -> None:
 def main(argv: list[str] | None = None) -> int:
     try:
         args = build_parser().parse_args(argv)
-        configure(args.quiet)
+        configure(getattr(args, "quiet", False))
         return args.handler(args)
     except UsageError as exc:
         print(f"bdsafety: error: {exc}", file=sys.stderr)

@@ -133,6 +133,30 @@ def read_safetensors(path: Path) -> dict[str, Tensor]:
         raise UsageError(f"{path} is not a valid safetensors file ({str(exc).splitlines()[0]}); replace it") from None
 
 
+def read_state_dict(path: Path) -> dict[str, Tensor]:
+    """Weights from a file of unknown origin: safetensors, or a plain state dict via torch.load(weights_only=True).
+
+    Nothing in the file can run code: a pickle that needs more than tensors and containers is refused.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise UsageError(f"{path} not found; pass a bdsafety run directory, a .safetensors file or a .pt state dict")
+    if path.suffix == ".safetensors":
+        return read_safetensors(path)
+    try:
+        loaded = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # weights_only refusals and corrupt archives alike
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise UsageError(f"refusing to load {path}: not a plain weights-only state dict ({first[:160]}); "
+                         "save it with safetensors or as torch.save(model.state_dict())") from None
+    for key in ("state_dict", "model"):
+        if isinstance(loaded, dict) and isinstance(loaded.get(key), dict):
+            loaded = loaded[key]
+    if not isinstance(loaded, dict) or not all(isinstance(v, Tensor) for v in loaded.values()):
+        raise UsageError(f"{path} does not hold a state dict of tensors; save model.state_dict()")
+    return loaded
+
+
 def load_weights_into(model: nn.Module, state: dict[str, Tensor], source: Path) -> None:
     """Copy `state` into `model`, naming the first missing, unexpected or mis-shaped key."""
     expected = model.state_dict()

@@ -150,7 +150,7 @@ def trange(n: int, progress: bool):
         return range(n)
     from tqdm.auto import trange as tqdm_trange
 
-    return tqdm_trange(n, desc="epochs", leave=False)
+    return tqdm_trange(n, desc="epochs", leave=False, disable=None)
 
 
 def preferred_memory_format(device: torch.device) -> torch.memory_format:

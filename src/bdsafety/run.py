@@ -1,0 +1,266 @@
+"""The main job: spec -> stages -> store. Every finished stage is reused, so a rerun (or a rerun after
+`kill -9`) only does what is missing. Stage directories are named by a hash of their inputs.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import yaml
+from torch import nn
+
+from . import store
+from .audits import create_audit
+from .data import load_dataset
+from .errors import UsageError
+from .defenses import create_defense, defense_params
+from .experiment import AttackSpec, DataSpec, Setup, evaluate_setup, prepare, purify, setup_record, setup_tensors, \
+    train_model
+from .models import ModelSpec
+from .profiles import MODEL_FOR_PROFILE, TRAIN_PROFILES
+from .spec import AttackEntry, ExperimentSpec, canonical_hash
+from .train import TrainConfig
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Stage:
+    """A loaded or freshly computed stage: its model (None for record-only stages) and record."""
+
+    model: nn.Module | None
+    record: dict
+
+
+class RunStore:
+    """Stage directories under DIR/stages/, named `<kind>-<label>-<hash>`; a finished one has record.json."""
+
+    def __init__(self, root: Path, device: torch.device):
+        self.root, self.device = Path(root), device
+        self.stages = self.root / "stages"
+        self.stages.mkdir(parents=True, exist_ok=True)
+        remove_partial_writes(self.root)
+        remove_partial_writes(self.stages)
+        self.computed: list[str] = []
+        self.reused: list[str] = []
+
+    def path(self, kind: str, label: str, inputs: dict) -> Path:
+        return self.stages / f"{kind}-{label}-{canonical_hash(inputs)}"
+
+    def model_stage(self, path: Path, spec: ModelSpec, build) -> Stage:
+        if store.is_finished(path):
+            self.reused.append(path.name)
+            model, _, record = store.load_stage(path, self.device)
+            return Stage(model.to(memory_format=torch.channels_last), record)
+        model, record, tensors = build()
+        store.save_stage(path, model, spec, record, tensors)
+        self.computed.append(path.name)
+        return Stage(model, record)
+
+    def record_stage(self, path: Path, build) -> dict:
+        if store.is_finished(path):
+            self.reused.append(path.name)
+            return store.read_json(path / store.RECORD_FILE)
+        record = build()
+        with store.publishing(path) as tmp:
+            store.write_json(tmp / store.RECORD_FILE, {**record, "versions": store.versions()})
+        self.computed.append(path.name)
+        return record
+
+
+def remove_partial_writes(folder: Path) -> None:
+    """Delete the hidden temp files/directories that a killed run leaves behind (never finished stages)."""
+    for leftover in folder.glob(".*.tmp"):
+        if leftover.is_dir():
+            shutil.rmtree(leftover, ignore_errors=True)
+        else:
+            leftover.unlink(missing_ok=True)
+
+
+@dataclass(frozen=True)
+class Context:
+    spec: ExperimentSpec
+    model_name: str
+    train_config: TrainConfig
+    profile: str
+
+    @classmethod
+    def of(cls, spec: ExperimentSpec) -> "Context":
+        profile = spec.resolved_profile
+        base = TRAIN_PROFILES[profile]
+        try:
+            config = TrainConfig(**{**base.to_json(), **spec.train})
+        except TypeError as exc:
+            raise UsageError(f"spec 'train': {exc}") from None
+        return cls(spec, spec.model or MODEL_FOR_PROFILE[profile], config, profile)
+
+    def base_inputs(self) -> dict:
+        s = self.spec
+        return {"dataset": s.dataset, "reserve_fraction": s.reserve_fraction, "seed": s.seed,
+                "model": self.model_name, "train": self.train_config.to_json()}
+
+
+def audit_instance(name: str, ctx: Context):
+    """The audit with the profile's lengths; RA augments like the model's own training unless overridden."""
+    params = dict(ctx.spec.audit_params.get(name, {}))
+    if name == "ra":
+        params = {"crop_pad": ctx.train_config.crop_pad, "flip": ctx.train_config.flip, **params}
+    return create_audit(name, ctx.profile, **params)
+
+
+def train_stage(runs: RunStore, ctx: Context, setup: Setup, attack: AttackSpec, label: str) -> tuple[Stage, dict]:
+    inputs = {**ctx.base_inputs(), "attack": dataclasses.asdict(attack)}
+    path = runs.path("train", label, inputs)
+    data = DataSpec(ctx.spec.dataset, ctx.spec.data_dir, ctx.spec.reserve_fraction)
+
+    def build():
+        log.info("training the %s model", label)
+        model, result = train_model(setup, ctx.model_name, ctx.train_config, ctx.spec.seed, runs.device, progress=True)
+        record = {"stage": "train", "model": ctx.model_name, "profile": ctx.profile,
+                  "train_config": ctx.train_config.to_json(), **setup_record(data, attack, ctx.spec.seed, setup),
+                  **result}
+        return model, record, setup_tensors(setup)
+
+    return runs.model_stage(path, setup.model_spec(ctx.model_name), build), inputs
+
+
+def defense_stage(runs, ctx, setup, backdoored: Stage, bd_inputs: dict, name: str, label: str):
+    defense = create_defense(name, ctx.profile, **ctx.spec.defense_params.get(name, {}))
+    inputs = {"backdoored": bd_inputs, "defense": name, "params": defense_params(defense)}
+
+    def build():
+        log.info("defense %s (%s)", name, label)
+        model, result = purify(defense, backdoored.model, setup, ctx.spec.seed)
+        record = {"stage": "purify", "defense": name, "profile": ctx.profile, "params": defense_params(defense),
+                  "parent_metrics": backdoored.record["metrics"], **result,
+                  **{k: backdoored.record[k] for k in ("data", "attack", "seed", "model")}}
+        return model, record, None
+
+    path = runs.path("defense", f"{label}-{name}", inputs)
+    return runs.model_stage(path, setup.model_spec(ctx.model_name), build), inputs
+
+
+def retune_stage(runs, ctx, setup, purified: Stage, parent_inputs: dict, label: str):
+    audit = audit_instance("ra", ctx)
+    inputs = {"parent": parent_inputs, "ra": dataclasses.asdict(audit)}
+
+    def build():
+        log.info("retuning attack on %s", label)
+        model, result = audit.run(purified.model, setup, ctx.spec.seed)
+        return model, {"stage": "ra", "params": dataclasses.asdict(audit), "metrics": result,
+                       **{k: purified.record[k] for k in ("data", "attack", "seed", "model")}}, None
+
+    path = runs.path("ra", label, inputs)
+    return runs.model_stage(path, setup.model_spec(ctx.model_name), build), inputs
+
+
+def qra_stage(runs, ctx, setup, purified: Stage, retuned: Stage, clean: Stage, inputs_of: dict, label: str) -> dict:
+    audit = audit_instance("qra", ctx)
+    inputs = {**inputs_of, "qra": dataclasses.asdict(audit)}
+
+    def build():
+        log.info("query-based reactivation attack on %s", label)
+        result = audit.run(purified.model, retuned.model, clean.model, setup, ctx.spec.seed)
+        return {"stage": "qra", "params": dataclasses.asdict(audit), "metrics": result}
+
+    return runs.record_stage(runs.path("qra", label, inputs), build)["metrics"]
+
+
+def lmc_stage(runs, ctx, setup, backdoored: Stage, purified: Stage, parent_inputs: dict, label: str) -> dict:
+    audit = audit_instance("lmc", ctx)
+    inputs = {"parent": parent_inputs, "lmc": dataclasses.asdict(audit)}
+
+    def build():
+        log.info("linear mode connectivity for %s", label)
+        return {"stage": "lmc", "params": dataclasses.asdict(audit),
+                "metrics": audit.run(backdoored.model, purified.model, setup, ctx.spec.seed)}
+
+    return runs.record_stage(runs.path("lmc", label, inputs), build)["metrics"]
+
+
+def attack_block(runs: RunStore, ctx: Context, bundle, entry: AttackEntry, clean: Stage, clean_inputs: dict) -> dict:
+    """Backdoor, every defense and every check for one attack; returns the results block."""
+    spec = ctx.spec
+    attack = AttackSpec(entry.name, dict(entry.params), entry.poison_rate, entry.target)
+    data = DataSpec(spec.dataset, spec.data_dir, spec.reserve_fraction)
+    setup = prepare(data, attack, spec.seed, bundle)
+    label = f"{entry.name}-{entry.poison_rate:g}-t{entry.target}"
+    backdoored, bd_inputs = train_stage(runs, ctx, setup, attack, label)
+    block = {"attack": entry.name, "poison_rate": entry.poison_rate, "target": entry.target,
+             "backdoored": backdoored.record["metrics"], "clean": evaluate_setup(clean.model, setup), "rows": []}
+    if "ra" in spec.checks:
+        clean_ra, _ = retune_stage(runs, ctx, setup, clean, {"clean": clean_inputs, "attack": bd_inputs}, f"{label}-clean")
+        block["clean"].update(clean_acc_after_ra=clean_ra.record["metrics"]["clean_acc"],
+                              asr_after_ra=clean_ra.record["metrics"]["asr"])
+    for name in spec.defenses:
+        block["rows"].append(defense_row(runs, ctx, setup, backdoored, bd_inputs, clean, clean_inputs, name, label))
+    return block
+
+
+def defense_row(runs, ctx, setup, backdoored, bd_inputs, clean, clean_inputs, name, label) -> dict:
+    purified, def_inputs = defense_stage(runs, ctx, setup, backdoored, bd_inputs, name, label)
+    metrics = purified.record["metrics"]
+    row = {"defense": name, "o_clean_acc": metrics["clean_acc"], "o_asr": metrics["asr"]}
+    tag = f"{label}-{name}"
+    checks = ctx.spec.checks
+    if "ra" in checks:
+        retuned, ra_inputs = retune_stage(runs, ctx, setup, purified, def_inputs, tag)
+        row.update(p_clean_acc=retuned.record["metrics"]["clean_acc"], p_asr=retuned.record["metrics"]["asr"])
+        if "qra" in checks:
+            qra = qra_stage(runs, ctx, setup, purified, retuned, clean,
+                            {"purified": def_inputs, "ra": ra_inputs, "clean": clean_inputs}, tag)
+            row.update({f"qra_{k}": qra[k] for k in ("asr_purified", "asr_clean_model", "target_rate_clean_purified",
+                                                      "target_rate_clean_clean_model")})
+    if "lmc" in checks:
+        row["lmc"] = lmc_stage(runs, ctx, setup, backdoored, purified, def_inputs, tag)
+    return row
+
+
+def run_experiment(spec: ExperimentSpec, out: Path, device: torch.device) -> dict:
+    """Run (or resume) every stage of `spec` under `out`; write results.json and return it."""
+    started = time.perf_counter()
+    ctx = Context.of(spec)
+    runs = RunStore(out, device)
+    store.atomic_write_bytes(Path(out) / "spec.yaml", spec_yaml(spec).encode())
+    bundle = load_dataset(spec.dataset, spec.data_dir, seed=spec.seed)
+    data = DataSpec(spec.dataset, spec.data_dir, spec.reserve_fraction)
+    clean_attack = AttackSpec("none")
+    clean, clean_inputs = train_stage(runs, ctx, prepare(data, clean_attack, spec.seed, bundle), clean_attack, "clean")
+    blocks = [attack_block(runs, ctx, bundle, entry, clean, clean_inputs) for entry in spec.attacks]
+    results = {"dataset": spec.dataset, "model": ctx.model_name, "seed": spec.seed, "profile": ctx.profile,
+               "spec_hash": spec.digest(), **{k: blocks[0][k] for k in ("backdoored", "clean", "rows")},
+               "attacks": blocks}
+    store.write_json(Path(out) / "results.json", results)
+    store.write_json(Path(out) / "timings.json", {"total_s": time.perf_counter() - started,
+                                                  "computed": runs.computed, "reused": runs.reused})
+    log.info("finished in %.0f s (%d stages computed, %d reused)", time.perf_counter() - started,
+             len(runs.computed), len(runs.reused))
+    return results
+
+
+def spec_yaml(spec: ExperimentSpec) -> str:
+    return yaml.safe_dump(spec.to_json(), sort_keys=False)
+
+
+def audit_purified(backdoored: nn.Module, purified: nn.Module, clean: nn.Module | None, setup: Setup,
+                   checks: tuple[str, ...], ctx: Context) -> dict:
+    """The audit of one purified model (RA, QRA, LMC) outside a spec run: returns audit.json's content."""
+    result = {"purified": evaluate_setup(purified, setup), "backdoored": evaluate_setup(backdoored, setup)}
+    seed = ctx.spec.seed
+    retuned = None
+    if "ra" in checks or "qra" in checks:
+        retuned, ra = audit_instance("ra", ctx).run(purified, setup, seed)
+        result["ra"] = ra
+    if "qra" in checks:
+        if clean is None:
+            raise UsageError("the qra check needs a clean reference model: pass --clean DIR or drop qra from --checks")
+        result["qra"] = audit_instance("qra", ctx).run(purified, retuned, clean, setup, seed)
+    if "lmc" in checks:
+        result["lmc"] = audit_instance("lmc", ctx).run(backdoored, purified, setup, seed)
+    return result

@@ -1,0 +1,195 @@
+"""Experiment specs: YAML (+ dotted --set overrides) -> one frozen, validated ExperimentSpec; canonical hash.
+
+Validation happens here, once, at the edge: an unknown key, a wrong type or an impossible value is a
+UsageError naming the field and what is allowed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+from .attacks import ATTACKS
+from .data import DATASET_NAMES
+from .defenses import DEFENSES
+from .errors import UsageError
+from .models import MODELS
+from .profiles import TRAIN_PROFILES, default_profile
+
+CHECKS = ("ra", "qra", "lmc")
+PAPER_DEFENSES = ("ep", "ft", "fst", "ft_sam", "anp", "i_bau", "bti_dbf", "pam")
+
+
+@dataclass(frozen=True)
+class AttackEntry:
+    name: str = "badnets"
+    poison_rate: float = 0.05
+    target: int = 0
+    params: dict = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class ExperimentSpec:
+    """One experiment: a dataset, a model, one or more attacks, the defenses and the audit checks."""
+
+    dataset: str = "fashion-mnist"
+    data_dir: str | None = None
+    model: str | None = None  # None: the profile's model
+    profile: str | None = None  # None: "cpu" for small datasets, else "paper"
+    seed: int = 0
+    reserve_fraction: float = 0.05
+    attacks: tuple[AttackEntry, ...] = (AttackEntry(),)
+    train: dict = field(default_factory=dict)  # TrainConfig overrides, e.g. {epochs: 4}
+    defenses: tuple[str, ...] = PAPER_DEFENSES
+    defense_params: dict = field(default_factory=dict)  # {defense: {param: value}}
+    checks: tuple[str, ...] = CHECKS
+    audit_params: dict = field(default_factory=dict)  # {ra|qra|lmc: {param: value}}
+
+    @property
+    def resolved_profile(self) -> str:
+        return self.profile or default_profile(self.dataset)
+
+    def to_json(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def digest(self) -> str:
+        return canonical_hash(self.to_json())
+
+
+def canonical_hash(obj) -> str:
+    text = json.dumps(obj, sort_keys=True, separators=(",", ":"), default=list)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def load_spec(path: str | Path | None, overrides: list[str] | None = None) -> ExperimentSpec:
+    """Read a YAML spec (or start from the defaults), apply `key.sub=value` overrides, validate."""
+    raw = read_yaml(Path(path)) if path else {}
+    for item in overrides or []:
+        apply_override(raw, item)
+    return parse_spec(raw)
+
+
+def read_yaml(path: Path) -> dict:
+    try:
+        data = yaml.safe_load(path.read_text())
+    except FileNotFoundError:
+        raise UsageError(f"spec file {path} not found") from None
+    except (yaml.YAMLError, UnicodeDecodeError) as exc:
+        raise UsageError(f"{path} is not valid YAML: {str(exc).splitlines()[0]}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise UsageError(f"{path} must hold a YAML mapping of spec fields, got {type(data).__name__}")
+    return data
+
+
+def apply_override(raw: dict, item: str) -> None:
+    key, sep, value = item.partition("=")
+    if not sep or not key:
+        raise UsageError(f"--set expects key=value, got '{item}'")
+    try:
+        parsed = yaml.safe_load(value)
+    except yaml.YAMLError:
+        raise UsageError(f"--set {key}: cannot parse value '{value}'") from None
+    node, parts = raw, key.split(".")
+    for part in parts[:-1]:
+        node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            raise UsageError(f"--set {key}: '{part}' is not a mapping")
+    node[parts[-1]] = parsed
+
+
+def parse_spec(raw: dict) -> ExperimentSpec:
+    known = {f.name for f in dataclasses.fields(ExperimentSpec)}
+    unknown = sorted(set(raw) - known)
+    if unknown:
+        raise UsageError(f"unknown spec key '{unknown[0]}'; valid keys: {', '.join(sorted(known))}")
+    values = {k: v for k, v in raw.items() if v is not None or k in ("data_dir", "model", "profile")}
+    spec = ExperimentSpec(**{**values, **parse_lists(values)})
+    validate(spec)
+    return spec
+
+
+def parse_lists(raw: dict) -> dict:
+    out = {}
+    if "attacks" in raw:
+        entries = raw["attacks"]
+        if isinstance(entries, (str, dict)):
+            entries = [entries]
+        if not isinstance(entries, list) or not entries:
+            raise UsageError("spec 'attacks' must be a non-empty list of attack names or mappings")
+        out["attacks"] = tuple(parse_attack(e) for e in entries)
+    for key in ("defenses", "checks"):
+        if key in raw:
+            items = raw[key]
+            if isinstance(items, str):
+                items = [s.strip() for s in items.split(",") if s.strip()]
+            if not isinstance(items, list) or not all(isinstance(i, str) for i in items):
+                raise UsageError(f"spec '{key}' must be a list of names")
+            out[key] = tuple(items)
+    return out
+
+
+def parse_attack(entry) -> AttackEntry:
+    if isinstance(entry, str):
+        return AttackEntry(name=entry)
+    if not isinstance(entry, dict):
+        raise UsageError(f"each attack must be a name or a mapping, got {entry!r}")
+    known = {f.name for f in dataclasses.fields(AttackEntry)}
+    unknown = sorted(set(entry) - known)
+    if unknown:
+        raise UsageError(f"unknown attack key '{unknown[0]}'; valid keys: {', '.join(sorted(known))}")
+    return AttackEntry(**entry)
+
+
+def expect(condition: bool, message: str) -> None:
+    if not condition:
+        raise UsageError(message)
+
+
+def is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def is_name_in(value, names) -> bool:
+    return isinstance(value, str) and value in names
+
+
+def validate(spec: ExperimentSpec) -> None:
+    expect(is_name_in(spec.dataset, DATASET_NAMES),
+           f"spec 'dataset' must be one of {', '.join(DATASET_NAMES)}, got {spec.dataset!r}")
+    expect(spec.model is None or is_name_in(spec.model, MODELS),
+           f"spec 'model' must be one of {', '.join(MODELS.names())}, got {spec.model!r}")
+    expect(spec.profile is None or is_name_in(spec.profile, TRAIN_PROFILES),
+           f"spec 'profile' must be one of {', '.join(sorted(TRAIN_PROFILES))}, got {spec.profile!r}")
+    expect(isinstance(spec.seed, int) and not isinstance(spec.seed, bool) and spec.seed >= 0,
+           f"spec 'seed' must be a non-negative integer, got {spec.seed!r}")
+    expect(is_number(spec.reserve_fraction) and 0 < spec.reserve_fraction < 1,
+           f"spec 'reserve_fraction' must be in (0, 1), got {spec.reserve_fraction!r}")
+    for entry in spec.attacks:
+        validate_attack(entry)
+    for name in spec.defenses:
+        expect(name in DEFENSES, f"unknown defense '{name}' in spec; choose from: {', '.join(DEFENSES.names())}")
+    for name in spec.checks:
+        expect(name in CHECKS, f"unknown check '{name}' in spec; choose from: {', '.join(CHECKS)}")
+    for key in ("train", "defense_params", "audit_params"):
+        expect(isinstance(getattr(spec, key), dict), f"spec '{key}' must be a mapping")
+    for name in spec.defense_params:
+        expect(name in DEFENSES, f"spec 'defense_params' names unknown defense '{name}'")
+    for name in spec.audit_params:
+        expect(name in CHECKS, f"spec 'audit_params' names unknown check '{name}'")
+
+
+def validate_attack(entry: AttackEntry) -> None:
+    expect(is_name_in(entry.name, ATTACKS),
+           f"unknown attack {entry.name!r} in spec; choose from: {', '.join(ATTACKS.names())}")
+    expect(is_number(entry.poison_rate) and 0 < entry.poison_rate < 1,
+           f"attack '{entry.name}': poison_rate must be in (0, 1), got {entry.poison_rate!r}")
+    expect(isinstance(entry.target, int) and not isinstance(entry.target, bool) and entry.target >= 0,
+           f"attack '{entry.name}': target must be a non-negative integer, got {entry.target!r}")
+    expect(isinstance(entry.params, dict), f"attack '{entry.name}': params must be a mapping")
