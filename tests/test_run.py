@@ -1,6 +1,7 @@
 """The main job on a tiny synthetic spec: results, resume, kill -9 and determinism."""
 
 import json
+import logging
 import os
 import signal
 import subprocess
@@ -51,7 +52,8 @@ def test_results_have_the_documented_keys(finished):
     assert (out / "report.md").is_file() and (out / "report.html").is_file()
 
 
-def test_rerun_reuses_every_stage(finished, capsys, caplog):
+def test_rerun_reuses_every_stage(finished, caplog):
+    caplog.set_level(logging.INFO)
     spec, out = finished
     before = json.loads((out / "results.json").read_text())
     started = time.perf_counter()

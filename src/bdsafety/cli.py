@@ -307,7 +307,8 @@ def build_parser() -> Parser:
 
 
 def configure(quiet: bool) -> None:
-    logging.basicConfig(level=logging.WARNING if quiet else logging.INFO, format="%(message)s", stream=sys.stderr)
+    logging.basicConfig(format="%(message)s", stream=sys.stderr)
+    logging.getLogger().setLevel(logging.WARNING if quiet else logging.INFO)
     torch.set_num_threads(available_cores())
 
 

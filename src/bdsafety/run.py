@@ -218,7 +218,8 @@ def defense_row(runs, ctx, setup, backdoored, bd_inputs, clean, clean_inputs, na
             row.update({f"qra_{k}": qra[k] for k in ("asr_purified", "asr_clean_model", "target_rate_clean_purified",
                                                       "target_rate_clean_clean_model")})
     if "lmc" in checks:
-        row["lmc"] = lmc_stage(runs, ctx, setup, backdoored, purified, def_inputs, tag)
+        lmc = lmc_stage(runs, ctx, setup, backdoored, purified, def_inputs, tag)
+        row["lmc"] = {k: v for k, v in lmc.items() if k != "duration_s"}  # results.json holds no timings
     return row
 
 
