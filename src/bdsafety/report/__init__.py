@@ -1,0 +1,48 @@
+"""The run report: tables, claims and figures rendered from `results.json` (never recomputed, STYLE.md §6).
+
+`write_report(run_dir)` reads `run_dir/results.json` and writes, each atomically, the figure PNGs,
+`report.md` (linking the PNGs) and a self-contained `report.html` into `run_dir`.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+from ..store import atomic_write_bytes, read_json
+from .claims import evaluate_claims
+from .figures import attack_figures
+from .html import ReportContent, render_html, render_markdown
+from .tables import qra_table, robustness_table, runtime_table, setup_table
+
+log = logging.getLogger(__name__)
+
+RESULTS_FILE, MARKDOWN_FILE, HTML_FILE = "results.json", "report.md", "report.html"
+
+
+def build_content(results: dict) -> ReportContent:
+    """Everything the report shows, from the content of `results.json` (pure)."""
+    meta = [(key, str(results[key])) for key in ("dataset", "model", "seed", "profile") if key in results]
+    tables = [setup_table(results), robustness_table(results), qra_table(results), runtime_table(results)]
+    return ReportContent("bdsafety report: superficial safety of backdoor defenses", meta,
+                         [t for t in tables if t is not None], evaluate_claims(results), attack_figures(results))
+
+
+def write_report(run_dir: Path) -> list[Path]:
+    """Render `run_dir/results.json` into `report.md`, `report.html` and PNG figures in `run_dir`.
+
+    Returns:
+        The written paths: the figures first, then report.md and report.html.
+    """
+    run_dir = Path(run_dir)
+    content = build_content(read_json(run_dir / RESULTS_FILE))
+    written = []
+    for name, _, png in content.figures:
+        atomic_write_bytes(run_dir / name, png)
+        written.append(run_dir / name)
+    atomic_write_bytes(run_dir / MARKDOWN_FILE, render_markdown(content).encode("utf-8"))
+    atomic_write_bytes(run_dir / HTML_FILE, render_html(content).encode("utf-8"))
+    written += [run_dir / MARKDOWN_FILE, run_dir / HTML_FILE]
+    log.info("wrote %s and %d figures to %s", ", ".join([MARKDOWN_FILE, HTML_FILE]), len(content.figures), run_dir)
+    return written
+

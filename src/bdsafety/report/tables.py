@@ -1,0 +1,225 @@
+"""The paper's tables built from a run's `results.json`, as plain rows, then rendered to Markdown and HTML.
+
+Reports render records, never recompute (STYLE.md §6): every number shown is a field of `results.json`;
+this module only selects, orders and formats. Fractions in [0, 1] are shown as percentages with one decimal;
+a missing (null) metric is shown as an em dash.
+
+Table layout follows ALGORITHMS.md §8 (Min et al., NeurIPS 2024, Table 1): one column pair per attack
+(C-Acc ↑, ASR ↓); rows are the clean reference model, then for each defense three evaluation modes:
+O-Backdoor (the backdoored model), O-Robustness (after the defense) and P-Robustness (after the Retuning Attack).
+"""
+
+from __future__ import annotations
+
+import html
+from dataclasses import dataclass, field
+
+#: Paper display names (Min et al. 2024, Table 1), in the paper's row order; FT is the optional extra baseline.
+DEFENSE_NAMES = {
+    "ep": "EP", "anp": "ANP", "i_bau": "BAU (I-BAU)", "ft_sam": "SAM (FT-SAM)", "fst": "FST",
+    "bti_dbf": "BTI (BTI-DBF(U))", "ft": "FT", "pam": "PAM",
+}
+SHORT_NAMES = {"ep": "EP", "anp": "ANP", "i_bau": "BAU", "ft_sam": "SAM", "fst": "FST", "bti_dbf": "BTI",
+               "ft": "FT", "pam": "PAM"}
+ATTACK_NAMES = {"badnets": "BadNets", "blended": "Blended", "ssba": "SSBA", "lc": "LC", "sig": "SIG",
+                "wanet": "WaNet"}
+MODES = ("O-Backdoor", "O-Robustness", "P-Robustness")
+MISSING = "—"
+
+Cell = str | float | None
+
+
+@dataclass(frozen=True)
+class Table:
+    """A rendered-agnostic table: float cells are fractions (shown as %), str cells are shown as they are.
+
+    `spans` groups the leaf `columns` under top-level headers (label, width); the first
+    `len(columns) - sum(widths)` columns have no group.
+    """
+
+    caption: str
+    columns: list[str]
+    rows: list[list[Cell]]
+    spans: list[tuple[str, int]] = field(default_factory=list)
+
+
+def attack_blocks(results: dict) -> list[dict]:
+    """One block per attack: `results["attacks"]`, or the top level itself for a single-attack run."""
+    blocks = results.get("attacks") or [{
+        "attack": results.get("attack", "backdoor"), "poison_rate": results.get("poison_rate"),
+        "target": results.get("target"), "backdoored": results.get("backdoored") or {},
+        "clean": results.get("clean") or {}, "rows": results.get("rows") or []}]
+    return [{**b, "backdoored": b.get("backdoored") or {}, "clean": b.get("clean") or {},
+             "rows": b.get("rows") or []} for b in blocks]
+
+
+def attack_labels(blocks: list[dict]) -> list[str]:
+    """Display names; blocks sharing an attack name are told apart by poison rate and target."""
+    names = [ATTACK_NAMES.get(b.get("attack"), str(b.get("attack"))) for b in blocks]
+    return [f"{n} ({percent(b.get('poison_rate'))}%, t={b.get('target')})" if names.count(n) > 1 else n
+            for n, b in zip(names, blocks)]
+
+
+def defense_order(blocks: list[dict]) -> list[str]:
+    """Defense names present in any block: the paper's order first, unknown names after, alphabetically."""
+    present = {row.get("defense") for b in blocks for row in b["rows"]}
+    known = [name for name in DEFENSE_NAMES if name in present]
+    return known + sorted(str(name) for name in present - set(DEFENSE_NAMES))
+
+
+def display_name(defense: str, short: bool = False) -> str:
+    return (SHORT_NAMES if short else DEFENSE_NAMES).get(defense, defense)
+
+
+def find_row(block: dict, defense: str) -> dict | None:
+    return next((row for row in block["rows"] if row.get("defense") == defense), None)
+
+
+def percent(value: float | None) -> str:
+    """A fraction as a percentage with one decimal, or an em dash when missing."""
+    return MISSING if value is None else f"{100 * value:.1f}"
+
+
+def setup_table(results: dict) -> Table:
+    """One row per attack: poison rate, target, and the backdoored and clean models' C-Acc / ASR."""
+    blocks = attack_blocks(results)
+    rows = [[label, _percent_label(b.get("poison_rate")), str(b.get("target", MISSING)),
+             b["backdoored"].get("clean_acc"), b["backdoored"].get("asr"), b["clean"].get("clean_acc"),
+             b["clean"].get("asr")] for label, b in zip(attack_labels(blocks), blocks)]
+    return Table("Attacks (%): the backdoored model before any defense and the clean reference model.",
+                 ["Attack", "Poison rate", "Target", "C-Acc ↑", "ASR", "C-Acc ↑", "ASR"], rows,
+                 [("Backdoored model", 2), ("Clean model", 2)])
+
+
+def _percent_label(value: float | None) -> str:
+    return MISSING if value is None else f"{percent(value)}%"
+
+
+def robustness_table(results: dict) -> Table:
+    """Table 1: Clean reference (O-/P-Robustness), then O-Backdoor / O-Robustness / P-Robustness per defense."""
+    blocks = attack_blocks(results)
+    rows = [["Clean", mode] + _pairs(blocks, lambda b, m=mode: _clean_pair(b["clean"], m)) for mode in MODES[1:]]
+    for defense in defense_order(blocks):
+        for mode in MODES:
+            rows.append([display_name(defense), mode]
+                        + _pairs(blocks, lambda b, m=mode: _defense_pair(b, defense, m)))
+    return Table("Table 1. C-Acc ↑ and ASR ↓ (%) of the backdoored model (O-Backdoor), after the defense "
+                 "(O-Robustness) and after the Retuning Attack (P-Robustness).",
+                 ["Defense", "Evaluation"] + ["C-Acc ↑", "ASR ↓"] * len(blocks), rows,
+                 [(label, 2) for label in attack_labels(blocks)])
+
+
+def _pairs(blocks: list[dict], pair_of) -> list[Cell]:
+    return [value for block in blocks for value in pair_of(block)]
+
+
+def _clean_pair(clean: dict, mode: str) -> tuple[Cell, Cell]:
+    if mode == "O-Robustness":
+        return clean.get("clean_acc"), clean.get("asr")
+    return clean.get("clean_acc_after_ra"), clean.get("asr_after_ra")
+
+
+def _defense_pair(block: dict, defense: str, mode: str) -> tuple[Cell, Cell]:
+    if mode == "O-Backdoor":
+        return block["backdoored"].get("clean_acc"), block["backdoored"].get("asr")
+    row = find_row(block, defense) or {}
+    prefix = "o_" if mode == "O-Robustness" else "p_"
+    return row.get(prefix + "clean_acc"), row.get(prefix + "asr")
+
+
+QRA_COLUMNS = ("qra_asr_purified", "qra_asr_clean_model", "qra_target_rate_clean_purified",
+               "qra_target_rate_clean_clean_model")
+
+
+def qra_table(results: dict) -> Table | None:
+    """QRA (ALGORITHMS.md §6/§8): QRA-ASR on the purified vs the clean model, and the target-class rate
+    on perturbed clean inputs for both. None when no defense has QRA numbers."""
+    blocks = attack_blocks(results)
+    defenses = [d for d in defense_order(blocks)
+                if any((find_row(b, d) or {}).get(k) is not None for b in blocks for k in QRA_COLUMNS)]
+    if not defenses:
+        return None
+    rows = [[display_name(d)] + [(find_row(b, d) or {}).get(k) for b in blocks for k in QRA_COLUMNS]
+            for d in defenses]
+    return Table("Table 2. Query-based Reactivation Attack (%): ASR of triggered inputs + δ on the purified "
+                 "model (↑ = reactivated) and on the clean model (↓ = not merely adversarial); target-class "
+                 "rate of clean inputs + δ on each.",
+                 ["Defense"] + ["QRA-ASR purified", "QRA-ASR clean model", "target rate clean→purified",
+                                "target rate clean→clean model"] * len(blocks), rows,
+                 [(label, len(QRA_COLUMNS)) for label in attack_labels(blocks)])
+
+
+def runtime_table(results: dict) -> Table | None:
+    """Wall-clock seconds of each defense (`defense_s`), one column per attack; None when none recorded."""
+    blocks = attack_blocks(results)
+    rows = [[display_name(d)] + [_seconds((find_row(b, d) or {}).get("defense_s")) for b in blocks]
+            for d in defense_order(blocks)]
+    if all(cell == MISSING for row in rows for cell in row[1:]):
+        return None
+    return Table("Defense run time (seconds).", ["Defense"] + attack_labels(blocks), rows)
+
+
+def _seconds(value: float | None) -> str:
+    return MISSING if value is None else f"{value:.1f}"
+
+
+def cell_text(cell: Cell) -> str:
+    return percent(cell) if isinstance(cell, (int, float)) and not isinstance(cell, bool) else \
+        (MISSING if cell is None else str(cell))
+
+
+def to_markdown(table: Table) -> str:
+    """GitHub-flavoured Markdown; grouped columns are labelled '<group> <column>'."""
+    header = _flat_header(table)
+    lines = [f"*{_md(table.caption)}*", "", _md_row(header),
+             "|" + "|".join([":---"] * _ungrouped(table) + ["---:"] * (len(header) - _ungrouped(table))) + "|"]
+    lines += [_md_row([cell_text(c) for c in row]) for row in table.rows]
+    return "\n".join(lines) + "\n"
+
+
+def _flat_header(table: Table) -> list[str]:
+    groups = [label for label, width in table.spans for _ in range(width)]
+    lead = _ungrouped(table)
+    return table.columns[:lead] + [f"{g} {c}" for g, c in zip(groups, table.columns[lead:])]
+
+
+def _ungrouped(table: Table) -> int:
+    return len(table.columns) - sum(width for _, width in table.spans) if table.spans else 1
+
+
+def _md(text: str) -> str:
+    return text.replace("\\", "\\\\").replace("|", "\\|").replace("*", "\\*").replace("<", "&lt;")
+
+
+def _md_row(cells: list[str]) -> str:
+    return "| " + " | ".join(_md(c) for c in cells) + " |"
+
+
+def to_html(table: Table) -> str:
+    """An escaped HTML <table>; equal consecutive first-column cells are merged with rowspan (a row group)."""
+    esc = html.escape
+    parts = [f'<table><caption>{esc(table.caption)}</caption><thead>']
+    lead = _ungrouped(table)
+    if table.spans:
+        parts.append("<tr>" + "".join(f'<th rowspan="2">{esc(c)}</th>' for c in table.columns[:lead])
+                     + "".join(f'<th colspan="{w}" class="group">{esc(label)}</th>' for label, w in table.spans)
+                     + "</tr><tr>" + "".join(f"<th>{esc(c)}</th>" for c in table.columns[lead:]) + "</tr>")
+    else:
+        parts.append("<tr>" + "".join(f"<th>{esc(c)}</th>" for c in table.columns) + "</tr>")
+    parts.append("</thead><tbody>")
+    merge = len({str(row[0]) for row in table.rows}) < len(table.rows)
+    for i, row in enumerate(table.rows):
+        parts.append(_html_row(table.rows, i, lead, merge))
+    parts.append("</tbody></table>")
+    return "".join(parts)
+
+
+def _html_row(rows: list[list[Cell]], i: int, lead: int, merge: bool) -> str:
+    row, first = rows[i], rows[i][0]
+    starts_group = i == 0 or rows[i - 1][0] != first
+    span = next((j for j in range(i, len(rows)) if rows[j][0] != first), len(rows)) - i
+    cells = [f'<th rowspan="{span}" scope="rowgroup">{html.escape(cell_text(first))}</th>'] if starts_group else []
+    cells += [f"<td>{html.escape(cell_text(c))}</td>" for c in row[1:lead]]
+    cells += [f'<td class="num">{html.escape(cell_text(c))}</td>' for c in row[lead:]]
+    css = ' class="group-start"' if merge and starts_group and i > 0 else ""
+    return f"<tr{css}>" + "".join(cells) + "</tr>"

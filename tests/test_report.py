@@ -1,0 +1,225 @@
+"""Report rendering: files, Table 1 layout, claims on crafted numbers, self-contained escaped HTML."""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+import re
+
+import pytest
+
+from bdsafety.report import write_report
+from bdsafety.report.claims import backdoor_error_span, evaluate_claims
+from bdsafety.report.tables import qra_table, robustness_table, to_markdown
+
+DEFENSES = ("ep", "ft", "fst", "ft_sam", "anp", "i_bau", "bti_dbf", "pam")
+# (o_clean_acc, o_asr, p_clean_acc, p_asr, qra_asr_purified, qra_asr_clean_model, t where 1 - ASR reaches 0.5)
+NUMBERS = {
+    "ep": (0.910, 0.010, 0.900, 0.050, 0.080, 0.040, 0.30),
+    "ft": (0.915, 0.120, 0.910, 0.850, 0.700, 0.060, 0.90),
+    "fst": (0.900, 0.020, 0.890, 0.930, 0.880, 0.050, 0.90),
+    "ft_sam": (0.890, 0.030, 0.880, 0.900, 0.850, 0.070, 0.85),
+    "anp": (0.880, 0.040, 0.870, 0.970, 0.920, 0.060, 0.95),
+    "i_bau": (0.870, 0.060, 0.860, 0.880, 0.800, 0.080, 0.90),
+    "bti_dbf": (0.890, 0.020, 0.880, 0.800, 0.750, 0.050, 0.85),
+    "pam": (0.895, 0.015, 0.890, 0.100, 0.200, 0.050, 0.45),
+}
+
+
+def lmc_points(edge: float, dip: float = 0.3) -> list[dict]:
+    """21 points whose backdoor error 1 - ASR is >= 0.5 exactly from t = edge on; clean accuracy dips midway."""
+    points = []
+    for i in range(21):
+        t = i / 20
+        asr = 0.02 if t >= edge - 1e-9 else 0.98
+        points.append({"t": t, "clean_acc": 0.92 - dip * math.sin(math.pi * t) ** 2, "asr": asr,
+                       "clean_loss": 0.3, "backdoor_loss": -math.log(max(asr, 1e-6))})
+    return points
+
+
+def attack_block(attack: str, shift: float) -> dict:
+    rows = []
+    for name in DEFENSES:
+        o_acc, o_asr, p_acc, p_asr, qra_p, qra_c, edge = NUMBERS[name]
+        rows.append({"defense": name, "o_clean_acc": o_acc - shift, "o_asr": o_asr, "p_clean_acc": p_acc - shift,
+                     "p_asr": p_asr, "qra_asr_purified": qra_p, "qra_asr_clean_model": qra_c,
+                     "qra_target_rate_clean_purified": 0.03, "qra_target_rate_clean_clean_model": 0.02,
+                     "defense_s": 42.0, "lmc": {"bn_mode": "interp", "points": lmc_points(edge, 0.1 + 0.04 * DEFENSES.index(name))}})
+    return {"attack": attack, "poison_rate": 0.05, "target": 0,
+            "backdoored": {"clean_acc": 0.920 - shift, "asr": 0.995},
+            "clean": {"clean_acc": 0.925, "asr": 0.004, "clean_acc_after_ra": 0.921, "asr_after_ra": 0.030},
+            "rows": rows}
+
+
+def fake_results() -> dict:
+    badnets, blended = attack_block("badnets", 0.0), attack_block("blended", 0.01)
+    ft = next(r for r in blended["rows"] if r["defense"] == "ft")
+    ft.update(p_clean_acc=None, p_asr=None, defense_s=None)  # RA skipped for FT on Blended
+    del ft["lmc"]
+    bau = next(r for r in blended["rows"] if r["defense"] == "i_bau")
+    for key in ("qra_asr_purified", "qra_asr_clean_model", "qra_target_rate_clean_purified",
+                "qra_target_rate_clean_clean_model"):
+        bau[key] = None
+    return {"dataset": "fashion-mnist", "model": "preact_small", "seed": 0, "profile": "cpu",
+            "backdoored": badnets["backdoored"], "clean": badnets["clean"], "rows": badnets["rows"],
+            "attacks": [badnets, blended]}
+
+
+def row_of(results: dict, attack: int, defense: str) -> dict:
+    return next(r for r in results["attacks"][attack]["rows"] if r["defense"] == defense)
+
+
+@pytest.fixture(scope="module")
+def report_dir(tmp_path_factory):
+    run_dir = tmp_path_factory.mktemp("run")
+    results = fake_results()
+    results["dataset"] = 'fashion-mnist <script>alert("x")</script>'
+    (run_dir / "results.json").write_text(json.dumps(results))
+    return run_dir, write_report(run_dir)
+
+
+def test_write_report_writes_markdown_html_and_figures(report_dir):
+    run_dir, written = report_dir
+    names = [p.name for p in written]
+    assert names[-2:] == ["report.md", "report.html"]
+    figures = sorted(n for n in names if n.endswith(".png"))
+    assert figures == sorted(f"fig-{i}-{a}-{kind}.png" for i, a in ((1, "badnets"), (2, "blended"))
+                             for kind in ("asr", "lmc", "qra"))
+    for path in written:
+        assert path.is_file() and path.stat().st_size > 0
+    assert all((run_dir / n).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" for n in figures)
+    assert not [p for p in run_dir.iterdir() if p.name.endswith(".tmp")]
+    markdown = (run_dir / "report.md").read_text()
+    assert all(f"]({n})" in markdown for n in figures)
+    assert markdown.count("**held**") == 5 and "| ANP | P-Robustness | 87.0 | 97.0 | 86.0 | 97.0 |" in markdown
+
+
+def test_table1_markdown_rows_columns_and_percentages():
+    lines = to_markdown(robustness_table(fake_results())).splitlines()
+    table = [line for line in lines if line.startswith("|")]
+    assert table[0] == ("| Defense | Evaluation | BadNets C-Acc ↑ | BadNets ASR ↓ | Blended C-Acc ↑ | "
+                        "Blended ASR ↓ |")
+    body = [[c.strip() for c in line.strip("|").split("|")] for line in table[2:]]
+    assert len(body) == 2 + 3 * 8
+    assert [r[:2] for r in body[:5]] == [["Clean", "O-Robustness"], ["Clean", "P-Robustness"],
+                                         ["EP", "O-Backdoor"], ["EP", "O-Robustness"], ["EP", "P-Robustness"]]
+    assert [r[0] for r in body[2::3]] == ["EP", "ANP", "BAU (I-BAU)", "SAM (FT-SAM)", "FST", "BTI (BTI-DBF(U))",
+                                          "FT", "PAM"]
+    assert body[0] == ["Clean", "O-Robustness", "92.5", "0.4", "92.5", "0.4"]
+    assert body[1] == ["Clean", "P-Robustness", "92.1", "3.0", "92.1", "3.0"]
+    anp = [r for r in body if r[0] == "ANP"]
+    assert anp == [["ANP", "O-Backdoor", "92.0", "99.5", "91.0", "99.5"],
+                   ["ANP", "O-Robustness", "88.0", "4.0", "87.0", "4.0"],
+                   ["ANP", "P-Robustness", "87.0", "97.0", "86.0", "97.0"]]
+    ft_p = next(r for r in body if r[:2] == ["FT", "P-Robustness"])
+    assert ft_p == ["FT", "P-Robustness", "91.0", "85.0", "—", "—"]
+
+
+def test_qra_table_lists_four_numbers_per_attack_and_nulls():
+    table = qra_table(fake_results())
+    assert len(table.columns) == 1 + 4 * 2 and [label for label, _ in table.spans] == ["BadNets", "Blended"]
+    bau = next(r for r in table.rows if r[0] == "BAU (I-BAU)")
+    assert bau[1:5] == [0.800, 0.080, 0.03, 0.02] and bau[5:] == [None] * 4
+    results = fake_results()
+    for block in results["attacks"]:
+        for row in block["rows"]:
+            for key in list(row):
+                if key.startswith("qra_"):
+                    del row[key]
+    assert qra_table(results) is None
+
+
+def test_html_is_self_contained_and_escaped(report_dir):
+    run_dir, _ = report_dir
+    page = (run_dir / "report.html").read_text()
+    refs = re.findall(r"""(?:src|href)\s*=\s*["']([^"']*)""", page, flags=re.I)
+    assert len(refs) == 6 and all(r.startswith("data:image/png;base64,") for r in refs)
+    assert "<link" not in page and "url(" not in page and "@import" not in page and "<script" not in page
+    assert "&lt;script&gt;alert(&quot;x&quot;)&lt;/script&gt;" in page
+    assert "did not hold here" not in page  # every claim holds on the default numbers
+    assert page.count('class="badge held"') == 5
+
+
+def test_span_counts_the_stretch_ending_at_the_purified_model():
+    assert backdoor_error_span(lmc_points(0.0)) == pytest.approx(1.0)
+    assert backdoor_error_span(lmc_points(0.3)) == pytest.approx(0.7)
+    assert backdoor_error_span(lmc_points(1.01)) == 0.0
+    points = lmc_points(0.5)
+    points[14]["asr"] = 0.9  # a relapse at t = 0.7 cuts the stretch to t >= 0.75
+    assert backdoor_error_span(points) == pytest.approx(0.25)
+    assert backdoor_error_span([]) is None
+    assert backdoor_error_span([{"t": 0.0, "asr": None}, {"t": 1.0, "asr": 0.0}]) is None
+
+
+def held(results: dict) -> list[bool | None]:
+    return [claim["held"] for claim in evaluate_claims(results)]
+
+
+def test_all_claims_hold_on_paper_like_numbers():
+    claims = evaluate_claims(fake_results())
+    assert [c["held"] for c in claims] == [True] * 5
+    assert claims[0]["per_attack"] == {"BadNets": True, "Blended": True}
+    assert "BadNets: O-ASR → P-ASR ANP 4.0% → 97.0%" in claims[0]["evidence"]
+    assert "P-ASR EP 5.0%, clean model 3.0%" in claims[1]["evidence"]
+    assert "(no data: BAU)" in claims[2]["evidence"]  # Blended lacks QRA for BAU
+    assert "EP 0.70" in claims[3]["evidence"] and "margin +0.55" in claims[3]["evidence"]
+    assert list(claims[1]["details"]) == ["BadNets", "Blended"]
+    assert claims[1]["details"]["Blended"].startswith("P-ASR EP 5.0%")
+
+
+def set_fields(attack: int, defense: str, **fields):
+    def change(results):
+        row_of(results, attack, defense).update(fields)
+    return change
+
+
+def copy_ep_curve_to_anp(results):
+    row_of(results, 1, "anp")["lmc"] = copy.deepcopy(row_of(results, 1, "ep")["lmc"])
+
+
+def close_qra_gap(results):
+    for row in results["attacks"][0]["rows"]:
+        if row["qra_asr_purified"] is not None:
+            row["qra_asr_clean_model"] = row["qra_asr_purified"] - 0.25
+
+
+@pytest.mark.parametrize("mutate, expected", [
+    (set_fields(0, "bti_dbf", p_asr=0.49), [False, True, True, True, True]),
+    (set_fields(0, "bti_dbf", p_asr=0.50), [True] * 5),  # thresholds are inclusive
+    (set_fields(1, "ep", p_asr=0.25), [True, False, True, True, True]),
+    (lambda r: r["attacks"][0]["clean"].update(asr_after_ra=0.21), [True, False, True, True, True]),
+    (close_qra_gap, [True, True, False, True, True]),
+    (copy_ep_curve_to_anp, [True, True, True, False, True]),
+    (set_fields(0, "anp", lmc={"bn_mode": "interp", "points": lmc_points(0.35)}), [True, True, True, False, True]),
+    (set_fields(0, "pam", p_asr=0.21), [True, True, True, True, False]),
+    (set_fields(0, "pam", o_clean_acc=0.884), [True, True, True, True, False]),  # best is FT at 91.5
+    (set_fields(0, "pam", o_clean_acc=0.885), [True] * 5),
+])
+def test_each_claim_fails_when_its_rule_is_broken(mutate, expected):
+    results = fake_results()
+    mutate(results)
+    assert held(results) == expected
+
+
+def test_claims_are_unknown_without_their_data_and_say_so():
+    results = fake_results()
+    for block in results["attacks"]:
+        block["rows"] = [r for r in block["rows"] if r["defense"] not in ("ep", "anp", "i_bau", "ft_sam", "fst",
+                                                                          "bti_dbf")]
+        block["clean"] = {"clean_acc": 0.925, "asr": 0.004, "clean_acc_after_ra": None, "asr_after_ra": None}
+    claims = evaluate_claims(results)
+    assert [c["held"] for c in claims] == [None] * 5
+    assert "P-ASR EP n/a, clean model n/a" in claims[1]["evidence"]
+    # a failing part still decides the claim when another part is missing
+    results["attacks"][0]["clean"]["asr_after_ra"] = 0.6
+    assert held(results)[1] is False
+
+
+def test_single_attack_run_without_attacks_list():
+    results = fake_results()
+    del results["attacks"]
+    results["attack"] = "badnets"
+    lines = [line for line in to_markdown(robustness_table(results)).splitlines() if line.startswith("|")]
+    assert lines[0] == "| Defense | Evaluation | BadNets C-Acc ↑ | BadNets ASR ↓ |" and len(lines) == 2 + 26
+    assert held(results) == [True] * 5
