@@ -69,17 +69,37 @@ def test_same_spec_same_results(finished, tmp_path):
     assert (tmp_path / "again" / "results.json").read_text() == (out / "results.json").read_text()
 
 
-def test_killed_run_resumes_to_the_same_results(finished, tmp_path):
+def start_run(spec, out):
+    command = [sys.executable, "-m", "bdsafety", "run", str(spec), "--out", str(out), "--device", "cpu", "-q"]
+    return subprocess.Popen(command, start_new_session=True, stderr=subprocess.PIPE, text=True)
+
+
+def wait_for_stages(out, count, timeout=120):
+    deadline = time.time() + timeout
+    while time.time() < deadline and len(list((out / "stages").glob("[!.]*"))) < count:
+        time.sleep(0.05)
+
+
+@pytest.mark.parametrize("finished_stages", [0, 2, 4, 6, 8])
+def test_killed_run_resumes_to_the_same_results(finished, tmp_path, finished_stages):
     spec, out = finished
     target = tmp_path / "killed"
-    command = [sys.executable, "-m", "bdsafety", "run", str(spec), "--out", str(target), "--device", "cpu", "-q"]
-    process = subprocess.Popen(command, start_new_session=True)
-    deadline = time.time() + 120
-    while time.time() < deadline and len(list((target / "stages").glob("*-*"))) < 3:
-        time.sleep(0.2)
+    process = start_run(spec, target)
+    wait_for_stages(target, finished_stages)
+    time.sleep(0.1)
     os.killpg(process.pid, signal.SIGKILL)
     process.wait()
     assert not (target / "results.json").exists()
     assert main(["run", str(spec), "--out", str(target), "--device", "cpu", "-q"]) == 0
     assert (target / "results.json").read_text() == (out / "results.json").read_text()
     assert not [p for p in (target / "stages").iterdir() if p.name.startswith(".")]
+
+
+def test_ctrl_c_stops_with_a_resume_hint(finished, tmp_path):
+    spec, _ = finished
+    process = start_run(spec, tmp_path / "interrupted")
+    wait_for_stages(tmp_path / "interrupted", 1)
+    os.killpg(process.pid, signal.SIGINT)
+    _, stderr = process.communicate(timeout=60)
+    assert process.returncode == 130
+    assert "rerun the same command to resume" in stderr and "Traceback" not in stderr
