@@ -1,0 +1,132 @@
+"""Linear mode connectivity (LMC; Min et al., NeurIPS 2024, arXiv 2410.09838, §4; ALGORITHMS §7 [assume]).
+
+Explains superficial safety: along the straight path θ(t) = (1−t)·θ_bd + t·θ_pur, a superficially
+purified model stays in the backdoored basin (ASR high until t is close to 1, low backdoor loss),
+whereas a robust one deviates far from it. No official code exists; both BatchNorm treatments of
+§7 are implemented and the one used is recorded:
+
+* "interp" (default): interpolate every floating tensor, running_mean/var included;
+  `num_batches_tracked` is taken from θ_bd.
+* "reset": interpolate the parameters, then re-estimate the BN statistics as a cumulative average
+  over the defender's reserve split (train mode, no gradients), then evaluate in eval mode.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import time
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, ClassVar
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ..data import ImageSet, to_float
+from ..errors import UsageError
+from ..metrics import attack_success_rate, clean_accuracy
+from ..models import batchnorm_layers
+from ..train import iter_logits, model_device
+from . import AUDITS
+
+if TYPE_CHECKING:
+    from ..experiment import Setup
+
+log = logging.getLogger(__name__)
+
+BN_MODES = ("interp", "reset")
+
+
+def interpolate_state(state_a: dict[str, Tensor], state_b: dict[str, Tensor], t: float) -> dict[str, Tensor]:
+    """(1−t)·a + t·b for every floating tensor; integer tensors (BN `num_batches_tracked`) come from `a`.
+
+    Exact at the endpoints: t = 0 gives `a`, t = 1 gives `b`.
+    """
+    if state_a.keys() != state_b.keys():
+        diff = sorted(state_a.keys() ^ state_b.keys())
+        raise UsageError(f"cannot interpolate models of different architectures: key '{diff[0]}' is in only one")
+    out = {}
+    for key, a in state_a.items():
+        b = state_b[key].to(a.device)
+        if a.shape != b.shape:
+            raise UsageError(f"cannot interpolate: '{key}' has shapes {tuple(a.shape)} and {tuple(b.shape)}")
+        out[key] = (1 - t) * a + t * b if a.dtype.is_floating_point else a.clone()
+    return out
+
+
+@torch.no_grad()
+def reestimate_batchnorm(model: nn.Module, data: ImageSet, batch_size: int) -> None:
+    """Replace every BN layer's running stats by the cumulative average over `data` (momentum=None); ends in eval mode."""
+    layers = batchnorm_layers(model)
+    momenta = [bn.momentum for bn in layers]
+    device = model_device(model)
+    for bn in layers:
+        bn.reset_running_stats()
+        bn.momentum = None
+    model.train()
+    try:
+        for start in range(0, len(data), batch_size):
+            model(to_float(data.images[start:start + batch_size].to(device)).contiguous(memory_format=torch.channels_last))
+    finally:
+        for bn, momentum in zip(layers, momenta):
+            bn.momentum = momentum
+        model.eval()
+
+
+@torch.inference_mode()
+def predictions_and_loss(model: nn.Module, data: ImageSet, batch_size: int = 1024) -> tuple[Tensor, float]:
+    """(class predictions, mean cross-entropy) of `model` on `data` in one eval-mode pass.
+
+    Same batching and arithmetic as `train.predict` / `train.mean_loss`, so the metrics agree exactly.
+    """
+    predictions, loss = [], 0.0
+    for start, logits in zip(range(0, len(data), batch_size), iter_logits(model, data.images, batch_size)):
+        y = data.labels[start:start + batch_size].to(logits.device)
+        loss += float(F.cross_entropy(logits, y, reduction="sum"))
+        predictions.append(logits.argmax(1).cpu())
+    predictions = torch.cat(predictions) if predictions else torch.empty(0, dtype=torch.int64)
+    return predictions, loss / max(len(data), 1)
+
+
+@AUDITS.register("lmc")
+@dataclass(frozen=True)
+class LinearModeConnectivity:
+    """Linear mode connectivity: C-Acc, ASR, clean and backdoor loss along θ_bd → θ_pur."""
+
+    points: int = 21  # ALGORITHMS §7 recommendation: t in {0, 0.05, ..., 1} (paper grid not published)
+    bn_mode: str = "interp"  # ALGORITHMS §11.2: "interp" by default, "reset" by flag
+    bn_batch_size: int = 128  # [assume] the training batch size, for "reset" re-estimation
+    cpu_overrides: ClassVar[dict] = {}  # 21 points of pure inference fit the CPU budget
+
+    def __post_init__(self):
+        if self.points < 2:
+            raise UsageError(f"lmc needs points >= 2, got {self.points}")
+        if self.bn_mode not in BN_MODES:
+            raise UsageError(f"lmc bn_mode must be one of {', '.join(BN_MODES)}, got '{self.bn_mode}'")
+
+    def grid(self) -> list[float]:
+        return [i / (self.points - 1) for i in range(self.points)]
+
+    def run(self, backdoored: nn.Module, purified: nn.Module, setup: Setup, seed: int = 0) -> dict:
+        """Evaluate θ(t) on the test set at every grid point; `seed` is unused (every step is deterministic)."""
+        if setup.triggered_test is None:
+            raise UsageError("lmc needs an attack; pass the setup of a backdoored run")
+        started = time.perf_counter()
+        state_bd = {k: v.detach().clone() for k, v in backdoored.state_dict().items()}
+        state_pur = {k: v.detach() for k, v in purified.state_dict().items()}
+        # One instance, reloaded at every point; channels_last is the fast path of train.iter_logits' inputs.
+        model = copy.deepcopy(backdoored).to(memory_format=torch.channels_last).eval()
+        points = [self.evaluate_point(model, interpolate_state(state_bd, state_pur, t), setup, t) for t in self.grid()]
+        log.info("lmc (%s): asr %s", self.bn_mode, " ".join(f"{p['asr']:.2f}" for p in points))
+        return {"bn_mode": self.bn_mode, "points": points, "duration_s": time.perf_counter() - started}
+
+    def evaluate_point(self, model: nn.Module, state: dict[str, Tensor], setup: Setup, t: float) -> dict:
+        model.load_state_dict(state)
+        if self.bn_mode == "reset":
+            reestimate_batchnorm(model, setup.reserve, self.bn_batch_size)
+        clean_predictions, clean_loss = predictions_and_loss(model, setup.bundle.test)
+        triggered_predictions, backdoor_loss = predictions_and_loss(model, setup.triggered_test)  # labelled t
+        return {"t": t, "clean_acc": clean_accuracy(clean_predictions, setup.bundle.test.labels),
+                "asr": attack_success_rate(triggered_predictions, setup.target),
+                "clean_loss": clean_loss, "backdoor_loss": backdoor_loss}

@@ -1,0 +1,114 @@
+"""Retuning Attack (RA; Min et al., NeurIPS 2024, arXiv 2410.09838, §3; official `fine_tune/ft_poison.py`).
+
+Post-purification robustness: the attacker fine-tunes the released purified model on a little clean
+data of his own plus a handful of poisoned samples. A superficially purified model re-learns the
+backdoor at once (high P-ASR); a clean model does not. ALGORITHMS §5 with the §11.2 decisions: the
+poisons are ADDED to the clean images (not replacing them) and augmentation is drawn fresh each epoch.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import time
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, ClassVar
+
+import torch
+from torch import Tensor, nn
+
+from ..data import ImageSet, seed_for
+from ..errors import UsageError
+from ..train import TrainConfig, evaluate, fit
+from . import AUDITS
+
+if TYPE_CHECKING:
+    from ..experiment import Setup
+
+log = logging.getLogger(__name__)
+
+
+@AUDITS.register("ra")
+@dataclass(frozen=True)
+class Retuning:
+    """Retuning Attack: fine-tune the purified model on attacker clean data plus a few target-labelled poisons.
+
+    Set `crop_pad`/`flip` to the backdoor training's augmentation (RA uses the training transform);
+    the Fashion-MNIST CPU profile trains with crop_pad=2, flip=True.
+    """
+
+    clean_fraction: float = 0.02  # ft_poison.py split_ratio [argdef]: 2% of the training set (1,000 on CIFAR-10)
+    poison_count: int = 5  # ft_poison.py poison_num [argdef, README]
+    epochs: int = 5  # README command
+    lr: float = 0.01  # [argdef, README]
+    momentum: float = 0.9  # ft_poison.py SGD
+    weight_decay: float = 0.0  # ft_poison.py: none
+    batch_size: int = 128  # [argdef]
+    crop_pad: int = 4  # CIFAR-10 train transform, RandomCrop padding 4 (ALGORITHMS §1.1)
+    flip: bool = True  # CIFAR-10 train transform, RandomHorizontalFlip
+    cpu_overrides: ClassVar[dict] = {}  # 5 epochs on ~1,200 Fashion-MNIST images already take a few seconds
+
+    def __post_init__(self):
+        if not 0 < self.clean_fraction < 1 or self.poison_count < 0:
+            raise UsageError(f"ra needs 0 < clean_fraction < 1 and poison_count >= 0, got {self}")
+
+    def train_config(self) -> TrainConfig:
+        return TrainConfig(epochs=self.epochs, batch_size=self.batch_size, lr=self.lr, momentum=self.momentum,
+                           weight_decay=self.weight_decay, schedule="constant", crop_pad=self.crop_pad,
+                           flip=self.flip, drop_last=False)
+
+    def retuning_set(self, setup: Setup, seed: int) -> ImageSet:
+        """The attacker's clean images followed by `poison_count` poisoned training samples labelled with the target."""
+        gen = torch.Generator().manual_seed(seed_for(seed, "ra-data"))
+        clean = attacker_clean_images(setup, round(self.clean_fraction * len(setup.bundle.train)), gen)
+        poisons = poisoned_samples(setup, self.poison_count, gen)
+        return ImageSet(torch.cat([clean.images, poisons.images]), torch.cat([clean.labels, poisons.labels]))
+
+    def retune(self, model: nn.Module, setup: Setup, seed: int) -> nn.Module:
+        """Return a retuned copy of `model` (the input is unchanged)."""
+        return self._retune(model, self.retuning_set(setup, seed), seed)[0]
+
+    def run(self, purified: nn.Module, setup: Setup, seed: int) -> tuple[nn.Module, dict]:
+        """RA on `purified`; returns the retuned model and its test-set C-Acc / ASR (the P-ASR)."""
+        started = time.perf_counter()
+        data = self.retuning_set(setup, seed)
+        retuned, history = self._retune(purified, data, seed)
+        metrics = evaluate(retuned, setup.bundle.test, setup.triggered_test, setup.target)
+        num_poison = min(self.poison_count, len(data))
+        result = {**metrics, "num_clean": len(data) - num_poison, "num_poison": num_poison,
+                  "epoch_losses": history["epoch_losses"], "duration_s": time.perf_counter() - started}
+        log.info("ra: clean_acc=%.4f asr=%.4f (%d clean + %d poisons, %.1fs)", result["clean_acc"], result["asr"],
+                 result["num_clean"], num_poison, result["duration_s"])
+        return retuned, result
+
+    def _retune(self, model: nn.Module, data: ImageSet, seed: int) -> tuple[nn.Module, dict]:
+        retuned = copy.deepcopy(model).to(memory_format=torch.channels_last)  # train.fit's fast path
+        history = fit(retuned, data, self.train_config(), seed_for(seed, "ra-train"))
+        retuned.eval()
+        return retuned, history
+
+
+def attacker_clean_images(setup: Setup, count: int, gen: torch.Generator) -> ImageSet:
+    """`count` clean images from the attacker's training split (his own data, not the defender's reserve)."""
+    pool = setup.bundle.train.subset(setup.split.train)
+    if count > len(pool):
+        raise UsageError(f"ra needs {count} clean images but the training split has {len(pool)}")
+    return pool.subset(torch.randperm(len(pool), generator=gen)[:count])
+
+
+def poisoned_samples(setup: Setup, count: int, gen: torch.Generator) -> ImageSet:
+    """`count` of the attack's poisoned training samples, labelled with the target (WaNet noise-mode excluded)."""
+    if count == 0:
+        return ImageSet(setup.bundle.train.images[:0], setup.bundle.train.labels[:0])
+    if setup.poisoned is None:
+        raise UsageError("ra needs the attack's poisoned samples; pass the setup of a backdoored run")
+    candidates = poison_candidates(setup.poisoned.poison_mask, setup.poisoned.cross_mask)
+    if count > len(candidates):
+        raise UsageError(f"ra poison_count={count} but the attack poisoned only {len(candidates)} training samples")
+    chosen = candidates[torch.randperm(len(candidates), generator=gen)[:count]]
+    return ImageSet(setup.poisoned.data.images[chosen], torch.full((count,), setup.target, dtype=torch.int64))
+
+
+def poison_candidates(poison_mask: Tensor, cross_mask: Tensor) -> Tensor:
+    """Indices of backdoor-carrying poisoned samples; noise-mode samples keep their labels and are never used."""
+    return (poison_mask & ~cross_mask).nonzero().flatten()

@@ -1,0 +1,367 @@
+"""Backdoor trigger inversion shared by BTI-DBF(U) and PAM (ALGORITHMS §4.7, §4.8, §11.2).
+
+BTI-DBF: Xu et al., "Towards Reliable and Efficient Backdoor Trigger Inversion via Decoupling Benign
+Features", ICLR 2024. A U-Net generator G is pre-trained to be the identity in the classifier's
+prediction and feature space (stage A). Each round then learns a mask that keeps the benign part of
+the feature map (B1), trains G to change only the backdoor part of the features (B2), detects the
+target class from G's outputs (B3, first round), and hands G to the defense's unlearning step (B4).
+
+Image spaces. bdsafety images are float [0, 1] pixels and models normalise internally. As in the
+official code, the U-Net itself acts on *normalised* images and its output is unbounded (never
+clamped); `TriggerGenerator` wraps it as pixels -> normalise -> U-Net -> denormalise -> pixels, so
+its output goes straight into the model (which normalises it back to the U-Net's output exactly).
+Every image loss (`norm_bound`, stage A's image term) is measured in normalised space, the space the
+official bounds were set in.
+
+The official code draws an unseeded 2,500-image subset per loader; here every stage uses the
+defender's seeded reserve split (§11.2), and the generator only ever sees that data.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import math
+import time
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ..data import ImageSet, augment, seed_for, to_float
+from ..train import batch_indices, model_device
+from ._common import DefenderData
+
+log = logging.getLogger(__name__)
+
+# Unlearning step of a defense: (round, generator, seed) -> {"epoch_losses": [...], "steps": int}.
+Unlearn = Callable[[int, "TriggerGenerator", int], dict]
+
+
+# ---------------------------------------------------------------------------------------------------
+# The generator
+# ---------------------------------------------------------------------------------------------------
+
+def conv_block(in_channels: int, out_channels: int) -> nn.Sequential:
+    """2x [3x3 conv -> InstanceNorm(affine) -> LeakyReLU], the U-Net's encoder/decoder block."""
+    layers = []
+    for c_in in (in_channels, out_channels):
+        layers += [nn.Conv2d(c_in, out_channels, 3, padding=1), nn.InstanceNorm2d(out_channels, affine=True),
+                   nn.LeakyReLU(inplace=True)]
+    return nn.Sequential(*layers)
+
+
+class UNet(nn.Module):
+    """BTI-DBF's U-Net: 4 encoder blocks (base, 2b, 4b, 8b) with 2x2 max-pool, a 16b bottleneck,
+    4 decoder blocks (3x3 stride-2 transposed conv -> LeakyReLU -> concat skip -> block), 1x1 output conv.
+
+    Needs H and W divisible by 16 and at least 32 (InstanceNorm needs > 1 spatial element at the
+    bottleneck); `TriggerGenerator` pads to that and crops back.
+    """
+
+    def __init__(self, channels: int, base: int = 32):
+        super().__init__()
+        widths = [base, 2 * base, 4 * base, 8 * base]
+        self.encoders = nn.ModuleList(conv_block(c_in, c_out) for c_in, c_out in zip([channels] + widths, widths))
+        self.bottleneck = conv_block(widths[-1], 16 * base)
+        self.ups = nn.ModuleList(
+            nn.ConvTranspose2d(2 * w, w, 3, stride=2, padding=1, output_padding=1) for w in reversed(widths))
+        self.decoders = nn.ModuleList(conv_block(2 * w, w) for w in reversed(widths))
+        self.out = nn.Conv2d(base, channels, 1)
+
+    def forward(self, z: Tensor) -> Tensor:
+        skips = []
+        for encoder in self.encoders:
+            z = encoder(z)
+            skips.append(z)
+            z = F.max_pool2d(z, 2)
+        z = self.bottleneck(z)
+        for up, decoder, skip in zip(self.ups, self.decoders, reversed(skips)):
+            z = decoder(torch.cat([F.leaky_relu(up(z)), skip], dim=1))
+        return self.out(z)
+
+
+def padded_size(size: int) -> int:
+    """Smallest multiple of 16 that is >= max(size, 32): 28 -> 32, 32 -> 32, 64 -> 64, 16 -> 32."""
+    return max(32, 16 * math.ceil(size / 16))
+
+
+class TriggerGenerator(nn.Module):
+    """G: float [0,1] pixel images [N,C,H,W] -> generated images, same shape, pixel scale, unbounded.
+
+    The U-Net runs on normalised images (the model's own mean/std), as in the official code. Inputs
+    whose sides are not a multiple of 16 (28x28) are reflect-padded symmetrically and cropped back.
+    """
+
+    def __init__(self, channels: int, mean: Tensor, std: Tensor, base: int = 32):
+        super().__init__()
+        self.unet = UNet(channels, base)
+        self.register_buffer("mean", mean.detach().clone().view(1, -1, 1, 1))
+        self.register_buffer("std", std.detach().clone().view(1, -1, 1, 1))
+
+    def normalize(self, x: Tensor) -> Tensor:
+        return (x - self.mean) / self.std
+
+    def from_normalized(self, z: Tensor) -> Tensor:
+        """Run the U-Net on normalised images and return pixel-scale images."""
+        h, w = z.shape[-2:]
+        pad_h, pad_w = padded_size(h) - h, padded_size(w) - w
+        pads = (pad_w // 2, pad_w - pad_w // 2, pad_h // 2, pad_h - pad_h // 2)
+        out = self.unet(F.pad(z, pads, mode="reflect") if any(pads) else z)
+        out = out[..., pads[2]:pads[2] + h, pads[0]:pads[0] + w]
+        return out * self.std + self.mean
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.from_normalized(self.normalize(x))
+
+    def image_loss(self, x: Tensor, generated: Tensor) -> Tensor:
+        """MSE between input and generated images in normalised space (where the bounds are defined)."""
+        return F.mse_loss((generated - self.mean) / self.std, self.normalize(x))
+
+
+def create_generator(model: nn.Module, channels: int, seed: int) -> TriggerGenerator:
+    """A freshly initialised G on the model's device, using the model's normalisation."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        generator = TriggerGenerator(channels, model.normalize.mean, model.normalize.std)
+    return generator.to(model_device(model))
+
+
+@torch.no_grad()
+def mix_generated(x: Tensor, y: Tensor, generator: TriggerGenerator, gen: torch.Generator,
+                  ratio: float = 0.2) -> tuple[Tensor, Tensor]:
+    """Batch hook: replace k = int(ratio*|B| + 1) random samples by G(x), keeping their TRUE labels (§4.7 B4)."""
+    k = min(int(ratio * len(x) + 1), len(x))
+    idx = torch.randperm(len(x), generator=gen)[:k].to(x.device)
+    was_training = generator.training
+    generator.eval()
+    mixed = x.clone()
+    mixed[idx] = generator(x[idx]).to(mixed.dtype)
+    generator.train(was_training)
+    return mixed, y
+
+
+# ---------------------------------------------------------------------------------------------------
+# Loss terms (pure tensor math)
+# ---------------------------------------------------------------------------------------------------
+
+def soft_cross_entropy(logits: Tensor, target_probs: Tensor) -> Tensor:
+    """Mean of -sum(target * log_softmax(logits)), i.e. F.cross_entropy with probability targets."""
+    return F.cross_entropy(logits, target_probs)
+
+
+def pretrain_loss(logits_x: Tensor, logits_p: Tensor, feats_x: Tensor, feats_p: Tensor, image_mse: Tensor) -> Tensor:
+    """Stage A loss: G(x) must look like x to the classifier.
+
+    The prediction term applies cross-entropy to softmax *outputs* as if they were logits (a double
+    softmax). This is the official code's quirk (§9.14), kept for fidelity: it only weakens that term.
+    """
+    pred = soft_cross_entropy(logits_x.softmax(1), logits_p.softmax(1))
+    image_weight = 100.0 if float(image_mse.detach()) > 0.1 else 0.01
+    return pred + F.mse_loss(feats_p, feats_x) + image_weight * image_mse
+
+
+def mask_from_logits(mask_logits: Tensor) -> Tensor:
+    """m = tanh(M0) / (2 + 1e-7) + 0.5, in (0, 1)."""
+    return torch.tanh(mask_logits) / (2 + 1e-7) + 0.5
+
+
+def mask_loss(head: Callable[[Tensor], Tensor], feats: Tensor, mask: Tensor, y: Tensor) -> Tensor:
+    """B1: the masked features must classify well and their complement badly."""
+    return F.cross_entropy(head(mask * feats), y) - F.cross_entropy(head((1 - mask) * feats), y)
+
+
+def generator_loss(feats_x: Tensor, feats_g: Tensor, mask: Tensor, image_mse: Tensor,
+                   norm_bound: float, feat_bound: float) -> Tensor:
+    """B2: change the backdoor (1-m) features while keeping benign (m) features and the image close.
+
+    Outside the bounds only the image term is minimised, pulling G back toward the identity.
+    """
+    benign = F.mse_loss(mask * feats_g, mask * feats_x)
+    if float(image_mse.detach()) > norm_bound or float(benign.detach()) > feat_bound:
+        return image_mse
+    backdoor = F.mse_loss((1 - mask) * feats_g, (1 - mask) * feats_x)
+    return -backdoor + 0.01 * benign
+
+
+# ---------------------------------------------------------------------------------------------------
+# Stages
+# ---------------------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class BTIStages:
+    """The trigger-inversion hyperparameters shared by BTI-DBF(U) and PAM (§4.7; paper defaults)."""
+
+    preround: int = 50  # stage A epochs [argdef pretrain.py]
+    gen_lr: float = 1e-3  # Adam lr of G, stage A and B2 [argdef]
+    mround: int = 20  # B1 mask epochs per round [sh defense.sh]
+    mask_lr: float = 0.01  # Adam lr of the mask logits [hard]
+    uround: int = 30  # B2 generator epochs per round [sh]
+    norm_bound: float = 0.3  # B2: max image MSE (normalised space) before only L_img is minimised [argdef]
+    feat_bound: float = 3.0  # B2: max benign-feature MSE [argdef]
+    nround: int = 3  # rounds of B1-B4 [sh]
+    ul_round: int = 30  # B4 unlearning epochs per round [sh]
+    batch_size: int = 128  # [sh]
+    gen_ratio: float = 0.2  # fraction of each unlearning batch replaced by G(x): k = int(0.2|B| + 1) [hard]
+    noise_std: float = 0.03  # B3: Gaussian noise (normalised space) added before G when detecting the target [hard]
+    crop_pad: int = 4  # train transform: random crop with zero padding 4 [read cifar.py]
+    flip: bool = True  # train transform: horizontal flip [read cifar.py]
+
+
+def reserve_batches(data: ImageSet, stages: BTIStages, gen: torch.Generator, augmented: bool = True):
+    """Shuffled float batches of the (device-resident) reserve, augmented like the official train loader."""
+    for idx in batch_indices(len(data), stages.batch_size, gen, drop_last=keep_full_batches(len(data), stages)):
+        idx = idx.to(data.images.device)
+        x = to_float(data.images[idx])
+        yield (augment(x, stages.crop_pad, stages.flip, gen) if augmented else x), data.labels[idx]
+
+
+def keep_full_batches(n: int, stages: BTIStages) -> bool:
+    # The official loader keeps the last partial batch; drop it only when it would hold a single
+    # sample, which BatchNorm cannot normalise in train mode.
+    return n % stages.batch_size == 1
+
+
+def frozen_copy(model: nn.Module) -> nn.Module:
+    return copy.deepcopy(model).requires_grad_(False)
+
+
+def pretrain_generator(generator: TriggerGenerator, model: nn.Module, data: ImageSet, stages: BTIStages,
+                       gen: torch.Generator) -> list[float]:
+    """Stage A: make G the identity in prediction and feature space of the (frozen, eval) classifier."""
+    classifier = frozen_copy(model).eval()
+    optimizer = torch.optim.Adam(generator.parameters(), lr=stages.gen_lr)
+    generator.train()
+    losses = []
+    for _ in range(stages.preround):
+        total, steps = 0.0, 0
+        for x, _ in reserve_batches(data, stages, gen):
+            with torch.no_grad():
+                feats_x = classifier.features(x)
+                logits_x = classifier.head(feats_x)
+            p = generator(x)
+            feats_p = classifier.features(p)
+            loss = pretrain_loss(logits_x, classifier.head(feats_p), feats_x, feats_p, generator.image_loss(x, p))
+            total, steps = total + step(optimizer, loss), steps + 1
+        losses.append(total / max(steps, 1))
+    return losses
+
+
+def train_mask(classifier: nn.Module, data: ImageSet, stages: BTIStages, gen: torch.Generator) -> tuple[Tensor, list]:
+    """B1: a benign-feature mask over the feature map, learned on `classifier` (a copy) in train mode.
+
+    Only the copy's BN running statistics change; features are computed without gradients since only
+    the mask logits are optimised. Returns the mask [1, C, h, w] in (0, 1) and the per-epoch losses.
+    """
+    sample = to_float(data.images[:2])
+    with torch.no_grad():
+        shape = (1, *classifier.eval().features(sample).shape[1:])
+    classifier.train()
+    mask_logits = torch.randn(shape, generator=gen).to(sample.device).requires_grad_(True)
+    optimizer = torch.optim.Adam([mask_logits], lr=stages.mask_lr)
+    losses = []
+    for _ in range(stages.mround):
+        total, steps = 0.0, 0
+        for x, y in reserve_batches(data, stages, gen):
+            with torch.no_grad():
+                feats = classifier.features(x)
+            loss = mask_loss(classifier.head, feats, mask_from_logits(mask_logits), y)
+            total, steps = total + step(optimizer, loss), steps + 1
+        losses.append(total / max(steps, 1))
+    return mask_from_logits(mask_logits).detach(), losses
+
+
+def train_generator(generator: TriggerGenerator, optimizer: torch.optim.Optimizer, classifier: nn.Module,
+                    mask: Tensor, target: int | None, data: ImageSet, stages: BTIStages,
+                    gen: torch.Generator) -> list[float]:
+    """B2: train G against the masked copy (eval mode); from round 1 on also pull G(x) to the target."""
+    classifier.eval()
+    generator.train()
+    losses = []
+    for _ in range(stages.uround):
+        total, steps = 0.0, 0
+        for x, _ in reserve_batches(data, stages, gen):
+            with torch.no_grad():
+                feats_x = classifier.features(x)
+            x_gen = generator(x)
+            feats_g = classifier.features(x_gen)
+            loss = generator_loss(feats_x, feats_g, mask, generator.image_loss(x, x_gen), stages.norm_bound,
+                                  stages.feat_bound)
+            if target is not None:
+                targets = torch.full((len(x),), target, dtype=torch.long, device=x.device)
+                loss = loss + F.cross_entropy(classifier.head(feats_g), targets)
+            total, steps = total + step(optimizer, loss), steps + 1
+        losses.append(total / max(steps, 1))
+    return losses
+
+
+@torch.no_grad()
+def detect_target(generator: TriggerGenerator, model: nn.Module, data: ImageSet, stages: BTIStages,
+                  num_classes: int, gen: torch.Generator) -> tuple[int, list[int]]:
+    """B3: the class most often predicted for G(x + noise) over the reserve (classifier in eval mode)."""
+    was_training = model.training
+    model.eval()
+    generator.eval()
+    votes = torch.zeros(num_classes, dtype=torch.long)
+    for x, _ in reserve_batches(data, stages, gen, augmented=False):
+        z = generator.normalize(x)
+        noisy = z + stages.noise_std * torch.randn(z.shape, generator=gen).to(z.device)
+        votes += torch.bincount(model(generator.from_normalized(noisy)).argmax(1).cpu(), minlength=num_classes)
+    model.train(was_training)
+    return int(votes.argmax()), votes.tolist()
+
+
+def step(optimizer: torch.optim.Optimizer, loss: Tensor) -> float:
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    optimizer.step()
+    return float(loss.detach())
+
+
+class Clock:
+    """Seconds since the previous lap, for the per-stage timings in the record."""
+
+    def __init__(self):
+        self.last = time.perf_counter()
+
+    def lap(self) -> float:
+        now = time.perf_counter()
+        elapsed, self.last = now - self.last, now
+        return elapsed
+
+
+def run_bti(model: nn.Module, data: DefenderData, stages: BTIStages, seed: int, unlearn: Unlearn) -> dict:
+    """Stage A, then `nround` rounds of B1 (mask), B2 (generator), B3 (target, round 0) and `unlearn` (B4).
+
+    `model` is updated only by `unlearn`; masks and generator training use copies of it. Returns the
+    JSON-able record: detected target and its votes, per-epoch losses per stage and round, step count.
+    """
+    reserve = data.reserve.to(model_device(model))
+    generator = create_generator(model, reserve.shape[0], seed_for(seed, "bti-generator"))
+    gen = torch.Generator().manual_seed(seed_for(seed, "bti-pretrain"))
+    clock = Clock()
+    record = {"pretrain_losses": pretrain_generator(generator, model, reserve, stages, gen), "rounds": [],
+              "target": None, "target_votes": None, "steps": 0, "pretrain_s": clock.lap()}
+    # G and its Adam state persist across rounds (not re-initialised), as in the official code.
+    optimizer = torch.optim.Adam(generator.parameters(), lr=stages.gen_lr)
+    for n in range(stages.nround):
+        gen = torch.Generator().manual_seed(seed_for(seed, f"bti-round{n}"))
+        classifier = frozen_copy(model)
+        mask, mask_losses = train_mask(classifier, reserve, stages, gen)
+        mask_s = clock.lap()
+        gen_losses = train_generator(generator, optimizer, classifier, mask, record["target"], reserve, stages, gen)
+        if n == 0:
+            record["target"], record["target_votes"] = detect_target(generator, model, reserve, stages,
+                                                                     data.num_classes, gen)
+            log.info("BTI: detected target class %d (votes %s)", record["target"], record["target_votes"])
+        generator_s = clock.lap()
+        result = unlearn(n, generator, seed_for(seed, f"bti-unlearn{n}"))
+        record["steps"] += result["steps"]
+        record["rounds"].append({"mask_losses": mask_losses, "generator_losses": gen_losses,
+                                 "unlearn_losses": result["epoch_losses"], "mask_s": mask_s,
+                                 "generator_s": generator_s, "unlearn_s": clock.lap()})
+        log.info("BTI round %d/%d: unlearning loss %.4f", n + 1, stages.nround,
+                 result["epoch_losses"][-1] if result["epoch_losses"] else float("nan"))
+    return record

@@ -1,0 +1,38 @@
+"""FT: plain fine-tuning of every parameter on the defender's clean split (ALGORITHMS §4.2, §11.2)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import ClassVar
+
+from torch import nn
+
+from ..train import fit
+from ._common import DEFENSES, DefenderData
+from ._tuning import tuning_config, tuning_record
+
+
+@DEFENSES.register("ft")
+@dataclass(frozen=True)
+class FT:
+    """Fine-tuning on clean data (baseline in Min et al., NeurIPS 2024, arXiv 2410.09838); no head renorm.
+
+    Deviation from the official `fine_tune/ft.py` (ALGORITHMS §9.5, §11.2): the classifier's weight norm
+    is not projected back after each step, so this is plain fine-tuning.
+    """
+
+    epochs: int = 10  # README (fine_tune/ft.py has no default)
+    batch_size: int = 128  # argdef
+    lr: float = 0.01  # README
+    momentum: float = 0.9  # hard-coded in fine_tune/ft.py
+    weight_decay: float = 0.0  # hard-coded: no weight decay
+    crop_pad: int = 4  # CIFAR-10 train transform (ALGORITHMS §1.1)
+    flip: bool = True  # CIFAR-10 train transform
+
+    cpu_overrides: ClassVar[dict] = {"epochs": 10}  # the paper length already takes ~20 s on Fashion-MNIST
+    uses_attack: ClassVar[bool] = False
+
+    def purify(self, model: nn.Module, data: DefenderData, seed: int) -> tuple[nn.Module, dict]:
+        config = tuning_config(self)
+        history = fit(model, data.reserve, config, seed)
+        return model, tuning_record(history, config, data.reserve)
