@@ -1,0 +1,606 @@
+"""Speed benchmark: bdsafety's device-resident training loop against a conventional PIL + DataLoader pipeline.
+
+One run on one machine and model measures (all numbers in a JSON-able dict):
+
+1. `train.fit` throughput: uint8 tensors on the device, batched `augment` (crop pad 2 + flip), channels_last,
+   SGD 0.1/0.9/5e-4, cross-entropy; the real `fit` is called on a subset sized to a fixed number of steps.
+2. The same model, batch and optimizer fed the torchvision way (written by hand here; torchvision is not a
+   dependency): a Dataset decoding each uint8 array with `PIL.Image.fromarray`, BadNets patch per poisoned
+   sample in `__getitem__`, RandomCrop(pad 2) -> RandomHorizontalFlip -> ToTensor -> Normalize, DataLoader.
+3. Model FLOPs (conv/linear multiply-adds x2; training = 3x forward) and MFU against the dense-matmul peak
+   measured in the same run and dtype.
+4. The cost of one PAM step relative to one plain SGD step on the same batch.
+5. Evaluation throughput (`train.predict`) and the wall time of a 21-point LMC scan.
+
+Cases compared with each other (1 vs 2, PAM vs SGD, the input pipelines alone) are timed in turn, round robin,
+so that the drifting load of a shared machine hits them alike; every number is a median over calls after a
+warm-up call.
+
+Synthetic data only (no download): `data.synthetic` images, BadNets 5% poisoning to class 0, 10 classes.
+On CPU the workload is Fashion-MNIST-shaped (1x28x28, preact_small, batch 128, fp32); on CUDA it is
+CIFAR-shaped (3x32x32, resnet18, batch 512, bf16 autocast).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import importlib
+import logging
+import os
+import platform
+import statistics
+import time
+from dataclasses import dataclass, replace
+from typing import Callable, Iterator
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image, ImageOps
+from torch import Tensor, nn
+
+from .attacks.badnets import BadNets
+from .data import ImageSet, augment, to_float
+from .data.synthetic import synthetic_bundle
+from .experiment import AttackSpec, DataSpec, Setup, prepare
+from .models import ModelSpec, create_model
+from .train import LossFn, TrainConfig, batch_indices, evaluate, fit, optimizer_step, predict
+
+log = logging.getLogger(__name__)
+
+NUM_CLASSES = 10
+POISON_RATE, TARGET = 0.05, 0  # the Fashion-MNIST target run's BadNets settings
+RECIPE = dict(lr=0.1, momentum=0.9, weight_decay=5e-4)  # the paper's backdoor-training SGD (ALGORITHMS §3)
+PAM_RECIPE = dict(lr=0.01, momentum=0.1, weight_decay=0.0)  # the PAM defense's base SGD (ALGORITHMS §4.8)
+CROP_PAD = 2
+PREFETCH = 2  # DataLoader's default prefetch_factor, made explicit
+INTERLEAVED = "cases called in turn (round robin) after one warm-up call each; median over calls"
+
+
+@dataclass(frozen=True)
+class Workload:
+    """What is benchmarked: one model and batch shape on one device, in one compute dtype."""
+
+    device: torch.device
+    model_name: str
+    shape: tuple[int, int, int]
+    batch_size: int
+    autocast: torch.dtype | None  # None: plain fp32
+    mean: tuple[float, ...] = (0.5,)  # the data's normalisation statistics (set from the bundle)
+    std: tuple[float, ...] = (0.25,)
+
+    @property
+    def dtype_name(self) -> str:
+        return "fp32" if self.autocast is None else f"{str(self.autocast).removeprefix('torch.')} autocast"
+
+    def model(self, seed: int, normalized_input: bool = False) -> nn.Module:
+        """A fresh channels_last model; `normalized_input`: the in-model normalisation is the identity, since the
+        conventional pipeline normalises in its transforms (same compute either way)."""
+        channels = self.shape[0]
+        mean, std = ((0.0,) * channels, (1.0,) * channels) if normalized_input else (self.mean, self.std)
+        torch.manual_seed(seed)
+        spec = ModelSpec(self.model_name, channels, NUM_CLASSES, mean, std)
+        return create_model(spec).to(self.device).to(memory_format=torch.channels_last)
+
+    def loss_fn(self) -> LossFn:
+        if self.autocast is None:
+            return lambda model, x, y: F.cross_entropy(model(x), y)
+
+        def autocast_loss(model, x, y):
+            with torch.autocast(self.device.type, dtype=self.autocast):
+                return F.cross_entropy(model(x), y)
+
+        return autocast_loss
+
+    def inference(self):
+        """Context for evaluation: autocast where training uses it."""
+        if self.autocast is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=self.autocast)
+
+
+def default_workload(device: torch.device, batch_size: int | None, model_name: str | None,
+                     shape: tuple[int, int, int] | None) -> Workload:
+    """CPU: Fashion-MNIST shape, preact_small, batch 128, fp32. CUDA: CIFAR shape, resnet18, batch 512, bf16."""
+    if device.type == "cuda":
+        return Workload(device, model_name or "resnet18", tuple(shape or (3, 32, 32)), batch_size or 512,
+                        torch.bfloat16)
+    return Workload(device, model_name or "preact_small", tuple(shape or (1, 28, 28)), batch_size or 128, None)
+
+
+def make_setup(shape: tuple[int, int, int], n_train: int, n_test: int, seed: int = 0) -> Setup:
+    """Synthetic 10-class data of `shape`, BadNets-poisoned at 5% (the real pipeline's `prepare`)."""
+    channels, height, width = shape
+    if height != width:
+        raise ValueError(f"the synthetic data is square; got {height}x{width}")
+    bundle = synthetic_bundle(seed, NUM_CLASSES, channels, height, n_train, n_test)
+    return prepare(DataSpec("synthetic"), AttackSpec("badnets", {}, POISON_RATE, TARGET), seed, bundle=bundle)
+
+
+def workload_and_data(work: Workload, n_train: int, n_test: int, seed: int = 0) -> tuple[Workload, Setup]:
+    """The synthetic setup for `work`, and `work` with the data's normalisation statistics."""
+    setup = make_setup(work.shape, n_train, n_test, seed)
+    return replace(work, mean=setup.bundle.mean, std=setup.bundle.std), setup
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def round_robin(cases: dict[str, Callable[[], float]], seconds: float, min_calls: int) -> dict[str, list[float]]:
+    """Call each case once as warm-up, then all in turn until `seconds` per case and `min_calls` rounds.
+
+    Interleaving makes the ratios fair on a shared machine whose load drifts. Each case returns the
+    duration it measured itself (so setup outside its timed region is excluded).
+    """
+    for case in cases.values():
+        case()
+    durations, started = {name: [] for name in cases}, time.perf_counter()
+    while len(durations[next(iter(cases))]) < min_calls or time.perf_counter() - started < seconds * len(cases):
+        for name, case in cases.items():
+            durations[name].append(case())
+    return durations
+
+
+def repeat_timed(case: Callable[[], float], seconds: float, min_calls: int) -> list[float]:
+    return round_robin({"case": case}, seconds, min_calls)["case"]
+
+
+def rate_summary(items_per_call: int, durations: list[float]) -> dict:
+    """Median and best items/s over timed calls."""
+    return {"images_per_s": items_per_call / statistics.median(durations),
+            "best_images_per_s": items_per_call / min(durations), "calls": len(durations),
+            "items_per_call": items_per_call}
+
+
+# ---- 1. bdsafety's training loop ---------------------------------------------------------------------------
+
+
+def fit_case(work: Workload, data: ImageSet, steps: int) -> tuple[Callable[[], float], nn.Module]:
+    """One call = the real `train.fit`, one epoch over a resident subset of exactly `steps` full batches.
+
+    Returns the call (giving fit's own `duration_s`: its epoch loop, ending with a host sync) and the model.
+    """
+    subset = data.subset(torch.arange(steps * work.batch_size)).to(work.device)  # resident, as in fit
+    config = TrainConfig(epochs=1, batch_size=work.batch_size, schedule="constant", crop_pad=CROP_PAD, flip=True,
+                         drop_last=True, **RECIPE)
+    model, loss_fn, seeds = work.model(seed=1), work.loss_fn(), iter(range(10**9))
+    return lambda: fit(model, subset, config, seed=next(seeds), loss_fn=loss_fn)["duration_s"], model
+
+
+def fit_batches(work: Workload, data: ImageSet, seed: int = 0) -> Iterator[tuple[Tensor, Tensor]]:
+    """Endless training batches built exactly as in `train.fit`'s inner loop (up to the optimizer step)."""
+    gen = torch.Generator().manual_seed(seed)
+    images, labels = data.images.to(work.device), data.labels.to(work.device)
+    while True:
+        for idx in batch_indices(len(labels), work.batch_size, gen, drop_last=True):
+            idx = idx.to(work.device)
+            x = augment(to_float(images[idx]), CROP_PAD, True, gen)
+            yield x.contiguous(memory_format=torch.channels_last), labels[idx]
+
+
+# ---- 2. the conventional pipeline ---------------------------------------------------------------------------
+
+
+def pil_random_crop(img: Image.Image, pad: int) -> Image.Image:
+    """torchvision RandomCrop(size, padding=pad): zero-pad, then crop back at a uniformly random offset."""
+    if pad <= 0:
+        return img
+    width, height = img.size
+    padded = ImageOps.expand(img, border=pad, fill=0)
+    top = int(torch.randint(0, 2 * pad + 1, (1,)))
+    left = int(torch.randint(0, 2 * pad + 1, (1,)))
+    return padded.crop((left, top, left + width, top + height))
+
+
+def pil_random_flip(img: Image.Image, p: float = 0.5) -> Image.Image:
+    """torchvision RandomHorizontalFlip(p)."""
+    return img.transpose(Image.Transpose.FLIP_LEFT_RIGHT) if float(torch.rand(1)) < p else img
+
+
+def pil_to_tensor(img: Image.Image) -> Tensor:
+    """torchvision ToTensor: HWC uint8 -> CHW float32 in [0, 1]."""
+    array = np.array(img, dtype=np.uint8, copy=True)
+    if array.ndim == 2:
+        array = array[:, :, None]
+    return torch.from_numpy(array).permute(2, 0, 1).contiguous().float().div(255.0)
+
+
+def normalize(x: Tensor, mean: Tensor, std: Tensor) -> Tensor:
+    """torchvision Normalize: per-channel (x - mean) / std."""
+    return x.sub_(mean).div_(std)
+
+
+class ConventionalDataset(torch.utils.data.Dataset):
+    """The torchvision/BackdoorBench way: per-item PIL decode, per-item BadNets patch, per-item transforms.
+
+    Args:
+        images: clean uint8 [N, C, H, W] (stored HWC as PIL expects).
+        labels: int64 [N].
+        poison_mask: bool [N], the samples to patch and relabel to `target` (BadNets, dirty label).
+        patch: the BadNets square's side in pixels (bottom-right corner, white).
+        pad, flip: RandomCrop padding and whether to RandomHorizontalFlip.
+        mean, std: Normalize's per-channel statistics.
+    """
+
+    def __init__(self, images: Tensor, labels: Tensor, poison_mask: Tensor, target: int, patch: int, pad: int,
+                 flip: bool, mean: tuple[float, ...], std: tuple[float, ...]):
+        array = images.permute(0, 2, 3, 1).numpy()
+        self.images = np.ascontiguousarray(array[..., 0] if array.shape[-1] == 1 else array)
+        self.labels = labels.tolist()
+        self.poisoned = poison_mask.tolist()
+        self.target, self.patch, self.pad, self.flip = target, patch, pad, flip
+        self.mean = torch.tensor(mean, dtype=torch.float32).view(-1, 1, 1)
+        self.std = torch.tensor(std, dtype=torch.float32).view(-1, 1, 1)
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, i: int) -> tuple[Tensor, int]:
+        img, label = Image.fromarray(self.images[i]), self.labels[i]
+        if self.poisoned[i]:
+            img, label = self.badnets(img), self.target
+        img = pil_random_crop(img, self.pad)
+        if self.flip:
+            img = pil_random_flip(img)
+        return normalize(pil_to_tensor(img), self.mean, self.std), label
+
+    def badnets(self, img: Image.Image) -> Image.Image:
+        array = np.array(img, copy=True)
+        array[-self.patch:, -self.patch:] = 255
+        return Image.fromarray(array)
+
+
+def conventional_dataset(setup: Setup, pad: int = CROP_PAD, flip: bool = True) -> ConventionalDataset:
+    """The attacker's training set (clean originals + poison mask), poisoned lazily per item."""
+    clean = setup.bundle.train.subset(setup.split.train)
+    patch = setup.attack.patch_size(clean.shape[1]) if isinstance(setup.attack, BadNets) else None
+    if patch is None:
+        raise ValueError("the conventional pipeline implements the BadNets patch only")
+    return ConventionalDataset(clean.images, clean.labels, setup.poisoned.poison_mask, setup.target, patch, pad, flip,
+                               setup.bundle.mean, setup.bundle.std)
+
+
+def conventional_loader(dataset: ConventionalDataset, batch_size: int, workers: int, device: torch.device,
+                        seed: int = 0) -> torch.utils.data.DataLoader:
+    return torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=True, num_workers=workers,
+                                       drop_last=True, persistent_workers=workers > 0,
+                                       prefetch_factor=PREFETCH if workers > 0 else None,
+                                       pin_memory=device.type == "cuda", generator=torch.Generator().manual_seed(seed))
+
+
+def endless(loader: torch.utils.data.DataLoader) -> Iterator:
+    while True:
+        yield from loader
+
+
+def conventional_batches(work: Workload, dataset: ConventionalDataset,
+                         workers: int) -> Iterator[tuple[Tensor, Tensor]]:
+    """Endless batches from the DataLoader, moved to the device in the model's memory format."""
+    for x, y in endless(conventional_loader(dataset, work.batch_size, workers, work.device)):
+        x = x.to(work.device, non_blocking=True).contiguous(memory_format=torch.channels_last)
+        yield x, y.to(work.device, non_blocking=True)
+
+
+def conventional_case(work: Workload, dataset: ConventionalDataset, workers: int, steps: int) -> Callable[[], float]:
+    """One call = `steps` steps of the same model/batch/SGD fed by a DataLoader over `dataset`; returns seconds."""
+    model, loss_fn = work.model(seed=1, normalized_input=True).train(), work.loss_fn()
+    optimizer = torch.optim.SGD(model.parameters(), **RECIPE)
+    batches = conventional_batches(work, dataset, workers)
+
+    def one_call() -> float:
+        for _ in range(PREFETCH * workers):  # made while other cases ran; producing them is not this call's work
+            next(batches)
+        started = time.perf_counter()
+        for _ in range(steps):
+            optimizer_step(model, optimizer, loss_fn, *next(batches))
+        synchronize(work.device)
+        return time.perf_counter() - started
+
+    return one_call
+
+
+def input_pipelines(work: Workload, data: ImageSet, dataset: ConventionalDataset, seconds: float,
+                    min_calls: int) -> dict:
+    """Milliseconds to produce one training batch without the model: fit's batch path vs the DataLoader (0 workers)."""
+
+    def per_batch_ms(batches: Iterator, count: int) -> float:
+        synchronize(work.device)
+        started = time.perf_counter()
+        for _ in range(count):
+            next(batches)
+        synchronize(work.device)
+        return 1e3 * (time.perf_counter() - started) / count
+
+    fast, slow = fit_batches(work, data), conventional_batches(work, dataset, workers=0)
+    times = round_robin({"bdsafety": lambda: per_batch_ms(fast, 20), "conventional": lambda: per_batch_ms(slow, 5)},
+                        seconds / 4, min_calls)
+    fast_ms, slow_ms = statistics.median(times["bdsafety"]), statistics.median(times["conventional"])
+    return {"bdsafety_ms_per_batch": fast_ms, "conventional_ms_per_batch": slow_ms, "ratio": slow_ms / fast_ms,
+            "method": "perf_counter around batch construction only (no model), interleaved, median over calls after "
+                      "a warm-up; conventional: DataLoader next() with 0 workers incl. collate"}
+
+
+# ---- 3. FLOPs, matmul peak, MFU -----------------------------------------------------------------------------
+
+
+def forward_flops(model: nn.Module, shape: tuple[int, int, int], device: torch.device) -> int:
+    """FLOPs of one image's forward pass: 2 x multiply-adds of every Conv2d and Linear (elementwise ops ignored)."""
+    macs = []
+
+    def count(module, inputs, output):
+        if isinstance(module, nn.Conv2d):
+            kernel = module.kernel_size[0] * module.kernel_size[1]
+            macs.append(output.numel() * module.in_channels // module.groups * kernel)
+        else:
+            macs.append(output.numel() * module.in_features)
+
+    probe = copy.deepcopy(model).eval()
+    hooks = [m.register_forward_hook(count) for m in probe.modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
+    with torch.inference_mode():
+        probe(torch.zeros(1, *shape, device=device))
+    for hook in hooks:
+        hook.remove()
+    return 2 * sum(macs)
+
+
+def matmul_peak(device: torch.device, dtype: torch.dtype, sizes: tuple[int, ...], repeats: int = 3) -> dict:
+    """Best dense torch.mm FLOP/s over square sizes (2n^3 FLOPs each), after one warm-up per size."""
+    best, best_n = 0.0, None
+    for n in sizes:
+        a, b = (torch.randn(n, n, device=device, dtype=dtype) for _ in range(2))
+        out = torch.empty(n, n, device=device, dtype=dtype)
+        torch.mm(a, b, out=out)
+        for _ in range(repeats):
+            synchronize(device)
+            started = time.perf_counter()
+            torch.mm(a, b, out=out)
+            synchronize(device)
+            rate = 2 * n**3 / (time.perf_counter() - started)
+            if rate > best:
+                best, best_n = rate, n
+    return {"flops_per_s": best, "best_size": best_n, "sizes": list(sizes), "repeats": repeats, "dtype": str(dtype),
+            "method": "torch.mm(out=) on square matrices, perf_counter per call, best of repeats x sizes"}
+
+
+def utilization(forward: int, train_images_per_s: float, peak: float) -> dict:
+    achieved = 3 * forward * train_images_per_s  # backward ~ 2x forward
+    return {"forward_flops_per_image": forward, "train_flops_per_image": 3 * forward,
+            "achieved_flops_per_s": achieved, "mfu": achieved / peak}
+
+
+# ---- 4. PAM against SGD -------------------------------------------------------------------------------------
+
+
+def pam_class():
+    """bdsafety.optim.pam.PAM, or None while that module does not exist."""
+    try:
+        return importlib.import_module("bdsafety.optim.pam").PAM
+    except ImportError:
+        return None
+
+
+def pam_overhead(work: Workload, data: ImageSet, steps: int, seconds: float, min_calls: int) -> dict | None:
+    """Median time of `optimizer_step` with PAM and with plain SGD (same base recipe) on one fixed batch."""
+    pam = pam_class()
+    if pam is None:
+        return None
+    x, y = next(fit_batches(work, data))
+    loss_fn, reference = work.loss_fn(), list(work.model(seed=2).parameters())  # θ_bd != θ: a real displacement
+    sgd_model, pam_model = work.model(seed=1), work.model(seed=1)
+    optimizers = {"sgd": (sgd_model, torch.optim.SGD(sgd_model.parameters(), **PAM_RECIPE)),
+                  "pam": (pam_model, pam(pam_model.parameters(), rho=0.5, reference=reference, **PAM_RECIPE))}
+
+    def block(model: nn.Module, optimizer: torch.optim.Optimizer) -> Callable[[], float]:
+        def one_call() -> float:
+            synchronize(work.device)
+            started = time.perf_counter()
+            for _ in range(steps):
+                optimizer_step(model, optimizer, loss_fn, x, y)
+            synchronize(work.device)
+            return (time.perf_counter() - started) / steps
+        return one_call
+
+    times = round_robin({name: block(*pair) for name, pair in optimizers.items()}, seconds / 2, min_calls)
+    sgd_s, pam_s = statistics.median(times["sgd"]), statistics.median(times["pam"])
+    return {"sgd_step_ms": 1e3 * sgd_s, "pam_step_ms": 1e3 * pam_s, "ratio": pam_s / sgd_s,
+            "method": f"train.optimizer_step on one fixed batch, blocks of {steps} steps, SGD and PAM in turn; "
+                      "median per-step time over blocks after one warm-up block each"}
+
+
+# ---- 5. evaluation and the LMC scan -------------------------------------------------------------------------
+
+
+def eval_throughput(work: Workload, model: nn.Module, images: Tensor, seconds: float, min_calls: int,
+                    batch_sizes: tuple[int, ...] = (1024, 256)) -> dict:
+    """`train.predict` images/s at its default batch (1024, the headline) and at the other `batch_sizes`."""
+    images = images.to(work.device)
+
+    def case(batch_size: int) -> Callable[[], float]:
+        def one_call() -> float:
+            started = time.perf_counter()
+            with work.inference():
+                predict(model, images, batch_size=batch_size)
+            synchronize(work.device)
+            return time.perf_counter() - started
+        return one_call
+
+    times = round_robin({str(b): case(b) for b in batch_sizes}, seconds / len(batch_sizes), min_calls)
+    by_batch = {b: rate_summary(len(images), durations) for b, durations in times.items()}
+    return {**by_batch[str(batch_sizes[0])], "batch_size": batch_sizes[0], "by_batch_size": by_batch,
+            "method": "perf_counter around train.predict (inference mode) per batch size; " + INTERLEAVED}
+
+
+def lmc_scan(work: Workload, backdoored: nn.Module, purified: nn.Module, setup: Setup, points: int) -> dict:
+    """Wall time of one LMC scan: audits.connectivity.LinearModeConnectivity if present, else an evaluate() loop."""
+    try:
+        connectivity = importlib.import_module("bdsafety.audits.connectivity")
+    except ImportError:
+        connectivity = None
+    images = len(setup.bundle.test) + len(setup.triggered_test)
+    started = time.perf_counter()
+    with work.inference():
+        if connectivity is not None:
+            connectivity.LinearModeConnectivity(points=points).run(backdoored, purified, setup)
+            how = "bdsafety.audits.connectivity.LinearModeConnectivity(bn_mode='interp').run"
+        else:
+            evaluate_path(backdoored, purified, setup, points)
+            how = "interpolated state dicts + train.evaluate per point (connectivity module absent)"
+    synchronize(work.device)
+    seconds = time.perf_counter() - started
+    return {"seconds": seconds, "points": points, "images_per_point": images,
+            "images_per_s": points * images / seconds, "implementation": how, "method": "perf_counter, one scan"}
+
+
+def evaluate_path(backdoored: nn.Module, purified: nn.Module, setup: Setup, points: int) -> list[dict]:
+    """Fallback scan: (1-t)·θ_bd + t·θ_pur for floating tensors, evaluated with `train.evaluate`."""
+    state_a, state_b = backdoored.state_dict(), purified.state_dict()
+    model, results = copy.deepcopy(backdoored), []
+    for i in range(points):
+        t = i / (points - 1)
+        model.load_state_dict({k: (1 - t) * a + t * state_b[k] if a.is_floating_point() else a
+                               for k, a in state_a.items()})
+        results.append(evaluate(model, setup.bundle.test, setup.triggered_test, setup.target))
+    return results
+
+
+# ---- the whole run ------------------------------------------------------------------------------------------
+
+
+def device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    try:
+        with open("/proc/cpuinfo") as handle:
+            for line in handle:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def environment(work: Workload) -> dict:
+    return {"torch": torch.__version__, "device": str(work.device), "device_name": device_name(work.device),
+            "threads": torch.get_num_threads(), "available_cores": len(os.sched_getaffinity(0)),
+            "mkldnn_enabled": torch.backends.mkldnn.enabled, "dtype": work.dtype_name, "model": work.model_name,
+            "input_shape": list(work.shape), "batch_size": work.batch_size, "memory_format": "channels_last"}
+
+
+def run_benchmark(device: torch.device, seconds_per_case: float = 12.0, batch_size: int | None = None,
+                  model_name: str | None = None, shape: tuple[int, int, int] | None = None, *,
+                  n_train: int = 10_000, n_test: int = 10_000, steps_per_call: int = 20, min_calls: int = 3,
+                  workers: tuple[int, ...] = (0, 2), matmul_sizes: tuple[int, ...] | None = None,
+                  lmc_points: int = 21, seed: int = 0) -> dict:
+    """Run every case once on `device` and return a JSON-able record (see the module docstring).
+
+    `batch_size`, `model_name` and `shape` default per device (CPU: 128, preact_small, 1x28x28, fp32;
+    CUDA: 512, resnet18, 3x32x32, bf16 autocast). The keyword-only sizes exist for quick smoke runs.
+    """
+    started = time.perf_counter()
+    work, setup = workload_and_data(default_workload(torch.device(device), batch_size, model_name, shape),
+                                    n_train, n_test, seed)
+    log.info("bench: %s on %s, %s", work.model_name, work.device, work.dtype_name)
+    timing = dict(seconds=seconds_per_case, min_calls=min_calls)
+    training, trained = compare_training(work, setup, workers, steps_per_call, **timing)
+    peak = matmul_peak(work.device, work.autocast or torch.float32,
+                       matmul_sizes or ((4096, 8192) if work.device.type == "cuda" else (2048, 3072, 4096)))
+    flops = utilization(forward_flops(trained, work.shape, work.device), training["train"]["images_per_s"],
+                        peak["flops_per_s"])
+    pam = pam_overhead(work, setup.attacker_train, steps=max(1, steps_per_call // 4), **timing)
+    evaluation = eval_throughput(work, trained, setup.bundle.test.images, **timing)
+    lmc = lmc_scan(work, trained, work.model(seed=3), setup, lmc_points)
+    data = {"n_train": len(setup.attacker_train), "n_test": len(setup.bundle.test),
+            "n_triggered": len(setup.triggered_test), "synthetic": True}
+    return {"environment": environment(work), **training, "peak": peak, "flops": flops, "pam": pam,
+            "eval": evaluation, "lmc": lmc, "data": data, "seconds_per_case": seconds_per_case,
+            "total_s": time.perf_counter() - started}
+
+
+def compare_training(work: Workload, setup: Setup, workers: tuple[int, ...], steps: int, seconds: float,
+                     min_calls: int) -> tuple[dict, nn.Module]:
+    """Cases 1 and 2, interleaved: `fit` against the conventional pipeline per worker count; the pipelines alone."""
+    steps = min(steps, len(setup.attacker_train) // work.batch_size)
+    dataset = conventional_dataset(setup)
+    fit_call, trained = fit_case(work, setup.attacker_train, steps)
+    cases = {"bdsafety": fit_call, **{str(w): conventional_case(work, dataset, w, steps) for w in workers}}
+    times = round_robin(cases, seconds, min_calls)
+    summaries = {name: {**rate_summary(steps * work.batch_size, durations),
+                        "step_ms": 1e3 * statistics.median(durations) / steps} for name, durations in times.items()}
+    train = {**summaries.pop("bdsafety"),
+             "method": f"train.fit's own duration_s (epoch loop, ends in a host sync), {steps} steps per call; "
+                       + INTERLEAVED}
+    conventional = {w: {**case, "num_workers": int(w), "method": f"perf_counter around {steps} steps (next(loader) + "
+                        "step), persistent workers whose prefetched batches are drained untimed first; "
+                        + INTERLEAVED} for w, case in summaries.items()}
+    best = max(conventional.values(), key=lambda case: case["images_per_s"])
+    return {"train": train, "conventional": conventional,
+            "conventional_best": {"num_workers": best["num_workers"], "images_per_s": best["images_per_s"]},
+            "speedup": train["images_per_s"] / best["images_per_s"],
+            "input_pipeline": input_pipelines(work, setup.attacker_train, dataset, seconds, min_calls)}, trained
+
+
+def profile_train(device: torch.device, steps: int = 30, top: int = 15) -> list[dict]:
+    """torch.profiler over `steps` steps of `train.fit` (after a warm-up call): the top ops by self CPU time."""
+    work = default_workload(torch.device(device), None, None, None)
+    work, setup = workload_and_data(work, n_train=2 * steps * work.batch_size, n_test=10)
+    data = setup.attacker_train.subset(torch.arange(steps * work.batch_size)).to(work.device)
+    config = TrainConfig(epochs=1, batch_size=work.batch_size, schedule="constant", crop_pad=CROP_PAD, **RECIPE)
+    model, loss_fn = work.model(seed=1), work.loss_fn()
+    fit(model, data, config, seed=0, loss_fn=loss_fn)
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        fit(model, data, config, seed=1, loss_fn=loss_fn)
+    events = sorted(prof.key_averages(), key=lambda e: e.self_cpu_time_total, reverse=True)
+    total = sum(e.self_cpu_time_total for e in events)
+    return [{"op": e.key, "self_cpu_ms": e.self_cpu_time_total / 1e3 / steps, "share": e.self_cpu_time_total / total,
+             "calls_per_step": e.count / steps} for e in events[:top]]
+
+
+# ---- report -------------------------------------------------------------------------------------------------
+
+
+def format_table(result: dict) -> str:
+    """A Markdown table of the headline numbers, under a one-line description of the machine and workload."""
+    env = result["environment"]
+    rows = training_rows(result) + compute_rows(result) + evaluation_rows(result)
+    header = (f"{env['model']} {'x'.join(map(str, env['input_shape']))}, batch {env['batch_size']}, {env['dtype']}, "
+              f"{env['device_name']} ({env['device']}, {env['threads']} threads), torch {env['torch']}")
+    width = max(len(name) for name, _ in rows)
+    lines = [header, "", f"| {'case'.ljust(width)} | result |", f"|{'-' * (width + 2)}|--------|"]
+    return "\n".join(lines + [f"| {name.ljust(width)} | {value} |" for name, value in rows])
+
+
+def training_rows(result: dict) -> list[tuple[str, str]]:
+    train, pipes, best = result["train"], result["input_pipeline"], result["conventional_best"]
+    rows = [("bdsafety train (`train.fit`)", f"{train['images_per_s']:,.0f} img/s ({train['step_ms']:.1f} ms/step)")]
+    rows += [(f"conventional PIL + DataLoader, {workers} workers",
+              f"{case['images_per_s']:,.0f} img/s ({case['step_ms']:.1f} ms/step)")
+             for workers, case in result["conventional"].items()]
+    return rows + [
+        (f"speed-up vs best conventional ({best['num_workers']} workers)", f"{result['speedup']:.2f}x"),
+        ("input pipeline alone, ms/batch (bdsafety / conventional)",
+         f"{pipes['bdsafety_ms_per_batch']:.2f} / {pipes['conventional_ms_per_batch']:.2f} ({pipes['ratio']:.0f}x)"),
+    ]
+
+
+def compute_rows(result: dict) -> list[tuple[str, str]]:
+    flops, peak, pam = result["flops"], result["peak"], result["pam"]
+    return [
+        ("model FLOPs / image (forward; train = 3x)", f"{flops['forward_flops_per_image'] / 1e6:.1f} MFLOP"),
+        ("achieved training FLOP/s", f"{flops['achieved_flops_per_s'] / 1e9:.1f} GFLOP/s"),
+        (f"matmul peak ({peak['dtype'].removeprefix('torch.')} mm, n={peak['best_size']})",
+         f"{peak['flops_per_s'] / 1e9:.1f} GFLOP/s"),
+        ("MFU (training)", f"{100 * flops['mfu']:.1f} %"),
+        ("PAM step / SGD step", "n/a (bdsafety.optim.pam missing)" if pam is None else
+         f"{pam['ratio']:.2f}x ({pam['pam_step_ms']:.1f} vs {pam['sgd_step_ms']:.1f} ms)"),
+    ]
+
+
+def evaluation_rows(result: dict) -> list[tuple[str, str]]:
+    evaluation, lmc = result["eval"], result["lmc"]
+    rows = [(f"evaluation (`train.predict`, batch {b})", f"{case['images_per_s']:,.0f} img/s")
+            for b, case in evaluation["by_batch_size"].items()]
+    return rows + [(f"LMC scan, {lmc['points']} points x {lmc['images_per_point']:,} images",
+                    f"{lmc['seconds']:.1f} s ({lmc['images_per_s']:,.0f} img/s)")]

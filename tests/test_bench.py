@@ -1,0 +1,85 @@
+import json
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from bdsafety.bench import (conventional_batches, conventional_dataset, default_workload, format_table, forward_flops,
+                            fit_batches, make_setup, profile_train, run_benchmark)
+from bdsafety.data import to_float
+
+SHAPE = (1, 16, 16)
+
+
+@pytest.fixture(scope="module")
+def setup():
+    return make_setup(SHAPE, n_train=256, n_test=40)
+
+
+def unnormalize(x, bundle):
+    mean = torch.tensor(bundle.mean).view(1, -1, 1, 1)
+    std = torch.tensor(bundle.std).view(1, -1, 1, 1)
+    return x * std + mean
+
+
+def test_smoke_run_reports_positive_throughputs_and_a_ratio():
+    result = run_benchmark(torch.device("cpu"), seconds_per_case=0.0, batch_size=16, shape=SHAPE, n_train=256,
+                           n_test=40, steps_per_call=2, min_calls=2, workers=(0,), matmul_sizes=(64,), lmc_points=3)
+    conventional = result["conventional"]["0"]["images_per_s"]
+    assert result["train"]["images_per_s"] > 0 and conventional > 0
+    assert result["speedup"] == pytest.approx(result["train"]["images_per_s"] / conventional)
+    assert result["input_pipeline"]["ratio"] > 0
+    assert result["peak"]["flops_per_s"] > 0 and 0 < result["flops"]["mfu"]
+    assert result["pam"]["ratio"] > 0 and result["pam"]["pam_step_ms"] > 0
+    assert result["eval"]["images_per_s"] > 0 and set(result["eval"]["by_batch_size"]) == {"1024", "256"}
+    assert result["lmc"]["seconds"] > 0
+    assert result["lmc"]["images_per_point"] == 40 + 36  # clean test + triggered non-target images
+    assert json.loads(json.dumps(result)) == result
+    assert "speed-up" in format_table(result)
+
+
+def test_forward_flops_counts_conv_and_linear_macs_twice():
+    model = torch.nn.Sequential(torch.nn.Conv2d(1, 4, 3, padding=1, bias=False), torch.nn.Flatten(),
+                                torch.nn.Linear(4 * 8 * 8, 10))
+    expected = 2 * (8 * 8 * 4 * 1 * 9 + 4 * 8 * 8 * 10)
+    assert forward_flops(model, (1, 8, 8), torch.device("cpu")) == expected
+
+
+def test_conventional_batches_match_bdsafety_batches(setup):
+    work = default_workload(torch.device("cpu"), 16, None, SHAPE)
+    x, y = next(fit_batches(work, setup.attacker_train))
+    cx, cy = next(conventional_batches(work, conventional_dataset(setup), workers=0))
+    assert cx.shape == x.shape and cx.dtype == x.dtype and cy.shape == y.shape and cy.dtype == y.dtype
+    assert cx.stride() == x.stride()  # both channels_last
+    pixels = unnormalize(cx, setup.bundle)
+    assert pixels.min() >= -1e-6 and pixels.max() <= 1 + 1e-6 and 0 <= x.min() and x.max() <= 1
+
+
+def test_per_item_poisoning_equals_bdsafety_poisoned_set(setup):
+    dataset = conventional_dataset(setup, pad=0, flip=False)
+    poisoned = setup.poisoned.poison_indices[:4].tolist()
+    for i in poisoned + [0, 1, 2]:
+        x, label = dataset[i]
+        expected = to_float(setup.attacker_train.images[i:i + 1])
+        torch.testing.assert_close(unnormalize(x[None], setup.bundle), expected, atol=1e-6, rtol=0)
+        assert label == int(setup.attacker_train.labels[i])
+    assert {dataset[i][1] for i in poisoned} == {setup.target}
+
+
+def test_pil_crop_and_flip_give_one_of_bdsafetys_crops(setup):
+    dataset = conventional_dataset(setup, pad=2, flip=True)
+    image = to_float(setup.attacker_train.images[5:6])
+    padded = F.pad(image, (2, 2, 2, 2))
+    crops = [padded[..., dy:dy + 16, dx:dx + 16] for dy in range(5) for dx in range(5)]
+    candidates = torch.cat(crops + [c.flip(3) for c in crops])
+    torch.manual_seed(0)
+    for _ in range(10):
+        x = unnormalize(dataset[5][0][None], setup.bundle)
+        assert (candidates - x).abs().amax(dim=(1, 2, 3)).min() < 1e-6
+
+
+def test_profile_lists_top_ops_by_self_time():
+    rows = profile_train(torch.device("cpu"), steps=2, top=5)
+    assert len(rows) == 5 and all(row["self_cpu_ms"] >= 0 for row in rows)
+    assert [row["self_cpu_ms"] for row in rows] == sorted((row["self_cpu_ms"] for row in rows), reverse=True)
+    assert any("convolution" in row["op"] for row in rows)
