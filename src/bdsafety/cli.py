@@ -19,6 +19,7 @@ from .defenses import DEFENSES, create_defense, defense_params, summary
 from .experiment import AttackSpec, DataSpec, evaluate_setup, prepare, purify, setup_from_record, setup_record, \
     setup_tensors, train_model
 from .models import MODELS, create_model
+from .report import write_report
 from .run import Context, audit_purified, run_experiment
 from .spec import CHECKS, ExperimentSpec, load_spec
 from .profiles import MODEL_FOR_PROFILE, TRAIN_PROFILES, default_profile
@@ -157,8 +158,6 @@ def cmd_demo(args) -> int:
 
 
 def run_and_report(spec, out: Path, device_name: str) -> int:
-    from .report import write_report
-
     results = run_experiment(spec, out, resolve_device(device_name))
     paths = write_report(out)
     print(results_table(results))
@@ -175,8 +174,6 @@ def results_table(results: dict) -> str:
 
 
 def cmd_report(args) -> int:
-    from .report import write_report
-
     for path in write_report(Path(args.dir)):
         print(path)
     return 0
