@@ -100,7 +100,7 @@ def fit(
     gen = torch.Generator().manual_seed(seed)
     memory_format = preferred_memory_format(device)
     model.train()
-    history, started = [], time.perf_counter()
+    history, started, steps = [], time.perf_counter(), 0
     for epoch in trange(config.epochs, progress):
         total, steps = torch.zeros((), device=device), 0
         for idx in batch_indices(len(labels), config.batch_size, gen, config.drop_last):
