@@ -195,34 +195,33 @@ class BTIStages:
     """The trigger-inversion hyperparameters shared by BTI-DBF(U) and PAM (§4.7; paper defaults)."""
 
     preround: int = 50  # stage A epochs [argdef pretrain.py]
-    gen_lr: float = 1e-3  # Adam lr of G in stage A and B2 (`gen_lr`) [§4.7]
+    gen_lr: float = 1e-3  # Adam lr of G, stage A and B2 [argdef]
     mround: int = 20  # B1 mask epochs per round [sh defense.sh]
-    mask_lr: float = 0.01  # Adam lr of the mask logits [§4.7 B1]
+    mask_lr: float = 0.01  # Adam lr of the mask logits [hard]
     uround: int = 30  # B2 generator epochs per round [sh]
-    norm_bound: float = 0.3  # B2: max image MSE (normalised space) before only L_img is minimised [§4.7 B2]
-    feat_bound: float = 3.0  # B2: max benign-feature MSE [§4.7 B2]
+    norm_bound: float = 0.3  # B2: max image MSE (normalised space) before only L_img is minimised [argdef]
+    feat_bound: float = 3.0  # B2: max benign-feature MSE [argdef]
     nround: int = 3  # rounds of B1-B4 [sh]
     ul_round: int = 30  # B4 unlearning epochs per round [sh]
     batch_size: int = 128  # [sh]
-    gen_ratio: float = 0.2  # unlearning batches get k = int(0.2|B| + 1) generated samples [§4.7 B4]
-    noise_std: float = 0.03  # B3: Gaussian noise (normalised space) added before G for target detection [§4.7 B3]
-    crop_pad: int = 4  # train transform: random crop, zero padding 4 [read cifar.py]
+    gen_ratio: float = 0.2  # fraction of each unlearning batch replaced by G(x): k = int(0.2|B| + 1) [hard]
+    noise_std: float = 0.03  # B3: Gaussian noise (normalised space) added before G when detecting the target [hard]
+    crop_pad: int = 4  # train transform: random crop with zero padding 4 [read cifar.py]
     flip: bool = True  # train transform: horizontal flip [read cifar.py]
 
 
 def reserve_batches(data: ImageSet, stages: BTIStages, gen: torch.Generator, augmented: bool = True):
     """Shuffled float batches of the (device-resident) reserve, augmented like the official train loader."""
-    drop_last = drop_last_batch(len(data), stages.batch_size)
-    for idx in batch_indices(len(data), stages.batch_size, gen, drop_last):
+    for idx in batch_indices(len(data), stages.batch_size, gen, drop_last=keep_full_batches(len(data), stages)):
         idx = idx.to(data.images.device)
         x = to_float(data.images[idx])
         yield (augment(x, stages.crop_pad, stages.flip, gen) if augmented else x), data.labels[idx]
 
 
-def drop_last_batch(n: int, batch_size: int) -> bool:
+def keep_full_batches(n: int, stages: BTIStages) -> bool:
     # The official loader keeps the last partial batch; drop it only when it would hold a single
     # sample, which BatchNorm cannot normalise in train mode.
-    return n % batch_size == 1
+    return n % stages.batch_size == 1
 
 
 def frozen_copy(model: nn.Module) -> nn.Module:

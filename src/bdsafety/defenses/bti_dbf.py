@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..train import TrainConfig, fit
-from ._bti import BTIStages, TriggerGenerator, drop_last_batch, mix_generated, run_bti
+from ._bti import BTIStages, TriggerGenerator, keep_full_batches, mix_generated, run_bti
 from ._common import DEFENSES, DefenderData
 
 log = logging.getLogger(__name__)
@@ -53,7 +53,7 @@ class BtiDbf(BTIStages):
         optimizer = torch.optim.Adam(model.parameters(), lr=self.lr)
         config = TrainConfig(epochs=self.ul_round, batch_size=self.batch_size, lr=self.lr, schedule="constant",
                              crop_pad=self.crop_pad, flip=self.flip,
-                             drop_last=drop_last_batch(len(data.reserve), self.batch_size))
+                             drop_last=keep_full_batches(len(data.reserve), self))
 
         def unlearn(round_: int, generator: TriggerGenerator, round_seed: int) -> dict:
             if config.epochs == 0:

@@ -11,7 +11,7 @@ from torch import nn
 
 from ..optim.pam import PAM
 from ..train import TrainConfig, fit
-from ._bti import BTIStages, TriggerGenerator, drop_last_batch, mix_generated, run_bti
+from ._bti import BTIStages, TriggerGenerator, keep_full_batches, mix_generated, run_bti
 from ._common import DEFENSES, DefenderData
 
 log = logging.getLogger(__name__)
@@ -40,7 +40,7 @@ class Pam(BTIStages):
                         weight_decay=self.weight_decay)  # snapshots θ_bd = the input weights
         config = TrainConfig(epochs=self.ul_round, batch_size=self.batch_size, lr=self.lr, momentum=self.momentum,
                              weight_decay=self.weight_decay, schedule="constant", crop_pad=self.crop_pad,
-                             flip=self.flip, drop_last=drop_last_batch(len(data.reserve), self.batch_size))
+                             flip=self.flip, drop_last=keep_full_batches(len(data.reserve), self))
         distances = []
 
         def unlearn(round_: int, generator: TriggerGenerator, round_seed: int) -> dict:
