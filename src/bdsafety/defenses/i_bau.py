@@ -141,7 +141,6 @@ class IBau:
     perturbation_lr: float = 10.0  # official: SGD(lr=10) on δ (normalised input units)
     penalty: float = 0.001  # official: 0.001·‖δ‖² in both inner losses
     perturbed_fraction: float = 0.01  # official loss_outer `portion`: share of each batch that gets δ
-    max_delta_norm: float | None = None  # official code's commented-out L2 ball (radius 10); None = off, as shipped
     crop_pad: int = 4  # train transform (BackdoorBench: RandomCrop padding 4)
     flip: bool = True  # train transform (RandomHorizontalFlip)
 
@@ -165,8 +164,6 @@ class IBau:
         for r in range(self.n_rounds):
             fresh = augmented_pass(data.reserve, self.batch_size, self.crop_pad, self.flip, gen, device)
             delta = universal_perturbation(model, fresh, scale, self.perturbation_lr, self.penalty)
-            if self.max_delta_norm is not None:
-                delta = delta * min(1.0, self.max_delta_norm / max(float(delta.norm()), 1e-12))
             outer = augmented_pass(data.reserve, self.batch_size, self.crop_pad, self.flip, gen, device)
             losses = [self.unlearn_step(model, params, optimizer, batch, delta, scale, gen) for batch in outer]
             rounds.append({"delta_norm": float(delta.norm()), "outer_loss": sum(losses) / len(losses),
