@@ -103,3 +103,16 @@ def test_ctrl_c_stops_with_a_resume_hint(finished, tmp_path):
     _, stderr = process.communicate(timeout=60)
     assert process.returncode == 130
     assert "rerun the same command to resume" in stderr and "Traceback" not in stderr
+
+
+@pytest.mark.parametrize("attack, message", [
+    ("{name: badnets, target: 10}", "target must be a class of synthetic (0..3), got 10"),
+    ("{name: sig, poison_rate: 0.5, target: 1}", "clean-label poison rate 0.5 needs"),
+])
+def test_impossible_attack_for_the_data_fails_before_writing(tmp_path, capsys, attack, message):
+    spec = tmp_path / "spec.yaml"
+    spec.write_text(f"dataset: synthetic\nattacks: [{attack}]\n")
+    assert main(["run", str(spec), "--out", str(tmp_path / "out"), "--device", "cpu", "-q"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert message in err and len(err.splitlines()) == 1
+    assert not (tmp_path / "out").exists()

@@ -69,12 +69,17 @@ def build_attack(spec: AttackSpec, seed: int) -> Attack:
     return create_attack(spec.name, **params)
 
 
+def defender_split(bundle: DataBundle, reserve_fraction: float, seed: int) -> Split:
+    """The seeded reserve (the defender's clean data) and the rest (the attacker's training set)."""
+    return split_reserve(len(bundle.train), reserve_fraction, seed_for(seed, "reserve"))
+
+
 def prepare(data: DataSpec, attack: AttackSpec, seed: int, bundle: DataBundle | None = None) -> Setup:
     """Load data, split off the reserve, poison the training part and build the triggered test set."""
     bundle = bundle or load_dataset(data.name, data.data_dir, seed=seed)
     if not 0 <= attack.target < bundle.num_classes:
         raise UsageError(f"target class must be in 0..{bundle.num_classes - 1}, got {attack.target}")
-    split = split_reserve(len(bundle.train), data.reserve_fraction, seed_for(seed, "reserve"))
+    split = defender_split(bundle, data.reserve_fraction, seed)
     if attack.name == "none":
         return Setup(bundle, split, None, attack, None, None)
     trigger = build_attack(attack, seed)

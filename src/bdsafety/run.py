@@ -24,7 +24,7 @@ from .experiment import AttackSpec, DataSpec, Setup, evaluate_setup, prepare, pu
     train_model
 from .models import ModelSpec
 from .profiles import MODEL_FOR_PROFILE, TRAIN_PROFILES
-from .spec import AttackEntry, ExperimentSpec, canonical_hash
+from .spec import AttackEntry, ExperimentSpec, canonical_hash, check_against_data
 from .train import TrainConfig
 
 log = logging.getLogger(__name__)
@@ -227,9 +227,10 @@ def run_experiment(spec: ExperimentSpec, out: Path, device: torch.device) -> dic
     """Run (or resume) every stage of `spec` under `out`; write results.json and return it."""
     started = time.perf_counter()
     ctx = Context.of(spec)
+    bundle = load_dataset(spec.dataset, spec.data_dir, seed=spec.seed)
+    check_against_data(spec, bundle)  # before anything is written
     runs = RunStore(out, device)
     store.atomic_write_bytes(Path(out) / "spec.yaml", spec_yaml(spec).encode())
-    bundle = load_dataset(spec.dataset, spec.data_dir, seed=spec.seed)
     data = DataSpec(spec.dataset, spec.data_dir, spec.reserve_fraction)
     clean_attack = AttackSpec("none")
     clean, clean_inputs = train_stage(runs, ctx, prepare(data, clean_attack, spec.seed, bundle), clean_attack, "clean")

@@ -15,9 +15,11 @@ from pathlib import Path
 import yaml
 
 from .attacks import ATTACKS
-from .data import DATASET_NAMES
+from .attacks._common import check_clean_label_rate
+from .data import DATASET_NAMES, DataBundle
 from .defenses import DEFENSES
 from .errors import UsageError
+from .experiment import defender_split
 from .models import MODELS
 from .profiles import TRAIN_PROFILES, default_profile
 
@@ -193,3 +195,16 @@ def validate_attack(entry: AttackEntry) -> None:
     expect(isinstance(entry.target, int) and not isinstance(entry.target, bool) and entry.target >= 0,
            f"attack '{entry.name}': target must be a non-negative integer, got {entry.target!r}")
     expect(isinstance(entry.params, dict), f"attack '{entry.name}': params must be a mapping")
+
+
+def check_against_data(spec: ExperimentSpec, bundle: DataBundle) -> None:
+    """The checks that need the dataset: every target is a class, every clean-label rate fits the target class.
+
+    Run before anything is written, so an impossible spec fails at once, not after the clean model trained.
+    """
+    train_labels = bundle.train.labels[defender_split(bundle, spec.reserve_fraction, spec.seed).train]
+    for entry in spec.attacks:
+        expect(entry.target < bundle.num_classes, f"attack '{entry.name}': target must be a class of {spec.dataset} "
+                                                  f"(0..{bundle.num_classes - 1}), got {entry.target}")
+        if ATTACKS.get(entry.name).clean_label:
+            check_clean_label_rate(train_labels, entry.poison_rate, entry.target)

@@ -64,15 +64,26 @@ def check_rate_and_target(rate: float, target: int, num_classes: int) -> None:
         raise UsageError(f"target class must be in 0..{num_classes - 1}, got {target}")
 
 
+def poison_count(num_samples: int, rate: float) -> int:
+    return max(1, round(rate * num_samples))
+
+
+def check_clean_label_rate(labels: Tensor, rate: float, target: int) -> None:
+    """A clean-label rate is a share of the whole set drawn from the target class only: it cannot exceed that class's share."""
+    available = int((labels == target).sum())
+    if poison_count(len(labels), rate) > available:
+        raise UsageError(
+            f"clean-label poison rate {rate} needs {poison_count(len(labels), rate)} target-class images but class "
+            f"{target} has {available}; use a rate <= {available / len(labels):.4f}"
+        )
+
+
 def choose_poison_indices(labels: Tensor, attack: Attack, rate: float, target: int, seed: int) -> Tensor:
     """round(rate*N) indices: from all samples (dirty-label) or from the target class (clean-label)."""
-    n_poison = max(1, round(rate * len(labels)))
+    n_poison = poison_count(len(labels), rate)
+    if attack.clean_label:
+        check_clean_label_rate(labels, rate, target)
     candidates = (labels == target).nonzero().flatten() if attack.clean_label else torch.arange(len(labels))
-    if n_poison > len(candidates):
-        raise UsageError(
-            f"clean-label poison rate {rate} needs {n_poison} target-class images but class {target} has "
-            f"{len(candidates)}; use a rate <= {len(candidates) / len(labels):.4f}"
-        )
     order = torch.randperm(len(candidates), generator=torch.Generator().manual_seed(seed))
     return candidates[order[:n_poison]].sort().values
 
