@@ -108,9 +108,9 @@ def apply_override(raw: dict, item: str) -> None:
 
 def parse_spec(raw: dict) -> ExperimentSpec:
     known = {f.name for f in dataclasses.fields(ExperimentSpec)}
-    unknown = sorted(set(raw) - known)
+    unknown = sorted(str(k) for k in set(raw) - known)
     if unknown:
-        raise UsageError(f"unknown spec key '{unknown[0]}'; valid keys: {', '.join(sorted(known))}")
+        raise UsageError(f"unknown spec key {unknown[0]!r}; valid keys: {', '.join(sorted(known))}")
     values = {k: v for k, v in raw.items() if v is not None or k in ("data_dir", "model", "profile")}
     spec = ExperimentSpec(**{**values, **parse_lists(values)})
     validate(spec)
@@ -143,9 +143,9 @@ def parse_attack(entry) -> AttackEntry:
     if not isinstance(entry, dict):
         raise UsageError(f"each attack must be a name or a mapping, got {entry!r}")
     known = {f.name for f in dataclasses.fields(AttackEntry)}
-    unknown = sorted(set(entry) - known)
+    unknown = sorted(str(k) for k in set(entry) - known)
     if unknown:
-        raise UsageError(f"unknown attack key '{unknown[0]}'; valid keys: {', '.join(sorted(known))}")
+        raise UsageError(f"unknown attack key {unknown[0]!r}; valid keys: {', '.join(sorted(known))}")
     return AttackEntry(**entry)
 
 
