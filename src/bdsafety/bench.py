@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import importlib
 import logging
 import os
 import platform
@@ -41,11 +40,13 @@ from PIL import Image, ImageOps
 from torch import Tensor, nn
 
 from .attacks.badnets import BadNets
+from .audits.connectivity import LinearModeConnectivity
 from .data import ImageSet, augment, to_float
 from .data.synthetic import synthetic_bundle
 from .experiment import AttackSpec, DataSpec, Setup, prepare
 from .models import ModelSpec, create_model
-from .train import LossFn, TrainConfig, batch_indices, evaluate, fit, optimizer_step, predict
+from .optim.pam import PAM
+from .train import LossFn, TrainConfig, batch_indices, fit, optimizer_step, predict
 
 log = logging.getLogger(__name__)
 
@@ -374,24 +375,13 @@ def utilization(forward: int, train_images_per_s: float, peak: float) -> dict:
 # ---- 4. PAM against SGD -------------------------------------------------------------------------------------
 
 
-def pam_class():
-    """bdsafety.optim.pam.PAM, or None while that module does not exist."""
-    try:
-        return importlib.import_module("bdsafety.optim.pam").PAM
-    except ImportError:
-        return None
-
-
-def pam_overhead(work: Workload, data: ImageSet, steps: int, seconds: float, min_calls: int) -> dict | None:
+def pam_overhead(work: Workload, data: ImageSet, steps: int, seconds: float, min_calls: int) -> dict:
     """Median time of `optimizer_step` with PAM and with plain SGD (same base recipe) on one fixed batch."""
-    pam = pam_class()
-    if pam is None:
-        return None
     x, y = next(fit_batches(work, data))
     loss_fn, reference = work.loss_fn(), list(work.model(seed=2).parameters())  # θ_bd != θ: a real displacement
     sgd_model, pam_model = work.model(seed=1), work.model(seed=1)
     optimizers = {"sgd": (sgd_model, torch.optim.SGD(sgd_model.parameters(), **PAM_RECIPE)),
-                  "pam": (pam_model, pam(pam_model.parameters(), rho=0.5, reference=reference, **PAM_RECIPE))}
+                  "pam": (pam_model, PAM(pam_model.parameters(), rho=0.5, reference=reference, **PAM_RECIPE))}
 
     def block(model: nn.Module, optimizer: torch.optim.Optimizer) -> Callable[[], float]:
         def one_call() -> float:
@@ -434,36 +424,17 @@ def eval_throughput(work: Workload, model: nn.Module, images: Tensor, seconds: f
 
 
 def lmc_scan(work: Workload, backdoored: nn.Module, purified: nn.Module, setup: Setup, points: int) -> dict:
-    """Wall time of one LMC scan: audits.connectivity.LinearModeConnectivity if present, else an evaluate() loop."""
-    try:
-        connectivity = importlib.import_module("bdsafety.audits.connectivity")
-    except ImportError:
-        connectivity = None
+    """Wall time of one `LinearModeConnectivity` scan (BN statistics interpolated, the default)."""
     images = len(setup.bundle.test) + len(setup.triggered_test)
     started = time.perf_counter()
     with work.inference():
-        if connectivity is not None:
-            connectivity.LinearModeConnectivity(points=points).run(backdoored, purified, setup)
-            how = "bdsafety.audits.connectivity.LinearModeConnectivity(bn_mode='interp').run"
-        else:
-            evaluate_path(backdoored, purified, setup, points)
-            how = "interpolated state dicts + train.evaluate per point (connectivity module absent)"
+        LinearModeConnectivity(points=points).run(backdoored, purified, setup)
     synchronize(work.device)
     seconds = time.perf_counter() - started
     return {"seconds": seconds, "points": points, "images_per_point": images,
-            "images_per_s": points * images / seconds, "implementation": how, "method": "perf_counter, one scan"}
-
-
-def evaluate_path(backdoored: nn.Module, purified: nn.Module, setup: Setup, points: int) -> list[dict]:
-    """Fallback scan: (1-t)·θ_bd + t·θ_pur for floating tensors, evaluated with `train.evaluate`."""
-    state_a, state_b = backdoored.state_dict(), purified.state_dict()
-    model, results = copy.deepcopy(backdoored), []
-    for i in range(points):
-        t = i / (points - 1)
-        model.load_state_dict({k: (1 - t) * a + t * state_b[k] if a.is_floating_point() else a
-                               for k, a in state_a.items()})
-        results.append(evaluate(model, setup.bundle.test, setup.triggered_test, setup.target))
-    return results
+            "images_per_s": points * images / seconds,
+            "implementation": "bdsafety.audits.connectivity.LinearModeConnectivity(bn_mode='interp').run",
+            "method": "perf_counter, one scan"}
 
 
 # ---- the whole run ------------------------------------------------------------------------------------------
@@ -593,8 +564,7 @@ def compute_rows(result: dict) -> list[tuple[str, str]]:
         (f"matmul peak ({peak['dtype'].removeprefix('torch.')} mm, n={peak['best_size']})",
          f"{peak['flops_per_s'] / 1e9:.1f} GFLOP/s"),
         ("MFU (training)", f"{100 * flops['mfu']:.1f} %"),
-        ("PAM step / SGD step", "n/a (bdsafety.optim.pam missing)" if pam is None else
-         f"{pam['ratio']:.2f}x ({pam['pam_step_ms']:.1f} vs {pam['sgd_step_ms']:.1f} ms)"),
+        ("PAM step / SGD step", f"{pam['ratio']:.2f}x ({pam['pam_step_ms']:.1f} vs {pam['sgd_step_ms']:.1f} ms)"),
     ]
 
 

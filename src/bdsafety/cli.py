@@ -13,6 +13,7 @@ import torch
 import yaml
 
 from . import __version__, interop, store
+from .bench import format_table, profile_train, run_benchmark
 from .data import DATASET_NAMES
 from .errors import UsageError
 from .defenses import DEFENSES, create_defense, defense_params, summary
@@ -200,6 +201,21 @@ def cmd_import(args) -> int:
     return 0
 
 
+def cmd_bench(args) -> int:
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = resolve_device(args.device)
+    result = run_benchmark(device, seconds_per_case=args.seconds)
+    if args.profile:
+        result["profile"] = profile_train(device)
+    store.write_json(Path(args.out) / "bench.json", result)
+    print(format_table(result))
+    for row in result.get("profile", []):
+        print(f"{row['self_cpu_ms']:8.2f} ms/step {100 * row['share']:5.1f} %  {row['op']}")
+    print(f"written to {Path(args.out) / 'bench.json'} ({result['total_s']:.0f} s)")
+    return 0
+
+
 def cmd_defenses(args) -> int:
     for name in DEFENSES.names():
         print(f"{name:12s} {summary(DEFENSES.get(name))}")
@@ -295,6 +311,14 @@ def build_parser() -> Parser:
     demo.add_argument("--set", action="append", metavar="KEY=VALUE", help="spec override")
     add_common(demo)
     demo.set_defaults(handler=cmd_demo)
+
+    bench = sub.add_parser("bench", help="speed benchmark: training loop vs a PIL/DataLoader pipeline, MFU, PAM, eval")
+    bench.add_argument("--out", default=".", help="directory for bench.json (default: the current one)")
+    bench.add_argument("--seconds", type=float, default=12.0, help="timed seconds per case (default 12)")
+    bench.add_argument("--threads", type=int, help="torch intra-op threads (default: every available core)")
+    bench.add_argument("--profile", action="store_true", help="also profile a few training steps (top ops)")
+    add_common(bench)
+    bench.set_defaults(handler=cmd_bench)
 
     report = sub.add_parser("report", help="(re)write report.md / report.html from DIR/results.json")
     report.add_argument("dir", help="experiment directory")
