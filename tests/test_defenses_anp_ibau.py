@@ -184,3 +184,11 @@ def test_i_bau_unlearns_the_backdoor(badnets_setup, backdoored):
     metrics = evaluate_setup(purified, badnets_setup)
     assert metrics["asr"] <= 0.2 < record["metrics"]["asr"]
     assert metrics["clean_acc"] >= record["metrics"]["clean_acc"] - 0.1
+
+
+def test_universal_perturbation_is_projected_into_the_l2_ball():
+    from bdsafety.defenses.i_bau import project_l2
+
+    delta = torch.full((1, 1, 2, 2), 10.0)  # norm 20
+    assert torch.linalg.vector_norm(project_l2(delta, 10.0)) == pytest.approx(10.0)
+    assert torch.equal(project_l2(delta / 4, 10.0), delta / 4)  # norm 5: inside, unchanged

@@ -7,6 +7,11 @@ the backdoor needs end up with small masks. Pruning sets γ = 0 (bias kept) for 
 ≤ a threshold, in a fresh copy of the backdoored model. The threshold is fixed (ANP paper default 0.2)
 or, optionally, picked by clean accuracy on the defender's reserve; never by test data (§11.2: the
 official code picks it by test ASR).
+
+The mask learning rate is the ANP paper's 0.2, not BackdoorBench's 0.01: the fixed threshold 0.2 of
+§11.2 comes from the ANP paper and presumes masks driven toward 0 by that rate. With 0.01 (measured on
+Fashion-MNIST, 400 iterations) the lowest mask is 0.06, threshold 0.2 prunes 1-2 channels and the
+ASR stays at 60-71%; with 0.2 it prunes 46 channels, ASR 2.8%, clean accuracy -1.9 points.
 """
 
 from __future__ import annotations
@@ -131,7 +136,7 @@ class Anp:
     eps: float = 0.4  # cfg anp_eps: bound of the random start of δ, ξ
     noise_steps: int = 1  # cfg anp_steps; each is a signed step of eps / noise_steps
     alpha: float = 0.2  # cfg anp_alpha: weight of the clean loss
-    mask_lr: float = 0.01  # cfg lr (the ANP paper used 0.2), SGD on the masks
+    mask_lr: float = 0.2  # ANP paper / its code (BackdoorBench cfg: 0.01, tuned for its test-ASR selection, §11.2)
     momentum: float = 0.9  # cfg / official code
     prune_threshold: float = 0.2  # ANP paper default; §11.2 (no test data)
     select_threshold: bool = False  # §11.2 option: largest grid threshold whose reserve accuracy stays close
