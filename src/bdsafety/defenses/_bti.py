@@ -121,11 +121,11 @@ class TriggerGenerator(nn.Module):
         return F.mse_loss((generated - self.mean) / self.std, self.normalize(x))
 
 
-def create_generator(model: nn.Module, channels: int, seed: int) -> TriggerGenerator:
-    """A freshly initialised G on the model's device, using the model's normalisation."""
+def create_generator(model: nn.Module, channels: int, seed: int, base: int = 32) -> TriggerGenerator:
+    """A freshly initialised G (U-Net base width `base`) on the model's device, using the model's normalisation."""
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        generator = TriggerGenerator(channels, model.normalize.mean, model.normalize.std)
+        generator = TriggerGenerator(channels, model.normalize.mean, model.normalize.std, base)
     return generator.to(model_device(model))
 
 
@@ -208,6 +208,7 @@ class BTIStages:
     noise_std: float = 0.03  # B3: Gaussian noise (normalised space) added before G when detecting the target [hard]
     crop_pad: int = 4  # train transform: random crop with zero padding 4 [read cifar.py]
     flip: bool = True  # train transform: horizontal flip [read cifar.py]
+    generator_width: int = 32  # U-Net base width (32/64/128/256, bottleneck 512) [hard]
 
 
 def reserve_batches(data: ImageSet, stages: BTIStages, gen: torch.Generator, augmented: bool = True):
@@ -339,7 +340,7 @@ def run_bti(model: nn.Module, data: DefenderData, stages: BTIStages, seed: int, 
     JSON-able record: detected target and its votes, per-epoch losses per stage and round, step count.
     """
     reserve = data.reserve.to(model_device(model))
-    generator = create_generator(model, reserve.shape[0], seed_for(seed, "bti-generator"))
+    generator = create_generator(model, reserve.shape[0], seed_for(seed, "bti-generator"), stages.generator_width)
     gen = torch.Generator().manual_seed(seed_for(seed, "bti-pretrain"))
     clock = Clock()
     record = {"pretrain_losses": pretrain_generator(generator, model, reserve, stages, gen), "rounds": [],

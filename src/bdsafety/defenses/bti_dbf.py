@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..train import TrainConfig, fit
-from ._bti import BTIStages, TriggerGenerator, keep_full_batches, mix_generated, run_bti
+from ._bti import BTIStages, TriggerGenerator, Unlearn, keep_full_batches, mix_generated, run_bti
 from ._common import DEFENSES, DefenderData
 
 log = logging.getLogger(__name__)
@@ -50,7 +50,12 @@ class BtiDbf(BTIStages):
     cpu_overrides: ClassVar[dict] = {"preround": 2, "mround": 2, "uround": 2, "nround": 2, "ul_round": 5}
 
     def purify(self, model: nn.Module, data: DefenderData, seed: int) -> tuple[nn.Module, dict]:
-        optimizer = torch.optim.Adam(model.parameters(), lr=self.lr)
+        record = run_bti(model, data, self, seed, self.unlearner(model, data))
+        return model.eval(), record
+
+    def unlearner(self, model: nn.Module, data: DefenderData) -> Unlearn:
+        """B4 for `model` (updated in place): `ul_round` epochs of Adam on batches mixed with G(x), true labels."""
+        optimizer = torch.optim.Adam(model.parameters(), lr=self.lr)  # created once, persists across rounds
         config = TrainConfig(epochs=self.ul_round, batch_size=self.batch_size, lr=self.lr, schedule="constant",
                              crop_pad=self.crop_pad, flip=self.flip,
                              drop_last=keep_full_batches(len(data.reserve), self))
@@ -63,5 +68,4 @@ class BtiDbf(BTIStages):
                           batch_hook=batch.hook)
             return {"epoch_losses": history["epoch_losses"], "steps": history["steps_per_epoch"] * config.epochs}
 
-        record = run_bti(model, data, self, seed, unlearn)
-        return model.eval(), record
+        return unlearn

@@ -11,7 +11,7 @@ from torch import nn
 
 from ..optim.pam import PAM
 from ..train import TrainConfig, fit
-from ._bti import BTIStages, TriggerGenerator, keep_full_batches, mix_generated, run_bti
+from ._bti import BTIStages, TriggerGenerator, Unlearn, keep_full_batches, mix_generated, run_bti
 from ._common import DEFENSES, DefenderData
 
 log = logging.getLogger(__name__)
@@ -36,20 +36,33 @@ class Pam(BTIStages):
     cpu_overrides: ClassVar[dict] = {"preround": 2, "mround": 2, "uround": 2, "nround": 2, "ul_round": 5}
 
     def purify(self, model: nn.Module, data: DefenderData, seed: int) -> tuple[nn.Module, dict]:
+        unlearn, optimizer = self.unlearner(model, data)  # snapshots θ_bd = the input weights
+        distances = []
+
+        def unlearn_and_measure(round_: int, generator: TriggerGenerator, round_seed: int) -> dict:
+            result = unlearn(round_, generator, round_seed)
+            distances.append(optimizer.distance())
+            return result
+
+        record = run_bti(model, data, self, seed, unlearn_and_measure)
+        return model.eval(), {**record, "distance_to_backdoored": distances}
+
+    def unlearner(self, model: nn.Module, data: DefenderData) -> tuple[Unlearn, PAM]:
+        """B4 for `model` (updated in place): `ul_round` epochs of PAM steps on batches mixed with G(x), true labels.
+
+        Returns the step and its PAM optimizer, whose θ_bd is `model`'s weights now.
+        """
         optimizer = PAM(model.parameters(), rho=self.rho, lr=self.lr, momentum=self.momentum,
-                        weight_decay=self.weight_decay)  # snapshots θ_bd = the input weights
+                        weight_decay=self.weight_decay)
         config = TrainConfig(epochs=self.ul_round, batch_size=self.batch_size, lr=self.lr, momentum=self.momentum,
                              weight_decay=self.weight_decay, schedule="constant", crop_pad=self.crop_pad,
                              flip=self.flip, drop_last=keep_full_batches(len(data.reserve), self))
-        distances = []
 
         def unlearn(round_: int, generator: TriggerGenerator, round_seed: int) -> dict:
             if config.epochs == 0:
                 return {"epoch_losses": [], "steps": 0}
             hook = lambda x, y, gen: mix_generated(x, y, generator, gen, self.gen_ratio)  # noqa: E731
             history = fit(model, data.reserve, config, round_seed, optimizer=optimizer, batch_hook=hook)
-            distances.append(optimizer.distance())
             return {"epoch_losses": history["epoch_losses"], "steps": history["steps_per_epoch"] * config.epochs}
 
-        record = run_bti(model, data, self, seed, unlearn)
-        return model.eval(), {**record, "distance_to_backdoored": distances}
+        return unlearn, optimizer
