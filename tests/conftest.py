@@ -13,6 +13,15 @@ torch.set_num_threads(2)
 TINY_TRAIN = TrainConfig(epochs=6, batch_size=64, lr=0.05, crop_pad=1, flip=False)
 
 
+@pytest.fixture(scope="session", autouse=True)
+def asset_cache(tmp_path_factory):
+    """Fitted attack assets (SSBA, LC) go to a per-session temp cache, never to ~/.cache (session-scoped so
+    that it is set before any other fixture, and inherited by the CLI subprocesses some tests start)."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("BDSAFETY_CACHE", str(tmp_path_factory.mktemp("bdsafety-cache")))
+        yield
+
+
 @pytest.fixture(scope="session")
 def badnets_setup():
     return prepare(DataSpec("synthetic"), AttackSpec("badnets", {}, 0.1, 0), seed=0)

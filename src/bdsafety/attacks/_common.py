@@ -7,6 +7,7 @@ poisoned training samples keep their labels (and are drawn from the target class
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import Callable, Protocol
 
@@ -88,9 +89,16 @@ def choose_poison_indices(labels: Tensor, attack: Attack, rate: float, target: i
     return candidates[order[:n_poison]].sort().values
 
 
+def check_poisoning(labels: Tensor, clean_label: bool, rate: float, target: int, num_classes: int) -> None:
+    """Every check `poison` makes before it changes anything (run early, before an expensive attack fit)."""
+    check_rate_and_target(rate, target, num_classes)
+    if clean_label:
+        check_clean_label_rate(labels, rate, target)
+
+
 def poison(train: ImageSet, attack: Attack, rate: float, target: int, num_classes: int, seed: int) -> PoisonedSet:
     """Poison `train` with `attack` (all2one to `target`), deterministically for `seed`."""
-    check_rate_and_target(rate, target, num_classes)
+    check_poisoning(train.labels, attack.clean_label, rate, target, num_classes)
     indices = choose_poison_indices(train.labels, attack, rate, target, seed)
     images, labels = train.images.clone(), train.labels.clone()
     images[indices] = map_uint8(train_trigger(attack), images[indices])
@@ -118,6 +126,16 @@ def triggered_test_set(test: ImageSet, attack: Attack, target: int) -> ImageSet:
     keep = (test.labels != target).nonzero().flatten()
     images = map_uint8(attack.apply, test.images[keep])
     return ImageSet(images, torch.full((len(keep),), target, dtype=torch.int64))
+
+
+def check_numeric_fields(attack) -> None:
+    """A one-line UsageError for an int/float parameter given as something else (e.g. `--set epochs=ten`)."""
+    for f in dataclasses.fields(attack):
+        value = getattr(attack, f.name)
+        if f.type in ("int", "float") and (isinstance(value, bool) or not isinstance(value, (int, float))):
+            raise UsageError(f"{type(attack).__name__.lower()} parameter {f.name} must be a number, got {value!r}")
+        if f.type == "int" and isinstance(value, float) and not value.is_integer():
+            raise UsageError(f"{type(attack).__name__.lower()} parameter {f.name} must be an integer, got {value!r}")
 
 
 def resize_mask(mask: Tensor, height: int, width: int) -> Tensor:
