@@ -11,7 +11,7 @@ import pytest
 
 from bdsafety.report import write_report
 from bdsafety.report.claims import backdoor_error_span, evaluate_claims
-from bdsafety.report.tables import qra_table, robustness_table, to_markdown
+from bdsafety.report.tables import qra_table, robustness_table, to_markdown, trigger_table
 
 DEFENSES = ("ep", "ft", "fst", "ft_sam", "anp", "i_bau", "bti_dbf", "pam")
 # (o_clean_acc, o_asr, p_clean_acc, p_asr, qra_asr_purified, qra_asr_clean_model, t where 1 - ASR reaches 0.5)
@@ -223,3 +223,24 @@ def test_single_attack_run_without_attacks_list():
     lines = [line for line in to_markdown(robustness_table(results)).splitlines() if line.startswith("|")]
     assert lines[0] == "| Defense | Evaluation | BadNets C-Acc ↑ | BadNets ASR ↓ |" and len(lines) == 2 + 26
     assert held(results) == [True] * 5
+
+
+def test_blocks_of_the_same_attack_are_told_apart_by_seed():
+    results = fake_results()
+    seeds = [dict(copy.deepcopy(block), attack="ssba", seed=seed) for seed, block in enumerate(results["attacks"])]
+    results["attacks"] = seeds + [dict(copy.deepcopy(seeds[0]), attack="lc", seed=0)]
+    header = to_markdown(robustness_table(results)).splitlines()[2]
+    assert "SSBA (5.0%, t=0, seed 0) C-Acc ↑" in header and "SSBA (5.0%, t=0, seed 1) ASR ↓" in header
+    assert "| LC C-Acc ↑ | LC ASR ↓ |" in header and [s for s, _ in qra_table(results).spans][-1] == "LC"
+
+
+def test_trigger_table_shows_the_fitted_attacks_only():
+    results = fake_results()
+    results["attacks"][1]["trigger"] = {"psnr_mean": 29.34, "linf_mean": 0.051, "linf_max": 0.051,
+                                        "bit_accuracy": 0.986}
+    table = trigger_table(results)
+    assert table.columns == ["Attack", "PSNR (dB)", "mean L∞", "max L∞", "bit accuracy"]
+    assert table.rows == [["Blended", "29.3", "0.051", "0.051", "0.986"]]
+    lines = to_markdown(table).splitlines()  # a table without column groups keeps every header cell
+    assert lines[2] == "| Attack | PSNR (dB) | mean L∞ | max L∞ | bit accuracy |" and lines[3].count("|") == 6
+    assert trigger_table(fake_results()) is None

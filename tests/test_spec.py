@@ -1,3 +1,5 @@
+import re
+
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -63,3 +65,43 @@ def test_any_spec_is_valid_or_a_usage_error(raw):
         assert "\n" not in str(exc) and str(exc)
     else:
         assert isinstance(spec.digest(), str)
+
+
+def test_seeds_list_and_single_seed_hash(tmp_path):
+    single = parse_spec({"dataset": "synthetic", "seed": 0})
+    assert single.resolved_seeds == (0,) and "seeds" not in single.to_json()  # earlier hashes unchanged
+    assert parse_spec({"dataset": "synthetic"}).digest() == single.digest()
+    several = parse_spec({"dataset": "synthetic", "seeds": [2, 5]})
+    assert several.resolved_seeds == (2, 5) and several.seed == 2 and several.digest() != single.digest()
+    assert parse_spec({"dataset": "synthetic", "seeds": [2, 5], "seed": 5}).resolved_seeds == (2, 5)
+    assert parse_spec({"dataset": "synthetic", "seeds": 3}).resolved_seeds == (3,)
+
+
+@pytest.mark.parametrize("raw, message", [
+    ({"seeds": []}, "non-empty list of distinct"),
+    ({"seeds": [0, 0]}, "non-empty list of distinct"),
+    ({"seeds": [0, -1]}, "non-empty list of distinct"),
+    ({"seeds": ["a"]}, "non-empty list of distinct"),
+    ({"seeds": [0, 1], "seed": 4}, "'seed' (4) is not one of 'seeds'"),
+    ({"attacks": [{"name": "badnets", "poison_rate": []}]}, "poison_rate list must not be empty"),
+    ({"attacks": ["badnets", "badnets"]}, "same attack twice"),
+])
+def test_bad_seed_and_attack_lists(raw, message):
+    with pytest.raises(UsageError, match=re.escape(message)):
+        parse_spec(raw)
+
+
+def test_poison_rate_list_expands_into_one_attack_per_rate():
+    spec = parse_spec({"attacks": [{"name": "lc", "poison_rate": [0.05, 0.1], "target": 3}, "ssba"]})
+    assert [(a.name, a.poison_rate, a.target) for a in spec.attacks] == [("lc", 0.05, 3), ("lc", 0.1, 3),
+                                                                          ("ssba", 0.05, 0)]
+
+
+def test_full_demo_spec_holds_the_four_paper_attacks_and_every_defense():
+    from importlib import resources
+
+    from bdsafety.spec import CHECKS, PAPER_DEFENSES
+    spec = load_spec(resources.files("bdsafety") / "configs" / "full.yaml")
+    assert [(a.name, a.poison_rate, a.target) for a in spec.attacks] == [
+        (name, 0.05, 0) for name in ("badnets", "blended", "ssba", "lc")]
+    assert spec.defenses == PAPER_DEFENSES and spec.checks == CHECKS and spec.resolved_profile == "cpu"

@@ -71,7 +71,7 @@ def cmd_train(args) -> int:
     device = resolve_device(args.device)
     data = DataSpec(args.dataset, args.data_dir, args.reserve_fraction)
     attack = AttackSpec(args.attack, parse_assignments(args.set), args.poison_rate, args.target)
-    setup = prepare(data, attack, args.seed)
+    setup = prepare(data, attack, args.seed, profile=profile, device=device)
     log.info("training %s on %s (%s, %d epochs, %s)", model_name, args.dataset, args.attack, config.epochs, device)
     model, result = train_model(setup, model_name, config, args.seed, device, progress=True)
     record = {"stage": "train", "model": model_name, "profile": profile, "train_config": config.to_json(),
@@ -153,8 +153,14 @@ def cmd_run(args) -> int:
     return run_and_report(spec, Path(args.out), args.device)
 
 
+DEMO_SPECS = {"quick": "quick.yaml", "full": "full.yaml", "default": "demo.yaml"}
+
+
 def cmd_demo(args) -> int:
-    spec = load_spec(resources.files("bdsafety") / "configs" / ("quick.yaml" if args.quick else "demo.yaml"), args.set)
+    if args.quick and args.full:
+        raise UsageError("choose one of --quick and --full")
+    name = DEMO_SPECS["quick" if args.quick else "full" if args.full else "default"]
+    spec = load_spec(resources.files("bdsafety") / "configs" / name, args.set)
     return run_and_report(spec, Path(args.out), args.device)
 
 
@@ -167,8 +173,16 @@ def run_and_report(spec, out: Path, device_name: str) -> int:
 
 
 def results_table(results: dict) -> str:
-    lines = [f"backdoored: {format_metrics(results['backdoored'])}", "defense   o_acc  o_asr  p_acc  p_asr  qra_asr"]
-    for row in results["rows"]:
+    """One small text table per results block (attack, poison rate, target, seed)."""
+    blocks = results.get("attacks") or [results]
+    return "\n".join(block_table(block, len(blocks) > 1) for block in blocks)
+
+
+def block_table(block: dict, titled: bool) -> str:
+    title = f"{block.get('attack')} {block.get('poison_rate')} t={block.get('target')} seed {block.get('seed')}: "
+    lines = [f"{title if titled else ''}backdoored: {format_metrics(block['backdoored'])}",
+             "defense   o_acc  o_asr  p_acc  p_asr  qra_asr"]
+    for row in block["rows"]:
         cells = [row.get(k) for k in ("o_clean_acc", "o_asr", "p_clean_acc", "p_asr", "qra_asr_purified")]
         lines.append(f"{row['defense']:9s} " + "  ".join("  -  " if v is None else f"{v:.3f}" for v in cells))
     return "\n".join(lines)
@@ -186,7 +200,7 @@ def cmd_import(args) -> int:
     MODELS.get(args.model)
     data = DataSpec(args.dataset, args.data_dir, args.reserve_fraction)
     attack = AttackSpec(args.attack, parse_assignments(args.set), args.poison_rate, args.target)
-    setup = prepare(data, attack, args.seed)
+    setup = prepare(data, attack, args.seed, device=resolve_device(args.device))
     spec = setup.model_spec(args.model)
     model = create_model(spec)
     source = Path(args.file)
@@ -308,6 +322,8 @@ def build_parser() -> Parser:
     demo = sub.add_parser("demo", help="the built-in Fashion-MNIST experiment (BadNets 5%%, all defenses)")
     demo.add_argument("--out", required=True, help="experiment directory (reused on rerun)")
     demo.add_argument("--quick", action="store_true", help="a shorter first look (about 5 minutes)")
+    demo.add_argument("--full", action="store_true",
+                      help="the paper's four attacks (BadNets, Blended, SSBA, LC) with every defense: Table 1 in full")
     demo.add_argument("--set", action="append", metavar="KEY=VALUE", help="spec override")
     add_common(demo)
     demo.set_defaults(handler=cmd_demo)
@@ -327,10 +343,16 @@ def build_parser() -> Parser:
     return parser
 
 
+def thread_count() -> int:
+    """$OMP_NUM_THREADS when set to a positive integer (to share a machine), else every available core."""
+    value = os.environ.get("OMP_NUM_THREADS", "")
+    return int(value) if value.isdigit() and int(value) > 0 else available_cores()
+
+
 def configure(quiet: bool) -> None:
     logging.basicConfig(format="%(message)s", stream=sys.stderr)
     logging.getLogger().setLevel(logging.WARNING if quiet else logging.INFO)
-    torch.set_num_threads(available_cores())
+    torch.set_num_threads(thread_count())
 
 
 def main(argv: list[str] | None = None) -> int:

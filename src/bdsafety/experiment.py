@@ -10,11 +10,13 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .attacks import ATTACKS, Attack, PoisonedSet, create_attack, poison, triggered_test_set
+from .attacks import ATTACKS, Attack, PoisonedSet, check_poisoning, create_attack, fit_attack, fit_report, poison, \
+    triggered_test_set
 from .defenses import DefenderData, Defense, run_defense
 from .data import DataBundle, ImageSet, Split, load_dataset, seed_for, split_reserve
 from .errors import UsageError
 from .models import ModelSpec, create_model
+from .profiles import default_profile
 from .registry import parameter_names
 from .train import TrainConfig, evaluate, fit
 
@@ -62,11 +64,12 @@ class Setup:
         return ModelSpec(model, self.bundle.shape[0], self.bundle.num_classes, self.bundle.mean, self.bundle.std)
 
 
-def build_attack(spec: AttackSpec, seed: int) -> Attack:
+def build_attack(spec: AttackSpec, seed: int, profile: str = "paper") -> Attack:
+    """The (unfitted) attack: the profile's lengths, then the spec's parameters; its seed derives from `seed`."""
     params = dict(spec.params)
     if "seed" in parameter_names(ATTACKS.get(spec.name)) and "seed" not in params:
         params["seed"] = seed_for(seed, "trigger")
-    return create_attack(spec.name, **params)
+    return create_attack(spec.name, profile, **params)
 
 
 def defender_split(bundle: DataBundle, reserve_fraction: float, seed: int) -> Split:
@@ -74,16 +77,29 @@ def defender_split(bundle: DataBundle, reserve_fraction: float, seed: int) -> Sp
     return split_reserve(len(bundle.train), reserve_fraction, seed_for(seed, "reserve"))
 
 
-def prepare(data: DataSpec, attack: AttackSpec, seed: int, bundle: DataBundle | None = None) -> Setup:
-    """Load data, split off the reserve, poison the training part and build the triggered test set."""
+def prepare(data: DataSpec, attack: AttackSpec, seed: int, bundle: DataBundle | None = None,
+            profile: str | None = None, device: torch.device | str = "cpu") -> Setup:
+    """Load data, split off the reserve, fit the attack if it needs it, poison the training part and build
+    the triggered test set.
+
+    Args:
+        data, attack, seed: what to build; everything below is deterministic for them.
+        bundle: the loaded dataset (default: load `data`).
+        profile: attack fit lengths ("cpu" or "paper"; default: the dataset's default profile).
+        device: where an attack fit (SSBA, LC) computes on a cache miss.
+    """
     bundle = bundle or load_dataset(data.name, data.data_dir, seed=seed)
     if not 0 <= attack.target < bundle.num_classes:
         raise UsageError(f"target class must be in 0..{bundle.num_classes - 1}, got {attack.target}")
     split = defender_split(bundle, data.reserve_fraction, seed)
     if attack.name == "none":
         return Setup(bundle, split, None, attack, None, None)
-    trigger = build_attack(attack, seed)
     train = bundle.train.subset(split.train)
+    check_poisoning(train.labels, ATTACKS.get(attack.name).clean_label, attack.poison_rate, attack.target,
+                    bundle.num_classes)  # before a fit that may take minutes
+    # fitted on the attacker's split only: the defender's reserve never shapes the trigger
+    trigger = fit_attack(build_attack(attack, seed, profile or default_profile(data.name)), train, attack.target,
+                         device=device)
     poisoned = poison(train, trigger, attack.poison_rate, attack.target, bundle.num_classes, seed_for(seed, "poison"))
     return Setup(bundle, split, trigger, attack, poisoned, triggered_test_set(bundle.test, trigger, attack.target))
 
@@ -126,7 +142,8 @@ def setup_record(data: DataSpec, attack: AttackSpec, seed: int, setup: Setup) ->
                  "num_reserve": len(setup.split.reserve), "num_test": len(setup.bundle.test)},
         "attack": {"name": attack.name, "params": _attack_params(setup.attack), "poison_rate": attack.poison_rate,
                    "target": attack.target,
-                   "num_poisoned": int(setup.poisoned.poison_mask.sum()) if setup.poisoned else 0},
+                   "num_poisoned": int(setup.poisoned.poison_mask.sum()) if setup.poisoned else 0,
+                   **({"fit": fit_report(setup.attack)} if fit_report(setup.attack) else {})},
         "seed": seed,
     }
 
@@ -149,5 +166,5 @@ def setup_from_record(record: dict, data_dir: str | None = None) -> tuple[DataSp
     data = DataSpec(data_rec["name"], data_dir or data_rec.get("data_dir"), data_rec["reserve_fraction"])
     attack = AttackSpec(attack_rec["name"], dict(attack_rec.get("params", {})), attack_rec["poison_rate"],
                         attack_rec["target"])
-    return data, attack, prepare(data, attack, record["seed"])
+    return data, attack, prepare(data, attack, record["seed"], profile=record.get("profile"))
 

@@ -19,6 +19,7 @@ from . import store
 from .audits import create_audit
 from .data import load_dataset
 from .errors import UsageError
+from .attacks import profile_overrides
 from .defenses import create_defense, defense_params
 from .experiment import AttackSpec, DataSpec, Setup, evaluate_setup, prepare, purify, setup_record, setup_tensors, \
     train_model
@@ -85,25 +86,33 @@ def remove_partial_writes(folder: Path) -> None:
 
 @dataclass(frozen=True)
 class Context:
+    """What every stage of one (spec, seed) shares; `seed` is one of the spec's seeds."""
+
     spec: ExperimentSpec
     model_name: str
     train_config: TrainConfig
     profile: str
+    seed: int
 
     @classmethod
-    def of(cls, spec: ExperimentSpec) -> "Context":
+    def of(cls, spec: ExperimentSpec, seed: int | None = None) -> "Context":
         profile = spec.resolved_profile
         base = TRAIN_PROFILES[profile]
         try:
             config = TrainConfig(**{**base.to_json(), **spec.train})
         except TypeError as exc:
             raise UsageError(f"spec 'train': {exc}") from None
-        return cls(spec, spec.model or MODEL_FOR_PROFILE[profile], config, profile)
+        return cls(spec, spec.model or MODEL_FOR_PROFILE[profile], config, profile,
+                   spec.seed if seed is None else seed)
 
     def base_inputs(self) -> dict:
         s = self.spec
-        return {"dataset": s.dataset, "reserve_fraction": s.reserve_fraction, "seed": s.seed,
+        return {"dataset": s.dataset, "reserve_fraction": s.reserve_fraction, "seed": self.seed,
                 "model": self.model_name, "train": self.train_config.to_json()}
+
+    @property
+    def data(self) -> DataSpec:
+        return DataSpec(self.spec.dataset, self.spec.data_dir, self.spec.reserve_fraction)
 
 
 def audit_instance(name: str, ctx: Context):
@@ -116,14 +125,16 @@ def audit_instance(name: str, ctx: Context):
 
 def train_stage(runs: RunStore, ctx: Context, setup: Setup, attack: AttackSpec, label: str) -> tuple[Stage, dict]:
     inputs = {**ctx.base_inputs(), "attack": dataclasses.asdict(attack)}
+    overrides = profile_overrides(attack.name, ctx.profile) if attack.name != "none" else {}
+    if overrides:  # the profile's fit lengths (SSBA, LC) shape the trigger; only then part of the hash
+        inputs["attack_profile"] = overrides
     path = runs.path("train", label, inputs)
-    data = DataSpec(ctx.spec.dataset, ctx.spec.data_dir, ctx.spec.reserve_fraction)
 
     def build():
-        log.info("training the %s model", label)
-        model, result = train_model(setup, ctx.model_name, ctx.train_config, ctx.spec.seed, runs.device, progress=True)
+        log.info("training the %s model (seed %d)", label, ctx.seed)
+        model, result = train_model(setup, ctx.model_name, ctx.train_config, ctx.seed, runs.device, progress=True)
         record = {"stage": "train", "model": ctx.model_name, "profile": ctx.profile,
-                  "train_config": ctx.train_config.to_json(), **setup_record(data, attack, ctx.spec.seed, setup),
+                  "train_config": ctx.train_config.to_json(), **setup_record(ctx.data, attack, ctx.seed, setup),
                   **result}
         return model, record, setup_tensors(setup)
 
@@ -136,7 +147,7 @@ def defense_stage(runs, ctx, setup, backdoored: Stage, bd_inputs: dict, name: st
 
     def build():
         log.info("defense %s (%s)", name, label)
-        model, result = purify(defense, backdoored.model, setup, ctx.spec.seed)
+        model, result = purify(defense, backdoored.model, setup, ctx.seed)
         record = {"stage": "purify", "defense": name, "profile": ctx.profile, "params": defense_params(defense),
                   "parent_metrics": backdoored.record["metrics"], **result,
                   **{k: backdoored.record[k] for k in ("data", "attack", "seed", "model")}}
@@ -152,7 +163,7 @@ def retune_stage(runs, ctx, setup, purified: Stage, parent_inputs: dict, label: 
 
     def build():
         log.info("retuning attack on %s", label)
-        model, result = audit.run(purified.model, setup, ctx.spec.seed)
+        model, result = audit.run(purified.model, setup, ctx.seed)
         return model, {"stage": "ra", "params": dataclasses.asdict(audit), "metrics": result,
                        **{k: purified.record[k] for k in ("data", "attack", "seed", "model")}}, None
 
@@ -166,7 +177,7 @@ def qra_stage(runs, ctx, setup, purified: Stage, retuned: Stage, clean: Stage, i
 
     def build():
         log.info("query-based reactivation attack on %s", label)
-        result = audit.run(purified.model, retuned.model, clean.model, setup, ctx.spec.seed)
+        result = audit.run(purified.model, retuned.model, clean.model, setup, ctx.seed)
         return {"stage": "qra", "params": dataclasses.asdict(audit), "metrics": result}
 
     return runs.record_stage(runs.path("qra", label, inputs), build)["metrics"]
@@ -179,20 +190,26 @@ def lmc_stage(runs, ctx, setup, backdoored: Stage, purified: Stage, parent_input
     def build():
         log.info("linear mode connectivity for %s", label)
         return {"stage": "lmc", "params": dataclasses.asdict(audit),
-                "metrics": audit.run(backdoored.model, purified.model, setup, ctx.spec.seed)}
+                "metrics": audit.run(backdoored.model, purified.model, setup, ctx.seed)}
 
     return runs.record_stage(runs.path("lmc", label, inputs), build)["metrics"]
 
 
+def clean_stage(runs: RunStore, ctx: Context, bundle) -> tuple[Stage, dict]:
+    """The clean reference model of one seed (its split differs per seed)."""
+    attack = AttackSpec("none")
+    return train_stage(runs, ctx, prepare(ctx.data, attack, ctx.seed, bundle, ctx.profile), attack, "clean")
+
+
 def attack_block(runs: RunStore, ctx: Context, bundle, entry: AttackEntry, clean: Stage, clean_inputs: dict) -> dict:
-    """Backdoor, every defense and every check for one attack; returns the results block."""
+    """Backdoor, every defense and every check for one (attack, seed); returns the results block."""
     spec = ctx.spec
     attack = AttackSpec(entry.name, dict(entry.params), entry.poison_rate, entry.target)
-    data = DataSpec(spec.dataset, spec.data_dir, spec.reserve_fraction)
-    setup = prepare(data, attack, spec.seed, bundle)
+    setup = prepare(ctx.data, attack, ctx.seed, bundle, ctx.profile, runs.device)
     label = f"{entry.name}-{entry.poison_rate:g}-t{entry.target}"
     backdoored, bd_inputs = train_stage(runs, ctx, setup, attack, label)
-    block = {"attack": entry.name, "poison_rate": entry.poison_rate, "target": entry.target,
+    block = {"attack": entry.name, "poison_rate": entry.poison_rate, "target": entry.target, "seed": ctx.seed,
+             **trigger_summary(backdoored.record),
              "backdoored": backdoored.record["metrics"], "clean": evaluate_setup(clean.model, setup), "rows": []}
     if "ra" in spec.checks:
         clean_ra, _ = retune_stage(runs, ctx, setup, clean, {"clean": clean_inputs, "attack": bd_inputs}, f"{label}-clean")
@@ -223,19 +240,31 @@ def defense_row(runs, ctx, setup, backdoored, bd_inputs, clean, clean_inputs, na
     return row
 
 
+def trigger_summary(record: dict) -> dict:
+    """A fitted attack's trigger statistics for results.json (PSNR, bit accuracy, ...; no timings or cache flags)."""
+    fit = record.get("attack", {}).get("fit") or {}
+    kept = {k: v for k, v in fit.items() if not k.endswith("_s") and k != "cache_hit"}
+    return {"trigger": kept} if kept else {}
+
+
 def run_experiment(spec: ExperimentSpec, out: Path, device: torch.device) -> dict:
-    """Run (or resume) every stage of `spec` under `out`; write results.json and return it."""
+    """Run (or resume) every stage of `spec` under `out`; write results.json and return it.
+
+    One results block per (attack, seed), attack by attack; the top-level `backdoored`, `clean` and
+    `rows` mirror the first block (the single-attack layout).
+    """
     started = time.perf_counter()
-    ctx = Context.of(spec)
     bundle = load_dataset(spec.dataset, spec.data_dir, seed=spec.seed)
     check_against_data(spec, bundle)  # before anything is written
     runs = RunStore(out, device)
     store.atomic_write_bytes(Path(out) / "spec.yaml", spec_yaml(spec).encode())
-    data = DataSpec(spec.dataset, spec.data_dir, spec.reserve_fraction)
-    clean_attack = AttackSpec("none")
-    clean, clean_inputs = train_stage(runs, ctx, prepare(data, clean_attack, spec.seed, bundle), clean_attack, "clean")
-    blocks = [attack_block(runs, ctx, bundle, entry, clean, clean_inputs) for entry in spec.attacks]
-    results = {"dataset": spec.dataset, "model": ctx.model_name, "seed": spec.seed, "profile": ctx.profile,
+    contexts = {seed: Context.of(spec, seed) for seed in spec.resolved_seeds}
+    cleans = {seed: clean_stage(runs, ctx, bundle) for seed, ctx in contexts.items()}
+    blocks = [attack_block(runs, contexts[seed], bundle, entry, *cleans[seed])
+              for entry in spec.attacks for seed in spec.resolved_seeds]
+    first = contexts[spec.resolved_seeds[0]]
+    results = {"dataset": spec.dataset, "model": first.model_name, "seed": first.seed, "profile": first.profile,
+               **({"seeds": list(spec.seeds)} if spec.seeds else {}),
                "spec_hash": spec.digest(), **{k: blocks[0][k] for k in ("backdoored", "clean", "rows")},
                "attacks": blocks}
     store.write_json(Path(out) / "results.json", results)
@@ -254,7 +283,7 @@ def audit_purified(backdoored: nn.Module, purified: nn.Module, clean: nn.Module 
                    checks: tuple[str, ...], ctx: Context) -> dict:
     """The audit of one purified model (RA, QRA, LMC) outside a spec run: returns audit.json's content."""
     result = {"purified": evaluate_setup(purified, setup), "backdoored": evaluate_setup(backdoored, setup)}
-    seed = ctx.spec.seed
+    seed = ctx.seed
     retuned = None
     if "ra" in checks or "qra" in checks:
         retuned, ra = audit_instance("ra", ctx).run(purified, setup, seed)

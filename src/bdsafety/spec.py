@@ -44,6 +44,7 @@ class ExperimentSpec:
     model: str | None = None  # None: the profile's model
     profile: str | None = None  # None: "cpu" for small datasets, else "paper"
     seed: int = 0
+    seeds: tuple[int, ...] = ()  # several seeds: one block per (attack, seed); empty: just `seed`
     reserve_fraction: float = 0.05
     attacks: tuple[AttackEntry, ...] = (AttackEntry(),)
     train: dict = field(default_factory=dict)  # TrainConfig overrides, e.g. {epochs: 4}
@@ -56,8 +57,16 @@ class ExperimentSpec:
     def resolved_profile(self) -> str:
         return self.profile or default_profile(self.dataset)
 
+    @property
+    def resolved_seeds(self) -> tuple[int, ...]:
+        return self.seeds or (self.seed,)
+
     def to_json(self) -> dict:
-        return dataclasses.asdict(self)
+        """The spec as plain data; `seeds` only when given, so single-seed specs keep their earlier hash."""
+        data = dataclasses.asdict(self)
+        if not self.seeds:
+            del data["seeds"]
+        return data
 
     def digest(self) -> str:
         return canonical_hash(self.to_json())
@@ -112,9 +121,31 @@ def parse_spec(raw: dict) -> ExperimentSpec:
     if unknown:
         raise UsageError(f"unknown spec key {unknown[0]!r}; valid keys: {', '.join(sorted(known))}")
     values = {k: v for k, v in raw.items() if v is not None or k in ("data_dir", "model", "profile")}
-    spec = ExperimentSpec(**{**values, **parse_lists(values)})
+    values = {**values, **parse_lists(values), **parse_seeds(values)}
+    spec = ExperimentSpec(**values)
     validate(spec)
     return spec
+
+
+def parse_seeds(raw: dict) -> dict:
+    """`seeds: [0, 1]` (a list of distinct non-negative integers); `seed`, when also given, must be one of them.
+
+    Without an explicit `seed`, it becomes the first of `seeds` (the seed of the first results block).
+    """
+    if "seeds" not in raw:
+        return {}
+    seeds = raw["seeds"]
+    if isinstance(seeds, int) and not isinstance(seeds, bool):
+        seeds = [seeds]
+    expect(isinstance(seeds, list) and seeds and all(is_seed(s) for s in seeds) and len(set(seeds)) == len(seeds),
+           f"spec 'seeds' must be a non-empty list of distinct non-negative integers, got {seeds!r}")
+    if "seed" in raw:
+        expect(raw["seed"] in seeds, f"spec 'seed' ({raw['seed']!r}) is not one of 'seeds' {seeds}; drop one of them")
+    return {"seeds": tuple(seeds), "seed": raw.get("seed", seeds[0])}
+
+
+def is_seed(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
 
 
 def parse_lists(raw: dict) -> dict:
@@ -125,7 +156,7 @@ def parse_lists(raw: dict) -> dict:
             entries = [entries]
         if not isinstance(entries, list) or not entries:
             raise UsageError("spec 'attacks' must be a non-empty list of attack names or mappings")
-        out["attacks"] = tuple(parse_attack(e) for e in entries)
+        out["attacks"] = tuple(a for e in entries for a in parse_attack(e))
     for key in ("defenses", "checks"):
         if key in raw:
             items = raw[key]
@@ -137,16 +168,21 @@ def parse_lists(raw: dict) -> dict:
     return out
 
 
-def parse_attack(entry) -> AttackEntry:
+def parse_attack(entry) -> list[AttackEntry]:
+    """One attack entry; `poison_rate: [0.05, 0.1]` expands into one entry per rate."""
     if isinstance(entry, str):
-        return AttackEntry(name=entry)
+        return [AttackEntry(name=entry)]
     if not isinstance(entry, dict):
         raise UsageError(f"each attack must be a name or a mapping, got {entry!r}")
     known = {f.name for f in dataclasses.fields(AttackEntry)}
     unknown = sorted(str(k) for k in set(entry) - known)
     if unknown:
         raise UsageError(f"unknown attack key {unknown[0]!r}; valid keys: {', '.join(sorted(known))}")
-    return AttackEntry(**entry)
+    rates = entry.get("poison_rate", AttackEntry.poison_rate)
+    if not isinstance(rates, list):
+        return [AttackEntry(**entry)]
+    expect(bool(rates), f"attack '{entry.get('name')}': poison_rate list must not be empty")
+    return [AttackEntry(**{**entry, "poison_rate": rate}) for rate in rates]
 
 
 def expect(condition: bool, message: str) -> None:
@@ -169,12 +205,17 @@ def validate(spec: ExperimentSpec) -> None:
            f"spec 'model' must be one of {', '.join(MODELS.names())}, got {spec.model!r}")
     expect(spec.profile is None or is_name_in(spec.profile, TRAIN_PROFILES),
            f"spec 'profile' must be one of {', '.join(sorted(TRAIN_PROFILES))}, got {spec.profile!r}")
-    expect(isinstance(spec.seed, int) and not isinstance(spec.seed, bool) and spec.seed >= 0,
-           f"spec 'seed' must be a non-negative integer, got {spec.seed!r}")
+    expect(is_seed(spec.seed), f"spec 'seed' must be a non-negative integer, got {spec.seed!r}")
+    expect(isinstance(spec.seeds, tuple) and all(is_seed(s) for s in spec.seeds),
+           f"spec 'seeds' must be a list of non-negative integers, got {spec.seeds!r}")
     expect(is_number(spec.reserve_fraction) and 0 < spec.reserve_fraction < 1,
            f"spec 'reserve_fraction' must be in (0, 1), got {spec.reserve_fraction!r}")
     for entry in spec.attacks:
         validate_attack(entry)
+    blocks = [(a.name, a.poison_rate, a.target, json.dumps(a.params, sort_keys=True, default=str))
+              for a in spec.attacks]
+    expect(len(set(blocks)) == len(blocks), "spec 'attacks' lists the same attack twice (same name, rate, target "
+                                            "and params); use 'seeds' for repeats")
     for name in spec.defenses:
         expect(name in DEFENSES, f"unknown defense '{name}' in spec; choose from: {', '.join(DEFENSES.names())}")
     for name in spec.checks:
@@ -202,9 +243,11 @@ def check_against_data(spec: ExperimentSpec, bundle: DataBundle) -> None:
 
     Run before anything is written, so an impossible spec fails at once, not after the clean model trained.
     """
-    train_labels = bundle.train.labels[defender_split(bundle, spec.reserve_fraction, spec.seed).train]
     for entry in spec.attacks:
         expect(entry.target < bundle.num_classes, f"attack '{entry.name}': target must be a class of {spec.dataset} "
                                                   f"(0..{bundle.num_classes - 1}), got {entry.target}")
-        if ATTACKS.get(entry.name).clean_label:
-            check_clean_label_rate(train_labels, entry.poison_rate, entry.target)
+    for seed in spec.resolved_seeds:
+        train_labels = bundle.train.labels[defender_split(bundle, spec.reserve_fraction, seed).train]
+        for entry in spec.attacks:
+            if ATTACKS.get(entry.name).clean_label:
+                check_clean_label_rate(train_labels, entry.poison_rate, entry.target)

@@ -55,9 +55,13 @@ def _grouped_bars(ax, names: list[str], series: list[tuple[str, list[float | Non
     ax.set_axisbelow(True)
 
 
-def asr_bars(block: dict, label: str) -> bytes:
-    """Fig. 1 style: O-ASR (after the defense) and P-ASR (after RA) per defense, the clean model first."""
+def asr_bars(block: dict, label: str) -> bytes | None:
+    """Fig. 1 style: O-ASR (after the defense) and P-ASR (after RA) per defense, the clean model first.
+
+    None when the block has no defense rows."""
     defenses = [d for d in defense_order([block])]
+    if not defenses:
+        return None
     names = ["Clean"] + [display_name(d, short=True) for d in defenses]
     o_asr = [block["clean"].get("asr")] + [(find_row(block, d) or {}).get("o_asr") for d in defenses]
     p_asr = [block["clean"].get("asr_after_ra")] + [(find_row(block, d) or {}).get("p_asr") for d in defenses]

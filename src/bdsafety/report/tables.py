@@ -54,10 +54,20 @@ def attack_blocks(results: dict) -> list[dict]:
 
 
 def attack_labels(blocks: list[dict]) -> list[str]:
-    """Display names; blocks sharing an attack name are told apart by poison rate and target."""
+    """Display names; blocks sharing an attack name are told apart by poison rate and target, and by seed
+    when their seeds differ."""
     names = [ATTACK_NAMES.get(b.get("attack"), str(b.get("attack"))) for b in blocks]
-    return [f"{n} ({percent(b.get('poison_rate'))}%, t={b.get('target')})" if names.count(n) > 1 else n
-            for n, b in zip(names, blocks)]
+    labels = []
+    for name, block in zip(names, blocks):
+        same = [other for n, other in zip(names, blocks) if n == name]
+        if len(same) == 1:
+            labels.append(name)
+            continue
+        parts = [f"{percent(block.get('poison_rate'))}%", f"t={block.get('target')}"]
+        if len({other.get("seed") for other in same}) > 1:
+            parts.append(f"seed {block.get('seed')}")
+        labels.append(f"{name} ({', '.join(parts)})")
+    return labels
 
 
 def defense_order(blocks: list[dict]) -> list[str]:
@@ -149,6 +159,32 @@ def qra_table(results: dict) -> Table | None:
                  [(label, len(QRA_COLUMNS)) for label in attack_labels(blocks)])
 
 
+TRIGGER_COLUMNS = (("psnr_mean", "PSNR (dB)", "{:.1f}"), ("linf_mean", "mean L∞", "{:.3f}"),
+                   ("linf_max", "max L∞", "{:.3f}"), ("bit_accuracy", "bit accuracy", "{:.3f}"),
+                   ("source_clean_acc", "source model clean acc.", "{:.3f}"),
+                   ("source_adv_acc", "source model adv. acc.", "{:.3f}"), ("eps", "PGD ε (×255)", "{:.1f}"))
+
+
+def trigger_table(results: dict) -> Table | None:
+    """The fitted triggers (SSBA, LC): invisibility and fit quality as recorded; None when no attack was fitted.
+
+    L∞ and ε are in [0, 1] pixel units (ε shown ×255); accuracies are fractions, shown as they are."""
+    blocks = attack_blocks(results)
+    fitted = [(label, b["trigger"]) for label, b in zip(attack_labels(blocks), blocks) if b.get("trigger")]
+    if not fitted:
+        return None
+    columns = [c for c in TRIGGER_COLUMNS if any(c[0] in trigger for _, trigger in fitted)]
+    rows = [[label] + [_number(trigger.get(key), fmt, 255 if key == "eps" else 1) for key, _, fmt in columns]
+            for label, trigger in fitted]
+    return Table("Fitted triggers: SSBA's invisibility (PSNR, L∞ after uint8 rounding) and secret recovery; "
+                 "LC's PGD source model on the target-class training images before and after the attack.",
+                 ["Attack"] + [title for _, title, _ in columns], rows)
+
+
+def _number(value: float | None, fmt: str, scale: float) -> str:
+    return MISSING if value is None else fmt.format(scale * value)
+
+
 def runtime_table(results: dict) -> Table | None:
     """Wall-clock seconds of each defense (`defense_s`), one column per attack; None when none recorded."""
     blocks = attack_blocks(results)
@@ -178,6 +214,8 @@ def to_markdown(table: Table) -> str:
 
 
 def _flat_header(table: Table) -> list[str]:
+    if not table.spans:
+        return list(table.columns)
     groups = [label for label, width in table.spans for _ in range(width)]
     lead = _ungrouped(table)
     return table.columns[:lead] + [f"{g} {c}" for g, c in zip(groups, table.columns[lead:])]
