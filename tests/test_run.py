@@ -52,6 +52,15 @@ def test_results_have_the_documented_keys(finished):
     assert (out / "report.md").is_file() and (out / "report.html").is_file()
 
 
+def test_defense_times_go_to_timings_json_and_the_report_only(finished):
+    _, out = finished
+    timings = json.loads((out / "timings.json").read_text())
+    assert [sorted(block) for block in timings["defense_s"]] == [["ep", "ft"]]
+    assert all(seconds > 0 for seconds in timings["defense_s"][0].values())
+    assert "defense_s" not in (out / "results.json").read_text()
+    assert "Defense run time (seconds)" in (out / "report.md").read_text()
+
+
 def test_rerun_reuses_every_stage(finished, caplog):
     caplog.set_level(logging.INFO)
     spec, out = finished

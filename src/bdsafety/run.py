@@ -201,8 +201,12 @@ def clean_stage(runs: RunStore, ctx: Context, bundle) -> tuple[Stage, dict]:
     return train_stage(runs, ctx, prepare(ctx.data, attack, ctx.seed, bundle, ctx.profile), attack, "clean")
 
 
-def attack_block(runs: RunStore, ctx: Context, bundle, entry: AttackEntry, clean: Stage, clean_inputs: dict) -> dict:
-    """Backdoor, every defense and every check for one (attack, seed); returns the results block."""
+def attack_block(runs: RunStore, ctx: Context, bundle, entry: AttackEntry, clean: Stage,
+                 clean_inputs: dict) -> tuple[dict, dict]:
+    """Backdoor, every defense and every check for one (attack, seed).
+
+    Returns the results block and the seconds each defense took (for timings.json: results.json holds no timings).
+    """
     spec = ctx.spec
     attack = AttackSpec(entry.name, dict(entry.params), entry.poison_rate, entry.target)
     setup = prepare(ctx.data, attack, ctx.seed, bundle, ctx.profile, runs.device)
@@ -215,12 +219,15 @@ def attack_block(runs: RunStore, ctx: Context, bundle, entry: AttackEntry, clean
         clean_ra, _ = retune_stage(runs, ctx, setup, clean, {"clean": clean_inputs, "attack": bd_inputs}, f"{label}-clean")
         block["clean"].update(clean_acc_after_ra=clean_ra.record["metrics"]["clean_acc"],
                               asr_after_ra=clean_ra.record["metrics"]["asr"])
+    seconds = {}
     for name in spec.defenses:
-        block["rows"].append(defense_row(runs, ctx, setup, backdoored, bd_inputs, clean, clean_inputs, name, label))
-    return block
+        row, seconds[name] = defense_row(runs, ctx, setup, backdoored, bd_inputs, clean, clean_inputs, name, label)
+        block["rows"].append(row)
+    return block, seconds
 
 
-def defense_row(runs, ctx, setup, backdoored, bd_inputs, clean, clean_inputs, name, label) -> dict:
+def defense_row(runs, ctx, setup, backdoored, bd_inputs, clean, clean_inputs, name, label) -> tuple[dict, float]:
+    """The results row of one defense, and the seconds the defense took when it was computed."""
     purified, def_inputs = defense_stage(runs, ctx, setup, backdoored, bd_inputs, name, label)
     metrics = purified.record["metrics"]
     row = {"defense": name, "o_clean_acc": metrics["clean_acc"], "o_asr": metrics["asr"]}
@@ -237,7 +244,7 @@ def defense_row(runs, ctx, setup, backdoored, bd_inputs, clean, clean_inputs, na
     if "lmc" in checks:
         lmc = lmc_stage(runs, ctx, setup, backdoored, purified, def_inputs, tag)
         row["lmc"] = {k: v for k, v in lmc.items() if k != "duration_s"}  # results.json holds no timings
-    return row
+    return row, purified.record["timings"]["defense_s"]
 
 
 def trigger_summary(record: dict) -> dict:
@@ -260,15 +267,16 @@ def run_experiment(spec: ExperimentSpec, out: Path, device: torch.device) -> dic
     store.atomic_write_bytes(Path(out) / "spec.yaml", spec_yaml(spec).encode())
     contexts = {seed: Context.of(spec, seed) for seed in spec.resolved_seeds}
     cleans = {seed: clean_stage(runs, ctx, bundle) for seed, ctx in contexts.items()}
-    blocks = [attack_block(runs, contexts[seed], bundle, entry, *cleans[seed])
-              for entry in spec.attacks for seed in spec.resolved_seeds]
+    blocks, defense_seconds = zip(*[attack_block(runs, contexts[seed], bundle, entry, *cleans[seed])
+                                    for entry in spec.attacks for seed in spec.resolved_seeds])
     first = contexts[spec.resolved_seeds[0]]
     results = {"dataset": spec.dataset, "model": first.model_name, "seed": first.seed, "profile": first.profile,
                **({"seeds": list(spec.seeds)} if spec.seeds else {}),
                "spec_hash": spec.digest(), **{k: blocks[0][k] for k in ("backdoored", "clean", "rows")},
-               "attacks": blocks}
+               "attacks": list(blocks)}
     store.write_json(Path(out) / "results.json", results)
     store.write_json(Path(out) / "timings.json", {"total_s": time.perf_counter() - started,
+                                                  "defense_s": list(defense_seconds),
                                                   "computed": runs.computed, "reused": runs.reused})
     log.info("finished in %.0f s (%d stages computed, %d reused)", time.perf_counter() - started,
              len(runs.computed), len(runs.reused))

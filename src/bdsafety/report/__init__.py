@@ -17,7 +17,7 @@ from .tables import qra_table, robustness_table, runtime_table, setup_table, tri
 
 log = logging.getLogger(__name__)
 
-RESULTS_FILE, MARKDOWN_FILE, HTML_FILE = "results.json", "report.md", "report.html"
+RESULTS_FILE, TIMINGS_FILE, MARKDOWN_FILE, HTML_FILE = "results.json", "timings.json", "report.md", "report.html"
 
 
 def build_content(results: dict) -> ReportContent:
@@ -29,6 +29,20 @@ def build_content(results: dict) -> ReportContent:
                          [t for t in tables if t is not None], evaluate_claims(results), attack_figures(results))
 
 
+def with_timings(results: dict, timings_path: Path) -> dict:
+    """`results` with each defense row's `defense_s` from timings.json (kept apart so results.json is
+    deterministic); unchanged when that file is absent or does not match the blocks."""
+    if not timings_path.is_file():
+        return results
+    seconds = read_json(timings_path).get("defense_s") or []
+    blocks = results.get("attacks") or []
+    if len(seconds) != len(blocks):
+        return results
+    timed = [{**block, "rows": [{**row, "defense_s": times.get(row["defense"])} for row in block["rows"]]}
+             for block, times in zip(blocks, seconds)]
+    return {**results, "attacks": timed}
+
+
 def write_report(run_dir: Path) -> list[Path]:
     """Render `run_dir/results.json` into `report.md`, `report.html` and PNG figures in `run_dir`.
 
@@ -36,7 +50,7 @@ def write_report(run_dir: Path) -> list[Path]:
         The written paths: the figures first, then report.md and report.html.
     """
     run_dir = Path(run_dir)
-    content = build_content(read_json(run_dir / RESULTS_FILE))
+    content = build_content(with_timings(read_json(run_dir / RESULTS_FILE), run_dir / TIMINGS_FILE))
     written = []
     for name, _, png in content.figures:
         atomic_write_bytes(run_dir / name, png)
