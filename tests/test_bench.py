@@ -28,6 +28,8 @@ def test_smoke_run_reports_positive_throughputs_and_a_ratio():
     conventional = result["conventional"]["0"]["images_per_s"]
     assert result["train"]["images_per_s"] > 0 and conventional > 0
     assert result["speedup"] == pytest.approx(result["train"]["images_per_s"] / conventional)
+    ablation = result["conventional_channels_last"]["images_per_s"]
+    assert result["speedup_same_memory_format"] == pytest.approx(result["train"]["images_per_s"] / ablation)
     assert result["input_pipeline"]["ratio"] > 0
     assert result["peak"]["flops_per_s"] > 0 and 0 < result["flops"]["mfu"]
     assert result["pam"]["ratio"] > 0 and result["pam"]["pam_step_ms"] > 0
@@ -48,7 +50,7 @@ def test_forward_flops_counts_conv_and_linear_macs_twice():
 def test_conventional_batches_match_bdsafety_batches(setup):
     work = default_workload(torch.device("cpu"), 16, None, SHAPE)
     x, y = next(fit_batches(work, setup.attacker_train))
-    cx, cy = next(conventional_batches(work, conventional_dataset(setup), workers=0))
+    cx, cy = next(conventional_batches(work, conventional_dataset(setup), 0, torch.channels_last))
     assert cx.shape == x.shape and cx.dtype == x.dtype and cy.shape == y.shape and cy.dtype == y.dtype
     assert cx.stride() == x.stride()  # both channels_last
     pixels = unnormalize(cx, setup.bundle)

@@ -6,7 +6,9 @@ One run on one machine and model measures (all numbers in a JSON-able dict):
    SGD 0.1/0.9/5e-4, cross-entropy; the real `fit` is called on a subset sized to a fixed number of steps.
 2. The same model, batch and optimizer fed the torchvision way (written by hand here; torchvision is not a
    dependency): a Dataset decoding each uint8 array with `PIL.Image.fromarray`, BadNets patch per poisoned
-   sample in `__getitem__`, RandomCrop(pad 2) -> RandomHorizontalFlip -> ToTensor -> Normalize, DataLoader.
+   sample in `__getitem__`, RandomCrop(pad 2) -> RandomHorizontalFlip -> ToTensor -> Normalize, DataLoader,
+   the model in PyTorch's default NCHW layout as the usual toolkits train it; the same pipeline feeding a
+   channels_last model is measured too, so the gain splits into data pipeline and memory format.
 3. Model FLOPs (conv/linear multiply-adds x2; training = 3x forward) and MFU against the dense-matmul peak
    measured in the same run and dtype.
 4. The cost of one PAM step relative to one plain SGD step on the same batch.
@@ -75,14 +77,15 @@ class Workload:
     def dtype_name(self) -> str:
         return "fp32" if self.autocast is None else f"{str(self.autocast).removeprefix('torch.')} autocast"
 
-    def model(self, seed: int, normalized_input: bool = False) -> nn.Module:
-        """A fresh channels_last model; `normalized_input`: the in-model normalisation is the identity, since the
-        conventional pipeline normalises in its transforms (same compute either way)."""
+    def model(self, seed: int, normalized_input: bool = False,
+              memory_format: torch.memory_format = torch.channels_last) -> nn.Module:
+        """A fresh model in `memory_format`; `normalized_input`: the in-model normalisation is the identity, since
+        the conventional pipeline normalises in its transforms (same compute either way)."""
         channels = self.shape[0]
         mean, std = ((0.0,) * channels, (1.0,) * channels) if normalized_input else (self.mean, self.std)
         torch.manual_seed(seed)
         spec = ModelSpec(self.model_name, channels, NUM_CLASSES, mean, std)
-        return create_model(spec).to(self.device).to(memory_format=torch.channels_last)
+        return create_model(spec).to(self.device).to(memory_format=memory_format)
 
     def loss_fn(self) -> LossFn:
         if self.autocast is None:
@@ -277,19 +280,24 @@ def endless(loader: torch.utils.data.DataLoader) -> Iterator:
         yield from loader
 
 
-def conventional_batches(work: Workload, dataset: ConventionalDataset,
-                         workers: int) -> Iterator[tuple[Tensor, Tensor]]:
+def conventional_batches(work: Workload, dataset: ConventionalDataset, workers: int,
+                         memory_format: torch.memory_format) -> Iterator[tuple[Tensor, Tensor]]:
     """Endless batches from the DataLoader, moved to the device in the model's memory format."""
     for x, y in endless(conventional_loader(dataset, work.batch_size, workers, work.device)):
-        x = x.to(work.device, non_blocking=True).contiguous(memory_format=torch.channels_last)
+        x = x.to(work.device, non_blocking=True).contiguous(memory_format=memory_format)
         yield x, y.to(work.device, non_blocking=True)
 
 
-def conventional_case(work: Workload, dataset: ConventionalDataset, workers: int, steps: int) -> Callable[[], float]:
-    """One call = `steps` steps of the same model/batch/SGD fed by a DataLoader over `dataset`; returns seconds."""
-    model, loss_fn = work.model(seed=1, normalized_input=True).train(), work.loss_fn()
+def conventional_case(work: Workload, dataset: ConventionalDataset, workers: int, steps: int,
+                      memory_format: torch.memory_format = torch.contiguous_format) -> Callable[[], float]:
+    """One call = `steps` steps of the same model/batch/SGD fed by a DataLoader over `dataset`; returns seconds.
+
+    The default memory format is PyTorch's (NCHW contiguous), as the usual toolkits train; channels_last
+    is bdsafety's choice, measured separately as an ablation."""
+    model = work.model(seed=1, normalized_input=True, memory_format=memory_format).train()
+    loss_fn = work.loss_fn()
     optimizer = torch.optim.SGD(model.parameters(), **RECIPE)
-    batches = conventional_batches(work, dataset, workers)
+    batches = conventional_batches(work, dataset, workers, memory_format)
 
     def one_call() -> float:
         for _ in range(PREFETCH * workers):  # made while other cases ran; producing them is not this call's work
@@ -315,7 +323,7 @@ def input_pipelines(work: Workload, data: ImageSet, dataset: ConventionalDataset
         synchronize(work.device)
         return 1e3 * (time.perf_counter() - started) / count
 
-    fast, slow = fit_batches(work, data), conventional_batches(work, dataset, workers=0)
+    fast, slow = fit_batches(work, data), conventional_batches(work, dataset, 0, torch.channels_last)
     times = round_robin({"bdsafety": lambda: per_batch_ms(fast, 20), "conventional": lambda: per_batch_ms(slow, 5)},
                         seconds / 4, min_calls)
     fast_ms, slow_ms = statistics.median(times["bdsafety"]), statistics.median(times["conventional"])
@@ -404,8 +412,8 @@ def pam_overhead(work: Workload, data: ImageSet, steps: int, seconds: float, min
 
 
 def eval_throughput(work: Workload, model: nn.Module, images: Tensor, seconds: float, min_calls: int,
-                    batch_sizes: tuple[int, ...] = (1024, 256)) -> dict:
-    """`train.predict` images/s at its default batch (1024, the headline) and at the other `batch_sizes`."""
+                    batch_sizes: tuple[int, ...] = (256, 1024)) -> dict:
+    """`train.predict` images/s at each of `batch_sizes`; the first (the CPU default, 256) is the headline."""
     images = images.to(work.device)
 
     def case(batch_size: int) -> Callable[[], float]:
@@ -492,17 +500,20 @@ def run_benchmark(device: torch.device, seconds_per_case: float = 12.0, batch_si
 
 def compare_training(work: Workload, setup: Setup, workers: tuple[int, ...], steps: int, seconds: float,
                      min_calls: int) -> tuple[dict, nn.Module]:
-    """Cases 1 and 2, interleaved: `fit` against the conventional pipeline per worker count; the pipelines alone."""
+    """Cases 1 and 2, interleaved: `fit` against the conventional pipeline per worker count (NCHW, as the usual
+    toolkits train), the conventional pipeline with bdsafety's channels_last model (ablation), the pipelines alone."""
     steps = min(steps, len(setup.attacker_train) // work.batch_size)
     dataset = conventional_dataset(setup)
     fit_call, trained = fit_case(work, setup.attacker_train, steps)
-    cases = {"bdsafety": fit_call, **{str(w): conventional_case(work, dataset, w, steps) for w in workers}}
+    cases = {"bdsafety": fit_call, **{str(w): conventional_case(work, dataset, w, steps) for w in workers},
+             "channels_last": conventional_case(work, dataset, workers[0], steps, torch.channels_last)}
     times = round_robin(cases, seconds, min_calls)
     summaries = {name: {**rate_summary(steps * work.batch_size, durations),
                         "step_ms": 1e3 * statistics.median(durations) / steps} for name, durations in times.items()}
     train = {**summaries.pop("bdsafety"),
              "method": f"train.fit's own duration_s (epoch loop, ends in a host sync), {steps} steps per call; "
                        + INTERLEAVED}
+    ablation = {**summaries.pop("channels_last"), "num_workers": workers[0], "memory_format": "channels_last"}
     conventional = {w: {**case, "num_workers": int(w), "method": f"perf_counter around {steps} steps (next(loader) + "
                         "step), persistent workers whose prefetched batches are drained untimed first; "
                         + INTERLEAVED} for w, case in summaries.items()}
@@ -510,6 +521,8 @@ def compare_training(work: Workload, setup: Setup, workers: tuple[int, ...], ste
     return {"train": train, "conventional": conventional,
             "conventional_best": {"num_workers": best["num_workers"], "images_per_s": best["images_per_s"]},
             "speedup": train["images_per_s"] / best["images_per_s"],
+            "conventional_channels_last": ablation,
+            "speedup_same_memory_format": train["images_per_s"] / ablation["images_per_s"],
             "input_pipeline": input_pipelines(work, setup.attacker_train, dataset, seconds, min_calls)}, trained
 
 
@@ -546,11 +559,14 @@ def format_table(result: dict) -> str:
 def training_rows(result: dict) -> list[tuple[str, str]]:
     train, pipes, best = result["train"], result["input_pipeline"], result["conventional_best"]
     rows = [("bdsafety train (`train.fit`)", f"{train['images_per_s']:,.0f} img/s ({train['step_ms']:.1f} ms/step)")]
-    rows += [(f"conventional PIL + DataLoader, {workers} workers",
+    rows += [(f"conventional PIL + DataLoader, {workers} workers (NCHW)",
               f"{case['images_per_s']:,.0f} img/s ({case['step_ms']:.1f} ms/step)")
              for workers, case in result["conventional"].items()]
+    ablation = result["conventional_channels_last"]
     return rows + [
         (f"speed-up vs best conventional ({best['num_workers']} workers)", f"{result['speedup']:.2f}x"),
+        (f"ablation: conventional, {ablation['num_workers']} workers, channels_last model",
+         f"{ablation['images_per_s']:,.0f} img/s (bdsafety {result['speedup_same_memory_format']:.2f}x)"),
         ("input pipeline alone, ms/batch (bdsafety / conventional)",
          f"{pipes['bdsafety_ms_per_batch']:.2f} / {pipes['conventional_ms_per_batch']:.2f} ({pipes['ratio']:.0f}x)"),
     ]

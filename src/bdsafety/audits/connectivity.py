@@ -27,7 +27,7 @@ from ..data import ImageSet, to_float
 from ..errors import UsageError
 from ..metrics import attack_success_rate, clean_accuracy
 from ..models import batchnorm_layers
-from ..train import iter_logits, model_device
+from ..train import eval_batch_size, iter_logits, model_device
 from . import AUDITS
 
 if TYPE_CHECKING:
@@ -75,11 +75,12 @@ def reestimate_batchnorm(model: nn.Module, data: ImageSet, batch_size: int) -> N
 
 
 @torch.inference_mode()
-def predictions_and_loss(model: nn.Module, data: ImageSet, batch_size: int = 1024) -> tuple[Tensor, float]:
+def predictions_and_loss(model: nn.Module, data: ImageSet, batch_size: int | None = None) -> tuple[Tensor, float]:
     """(class predictions, mean cross-entropy) of `model` on `data` in one eval-mode pass.
 
     Same batching and arithmetic as `train.predict` / `train.mean_loss`, so the metrics agree exactly.
     """
+    batch_size = batch_size or eval_batch_size(model_device(model))
     predictions, loss = [], 0.0
     for start, logits in zip(range(0, len(data), batch_size), iter_logits(model, data.images, batch_size)):
         y = data.labels[start:start + batch_size].to(logits.device)

@@ -26,7 +26,7 @@ from torch import Tensor, nn
 from ..attacks import map_uint8
 from ..data import ImageSet, seed_for, to_float
 from ..errors import UsageError
-from ..train import check_finite, model_device
+from ..train import check_finite, eval_batch_size, model_device
 from . import AUDITS
 
 if TYPE_CHECKING:
@@ -188,11 +188,12 @@ def triggered_training_images(setup: Setup, count: int, seed: int) -> ImageSet:
 
 @torch.inference_mode()
 def target_rates(models: tuple[nn.Module, ...], generator: PerturbationGenerator, images: Tensor, target: int,
-                 batch_size: int = 1024) -> list[float]:
+                 batch_size: int | None = None) -> list[float]:
     """For each model (eval mode): the fraction of uint8 `images` + δ(images) it classifies as `target`."""
     if len(images) == 0:
         return [0.0] * len(models)
     device, hits = model_device(models[0]), [0] * len(models)
+    batch_size = batch_size or eval_batch_size(device)
     with frozen(*models, generator):
         for start in range(0, len(images), batch_size):
             x = to_float(images[start:start + batch_size].to(device))
