@@ -246,11 +246,7 @@ def add_common(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--data-dir", help="folder holding the dataset files (else $BDSAFETY_DATA, then system paths)")
 
 
-def build_parser() -> Parser:
-    parser = Parser(prog="bdsafety", description="Backdoor attacks, defenses and superficial-safety audits.")
-    parser.add_argument("--version", action="version", version=f"bdsafety {__version__}")
-    sub = parser.add_subparsers(dest="command", required=True, parser_class=Parser)
-
+def add_train_command(sub) -> None:
     train = sub.add_parser("train", help="train a backdoored (or clean) model and save it")
     train.add_argument("--dataset", default="fashion-mnist", choices=DATASET_NAMES, metavar="NAME",
                        help=f"one of {', '.join(DATASET_NAMES)}")
@@ -267,11 +263,15 @@ def build_parser() -> Parser:
     add_common(train)
     train.set_defaults(handler=cmd_train)
 
+
+def add_eval_command(sub) -> None:
     evaluate = sub.add_parser("eval", help="print clean accuracy and ASR of a saved model")
     evaluate.add_argument("dir", help="run directory (from 'bdsafety train' or 'purify')")
     add_common(evaluate)
     evaluate.set_defaults(handler=cmd_eval)
 
+
+def add_purify_command(sub) -> None:
     purify_cmd = sub.add_parser("purify", help="run a defense on a backdoored model and save the purified model")
     purify_cmd.add_argument("--from", dest="source", required=True, metavar="DIR", help="backdoored run directory")
     purify_cmd.add_argument("--defense", required=True, help="defense name (see 'bdsafety defenses')")
@@ -281,9 +281,13 @@ def build_parser() -> Parser:
     add_common(purify_cmd)
     purify_cmd.set_defaults(handler=cmd_purify)
 
+
+def add_defenses_command(sub) -> None:
     defenses = sub.add_parser("defenses", help="list the defenses")
     defenses.set_defaults(handler=cmd_defenses)
 
+
+def add_audit_command(sub) -> None:
     audit = sub.add_parser("audit", help="superficial-safety audit of a purified model (RA, QRA, LMC)")
     audit.add_argument("--backdoored", required=True, metavar="DIR", help="backdoored run directory")
     audit.add_argument("--purified", required=True, metavar="PATH",
@@ -295,6 +299,8 @@ def build_parser() -> Parser:
     add_common(audit)
     audit.set_defaults(handler=cmd_audit)
 
+
+def add_import_command(sub) -> None:
     imp = sub.add_parser("import", help="turn a weights file trained elsewhere into a bdsafety run directory")
     imp.add_argument("file", help=".safetensors, weights-only .pt/.pth state dict, or BackdoorBench result file")
     imp.add_argument("--out", required=True, help="run directory to create")
@@ -312,6 +318,8 @@ def build_parser() -> Parser:
     add_common(imp)
     imp.set_defaults(handler=cmd_import)
 
+
+def add_run_command(sub) -> None:
     run = sub.add_parser("run", help="run a whole experiment from a YAML spec (resumable)")
     run.add_argument("spec", help="YAML spec file")
     run.add_argument("--out", required=True, help="experiment directory (reused on rerun: finished stages skip)")
@@ -319,6 +327,8 @@ def build_parser() -> Parser:
     add_common(run)
     run.set_defaults(handler=cmd_run)
 
+
+def add_demo_command(sub) -> None:
     demo = sub.add_parser("demo", help="the built-in Fashion-MNIST experiment (BadNets 5%%, all defenses)")
     demo.add_argument("--out", required=True, help="experiment directory (reused on rerun)")
     demo.add_argument("--quick", action="store_true", help="a shorter first look (about 5 minutes)")
@@ -328,6 +338,8 @@ def build_parser() -> Parser:
     add_common(demo)
     demo.set_defaults(handler=cmd_demo)
 
+
+def add_bench_command(sub) -> None:
     bench = sub.add_parser("bench", help="speed benchmark: training loop vs a PIL/DataLoader pipeline, MFU, PAM, eval")
     bench.add_argument("--out", default=".", help="directory for bench.json (default: the current one)")
     bench.add_argument("--seconds", type=float, default=12.0, help="timed seconds per case (default 12)")
@@ -336,10 +348,22 @@ def build_parser() -> Parser:
     add_common(bench)
     bench.set_defaults(handler=cmd_bench)
 
+
+def add_report_command(sub) -> None:
     report = sub.add_parser("report", help="(re)write report.md / report.html from DIR/results.json")
     report.add_argument("dir", help="experiment directory")
     add_common(report)
     report.set_defaults(handler=cmd_report)
+
+
+def build_parser() -> Parser:
+    parser = Parser(prog="bdsafety", description="Backdoor attacks, defenses and superficial-safety audits.")
+    parser.add_argument("--version", action="version", version=f"bdsafety {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=Parser)
+    for add_command in (add_train_command, add_eval_command, add_purify_command, add_defenses_command,
+                        add_audit_command, add_import_command, add_run_command, add_demo_command,
+                        add_bench_command, add_report_command):
+        add_command(sub)
     return parser
 
 

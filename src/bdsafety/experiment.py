@@ -143,7 +143,7 @@ def setup_record(data: DataSpec, attack: AttackSpec, seed: int, setup: Setup) ->
         "attack": {"name": attack.name, "params": _attack_params(setup.attack), "poison_rate": attack.poison_rate,
                    "target": attack.target,
                    "num_poisoned": int(setup.poisoned.poison_mask.sum()) if setup.poisoned else 0,
-                   **({"fit": fit_report(setup.attack)} if fit_report(setup.attack) else {})},
+                   **({"fit": fit} if (fit := fit_report(setup.attack)) else {})},
         "seed": seed,
     }
 
