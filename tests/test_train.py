@@ -54,3 +54,27 @@ def test_metrics_are_fractions():
     assert attack_success_rate(torch.zeros(5, dtype=torch.long), 0) == 1.0
     assert clean_accuracy(preds, torch.tensor([0, 1, 1, 2])) == 0.75
     assert to_float(torch.tensor([255], dtype=torch.uint8)).item() == 1.0
+
+
+def test_bf16_training_learns_the_backdoor_and_keeps_fp32_weights(badnets_setup):
+    config = TrainConfig(**{**TINY_TRAIN.to_json(), "precision": "bf16"})
+    model, record = train_model(badnets_setup, "preact_small", config, seed=0, device=torch.device("cpu"))
+    assert record["history"]["precision"] == "bf16"
+    assert record["metrics"]["clean_acc"] >= 0.9 and record["metrics"]["asr"] >= 0.9
+    assert all(p.dtype == torch.float32 for p in model.state_dict().values() if p.is_floating_point())
+
+
+def test_precision_auto_resolves_per_device_and_bad_values_are_refused():
+    import pytest
+
+    from bdsafety.errors import UsageError
+    from bdsafety.profiles import TRAIN_PROFILES
+    from bdsafety.train import native_bf16, resolve_precision
+
+    cpu = torch.device("cpu")
+    assert resolve_precision("auto", cpu) == ("bf16" if native_bf16(cpu) else "fp32")
+    assert resolve_precision("fp32", cpu) == "fp32" and resolve_precision("bf16", cpu) == "bf16"
+    assert not native_bf16(torch.device("meta"))
+    assert {config.precision for config in TRAIN_PROFILES.values()} == {"auto"}
+    with pytest.raises(UsageError, match="precision must be one of fp32, bf16, auto"):
+        TrainConfig(precision="fp16")

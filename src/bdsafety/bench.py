@@ -3,14 +3,16 @@
 One run on one machine and model measures (all numbers in a JSON-able dict):
 
 1. `train.fit` throughput: uint8 tensors on the device, batched `augment` (crop pad 2 + flip), channels_last,
-   SGD 0.1/0.9/5e-4, cross-entropy; the real `fit` is called on a subset sized to a fixed number of steps.
+   SGD 0.1/0.9/5e-4, cross-entropy, in the default profile's precision (bf16 autocast where the hardware has
+   it, else fp32); the real `fit` is called on a subset sized to a fixed number of steps. Where that precision
+   is bf16, `fit` in fp32 is measured too, so the gain splits into pipeline, memory format and precision.
 2. The same model, batch and optimizer fed the torchvision way (written by hand here; torchvision is not a
    dependency): a Dataset decoding each uint8 array with `PIL.Image.fromarray`, BadNets patch per poisoned
    sample in `__getitem__`, RandomCrop(pad 2) -> RandomHorizontalFlip -> ToTensor -> Normalize, DataLoader,
-   the model in PyTorch's default NCHW layout as the usual toolkits train it; the same pipeline feeding a
-   channels_last model is measured too, so the gain splits into data pipeline and memory format.
+   the model in PyTorch's default NCHW layout and fp32 as the usual toolkits train it; the same pipeline
+   feeding a channels_last model is measured too.
 3. Model FLOPs (conv/linear multiply-adds x2; training = 3x forward) and MFU against the dense-matmul peak
-   measured in the same run and dtype.
+   measured in the same run and dtype (for the fp32 ablation too, against the fp32 peak).
 4. The cost of one PAM step relative to one plain SGD step on the same batch.
 5. Evaluation throughput (`train.predict`) and the wall time of a 21-point LMC scan.
 
@@ -19,13 +21,12 @@ so that the drifting load of a shared machine hits them alike; every number is a
 warm-up call.
 
 Synthetic data only (no download): `data.synthetic` images, BadNets 5% poisoning to class 0, 10 classes.
-On CPU the workload is Fashion-MNIST-shaped (1x28x28, preact_small, batch 128, fp32); on CUDA it is
-CIFAR-shaped (3x32x32, resnet18, batch 512, bf16 autocast).
+On CPU the workload is Fashion-MNIST-shaped (1x28x28, preact_small, batch 128); on CUDA it is CIFAR-shaped
+(3x32x32, resnet18, batch 512).
 """
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import logging
 import os
@@ -37,7 +38,6 @@ from typing import Callable, Iterator
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from PIL import Image, ImageOps
 from torch import Tensor, nn
 
@@ -48,7 +48,9 @@ from .data.synthetic import synthetic_bundle
 from .experiment import AttackSpec, DataSpec, Setup, prepare
 from .models import ModelSpec, create_model
 from .optim.pam import PAM
-from .train import LossFn, TrainConfig, batch_indices, fit, optimizer_step, predict
+from .profiles import TRAIN_PROFILES
+from .train import (LossFn, TrainConfig, batch_indices, cross_entropy, fit, optimizer_step, predict,
+                    resolve_precision, with_precision)
 
 log = logging.getLogger(__name__)
 
@@ -63,19 +65,23 @@ INTERLEAVED = "cases called in turn (round robin) after one warm-up call each; m
 
 @dataclass(frozen=True)
 class Workload:
-    """What is benchmarked: one model and batch shape on one device, in one compute dtype."""
+    """What is benchmarked: one model and batch shape on one device, in one training precision."""
 
     device: torch.device
     model_name: str
     shape: tuple[int, int, int]
     batch_size: int
-    autocast: torch.dtype | None  # None: plain fp32
+    precision: str  # "fp32" or "bf16" (autocast), resolved for the device
     mean: tuple[float, ...] = (0.5,)  # the data's normalisation statistics (set from the bundle)
     std: tuple[float, ...] = (0.25,)
 
     @property
+    def dtype(self) -> torch.dtype:
+        return torch.bfloat16 if self.precision == "bf16" else torch.float32
+
+    @property
     def dtype_name(self) -> str:
-        return "fp32" if self.autocast is None else f"{str(self.autocast).removeprefix('torch.')} autocast"
+        return "fp32" if self.precision == "fp32" else f"{self.precision} autocast"
 
     def model(self, seed: int, normalized_input: bool = False,
               memory_format: torch.memory_format = torch.channels_last) -> nn.Module:
@@ -88,29 +94,23 @@ class Workload:
         return create_model(spec).to(self.device).to(memory_format=memory_format)
 
     def loss_fn(self) -> LossFn:
-        if self.autocast is None:
-            return lambda model, x, y: F.cross_entropy(model(x), y)
+        return with_precision(cross_entropy(), self.precision, self.device)
 
-        def autocast_loss(model, x, y):
-            with torch.autocast(self.device.type, dtype=self.autocast):
-                return F.cross_entropy(model(x), y)
-
-        return autocast_loss
-
-    def inference(self):
-        """Context for evaluation: autocast where training uses it."""
-        if self.autocast is None:
-            return contextlib.nullcontext()
-        return torch.autocast(self.device.type, dtype=self.autocast)
+    def train_config(self, precision: str | None = None) -> TrainConfig:
+        """One epoch of the backdoor-training recipe at this batch size (and `precision`, default the workload's)."""
+        return TrainConfig(epochs=1, batch_size=self.batch_size, schedule="constant", crop_pad=CROP_PAD, flip=True,
+                           drop_last=True, precision=precision or self.precision, **RECIPE)
 
 
 def default_workload(device: torch.device, batch_size: int | None, model_name: str | None,
                      shape: tuple[int, int, int] | None) -> Workload:
-    """CPU: Fashion-MNIST shape, preact_small, batch 128, fp32. CUDA: CIFAR shape, resnet18, batch 512, bf16."""
+    """CPU: Fashion-MNIST shape, preact_small, batch 128 (cpu profile). CUDA: CIFAR shape, resnet18, batch 512
+    (paper profile). Precision: the profile's, resolved for the device (bf16 where the hardware has it)."""
     if device.type == "cuda":
-        return Workload(device, model_name or "resnet18", tuple(shape or (3, 32, 32)), batch_size or 512,
-                        torch.bfloat16)
-    return Workload(device, model_name or "preact_small", tuple(shape or (1, 28, 28)), batch_size or 128, None)
+        precision = resolve_precision(TRAIN_PROFILES["paper"].precision, device)
+        return Workload(device, model_name or "resnet18", tuple(shape or (3, 32, 32)), batch_size or 512, precision)
+    precision = resolve_precision(TRAIN_PROFILES["cpu"].precision, device)
+    return Workload(device, model_name or "preact_small", tuple(shape or (1, 28, 28)), batch_size or 128, precision)
 
 
 def make_setup(shape: tuple[int, int, int], n_train: int, n_test: int, seed: int = 0) -> Setup:
@@ -162,16 +162,15 @@ def rate_summary(items_per_call: int, durations: list[float]) -> dict:
 # ---- 1. bdsafety's training loop ---------------------------------------------------------------------------
 
 
-def fit_case(work: Workload, data: ImageSet, steps: int) -> tuple[Callable[[], float], nn.Module]:
+def fit_case(work: Workload, data: ImageSet, steps: int,
+             precision: str | None = None) -> tuple[Callable[[], float], nn.Module]:
     """One call = the real `train.fit`, one epoch over a resident subset of exactly `steps` full batches.
 
     Returns the call (giving fit's own `duration_s`: its epoch loop, ending with a host sync) and the model.
     """
     subset = data.subset(torch.arange(steps * work.batch_size)).to(work.device)  # resident, as in fit
-    config = TrainConfig(epochs=1, batch_size=work.batch_size, schedule="constant", crop_pad=CROP_PAD, flip=True,
-                         drop_last=True, **RECIPE)
-    model, loss_fn, seeds = work.model(seed=1), work.loss_fn(), iter(range(10**9))
-    return lambda: fit(model, subset, config, seed=next(seeds), loss_fn=loss_fn)["duration_s"], model
+    config, model, seeds = work.train_config(precision), work.model(seed=1), iter(range(10**9))
+    return lambda: fit(model, subset, config, seed=next(seeds))["duration_s"], model
 
 
 def fit_batches(work: Workload, data: ImageSet, seed: int = 0) -> Iterator[tuple[Tensor, Tensor]]:
@@ -292,10 +291,10 @@ def conventional_case(work: Workload, dataset: ConventionalDataset, workers: int
                       memory_format: torch.memory_format = torch.contiguous_format) -> Callable[[], float]:
     """One call = `steps` steps of the same model/batch/SGD fed by a DataLoader over `dataset`; returns seconds.
 
-    The default memory format is PyTorch's (NCHW contiguous), as the usual toolkits train; channels_last
-    is bdsafety's choice, measured separately as an ablation."""
+    In fp32 and by default in PyTorch's memory format (NCHW contiguous), as the usual toolkits train;
+    channels_last is bdsafety's choice, measured separately as an ablation."""
     model = work.model(seed=1, normalized_input=True, memory_format=memory_format).train()
-    loss_fn = work.loss_fn()
+    loss_fn = cross_entropy()
     optimizer = torch.optim.SGD(model.parameters(), **RECIPE)
     batches = conventional_batches(work, dataset, workers, memory_format)
 
@@ -419,8 +418,7 @@ def eval_throughput(work: Workload, model: nn.Module, images: Tensor, seconds: f
     def case(batch_size: int) -> Callable[[], float]:
         def one_call() -> float:
             started = time.perf_counter()
-            with work.inference():
-                predict(model, images, batch_size=batch_size)
+            predict(model, images, batch_size=batch_size)
             synchronize(work.device)
             return time.perf_counter() - started
         return one_call
@@ -435,8 +433,7 @@ def lmc_scan(work: Workload, backdoored: nn.Module, purified: nn.Module, setup: 
     """Wall time of one `LinearModeConnectivity` scan (BN statistics interpolated, the default)."""
     images = len(setup.bundle.test) + len(setup.triggered_test)
     started = time.perf_counter()
-    with work.inference():
-        LinearModeConnectivity(points=points).run(backdoored, purified, setup)
+    LinearModeConnectivity(points=points).run(backdoored, purified, setup)
     synchronize(work.device)
     seconds = time.perf_counter() - started
     return {"seconds": seconds, "points": points, "images_per_point": images,
@@ -475,8 +472,8 @@ def run_benchmark(device: torch.device, seconds_per_case: float = 12.0, batch_si
                   lmc_points: int = 21, seed: int = 0) -> dict:
     """Run every case once on `device` and return a JSON-able record (see the module docstring).
 
-    `batch_size`, `model_name` and `shape` default per device (CPU: 128, preact_small, 1x28x28, fp32;
-    CUDA: 512, resnet18, 3x32x32, bf16 autocast). The keyword-only sizes exist for quick smoke runs.
+    `batch_size`, `model_name` and `shape` default per device (CPU: 128, preact_small, 1x28x28; CUDA: 512,
+    resnet18, 3x32x32), the precision to the profile's. The keyword-only sizes exist for quick smoke runs.
     """
     started = time.perf_counter()
     work, setup = workload_and_data(default_workload(torch.device(device), batch_size, model_name, shape),
@@ -484,10 +481,14 @@ def run_benchmark(device: torch.device, seconds_per_case: float = 12.0, batch_si
     log.info("bench: %s on %s, %s", work.model_name, work.device, work.dtype_name)
     timing = dict(seconds=seconds_per_case, min_calls=min_calls)
     training, trained = compare_training(work, setup, workers, steps_per_call, **timing)
-    peak = matmul_peak(work.device, work.autocast or torch.float32,
-                       matmul_sizes or ((4096, 8192) if work.device.type == "cuda" else (2048, 3072, 4096)))
-    flops = utilization(forward_flops(trained, work.shape, work.device), training["train"]["images_per_s"],
-                        peak["flops_per_s"])
+    sizes = matmul_sizes or ((4096, 8192) if work.device.type == "cuda" else (2048, 3072, 4096))
+    peak = matmul_peak(work.device, work.dtype, sizes)
+    forward = forward_flops(trained, work.shape, work.device)
+    flops = utilization(forward, training["train"]["images_per_s"], peak["flops_per_s"])
+    if "train_fp32" in training:
+        peak_fp32 = matmul_peak(work.device, torch.float32, sizes)
+        flops["fp32"] = {**utilization(forward, training["train_fp32"]["images_per_s"], peak_fp32["flops_per_s"]),
+                         "peak": peak_fp32}
     pam = pam_overhead(work, setup.attacker_train, steps=max(1, steps_per_call // 4), **timing)
     evaluation = eval_throughput(work, trained, setup.bundle.test.images, **timing)
     lmc = lmc_scan(work, trained, work.model(seed=3), setup, lmc_points)
@@ -500,19 +501,23 @@ def run_benchmark(device: torch.device, seconds_per_case: float = 12.0, batch_si
 
 def compare_training(work: Workload, setup: Setup, workers: tuple[int, ...], steps: int, seconds: float,
                      min_calls: int) -> tuple[dict, nn.Module]:
-    """Cases 1 and 2, interleaved: `fit` against the conventional pipeline per worker count (NCHW, as the usual
-    toolkits train), the conventional pipeline with bdsafety's channels_last model (ablation), the pipelines alone."""
+    """Cases 1 and 2, interleaved: `fit` against the conventional pipeline per worker count (NCHW and fp32, as the
+    usual toolkits train); ablations: the conventional pipeline with bdsafety's channels_last model, and `fit` in
+    fp32 where the workload trains in bf16; the pipelines alone."""
     steps = min(steps, len(setup.attacker_train) // work.batch_size)
     dataset = conventional_dataset(setup)
     fit_call, trained = fit_case(work, setup.attacker_train, steps)
     cases = {"bdsafety": fit_call, **{str(w): conventional_case(work, dataset, w, steps) for w in workers},
              "channels_last": conventional_case(work, dataset, workers[0], steps, torch.channels_last)}
+    if work.precision != "fp32":
+        cases["bdsafety_fp32"] = fit_case(work, setup.attacker_train, steps, precision="fp32")[0]
     times = round_robin(cases, seconds, min_calls)
     summaries = {name: {**rate_summary(steps * work.batch_size, durations),
                         "step_ms": 1e3 * statistics.median(durations) / steps} for name, durations in times.items()}
-    train = {**summaries.pop("bdsafety"),
-             "method": f"train.fit's own duration_s (epoch loop, ends in a host sync), {steps} steps per call; "
-                       + INTERLEAVED}
+    method = f"train.fit's own duration_s (epoch loop, ends in a host sync), {steps} steps per call; " + INTERLEAVED
+    train = {**summaries.pop("bdsafety"), "precision": work.precision, "method": method}
+    fp32 = {"train_fp32": {**summaries.pop("bdsafety_fp32"), "precision": "fp32", "method": method}} \
+        if "bdsafety_fp32" in summaries else {}
     ablation = {**summaries.pop("channels_last"), "num_workers": workers[0], "memory_format": "channels_last"}
     conventional = {w: {**case, "num_workers": int(w), "method": f"perf_counter around {steps} steps (next(loader) + "
                         "step), persistent workers whose prefetched batches are drained untimed first; "
@@ -522,7 +527,7 @@ def compare_training(work: Workload, setup: Setup, workers: tuple[int, ...], ste
             "conventional_best": {"num_workers": best["num_workers"], "images_per_s": best["images_per_s"]},
             "speedup": train["images_per_s"] / best["images_per_s"],
             "conventional_channels_last": ablation,
-            "speedup_same_memory_format": train["images_per_s"] / ablation["images_per_s"],
+            "speedup_same_memory_format": train["images_per_s"] / ablation["images_per_s"], **fp32,
             "input_pipeline": input_pipelines(work, setup.attacker_train, dataset, seconds, min_calls)}, trained
 
 
@@ -531,11 +536,10 @@ def profile_train(device: torch.device, steps: int = 30, top: int = 15) -> list[
     work = default_workload(torch.device(device), None, None, None)
     work, setup = workload_and_data(work, n_train=2 * steps * work.batch_size, n_test=10)
     data = setup.attacker_train.subset(torch.arange(steps * work.batch_size)).to(work.device)
-    config = TrainConfig(epochs=1, batch_size=work.batch_size, schedule="constant", crop_pad=CROP_PAD, **RECIPE)
-    model, loss_fn = work.model(seed=1), work.loss_fn()
-    fit(model, data, config, seed=0, loss_fn=loss_fn)
+    config, model = work.train_config(), work.model(seed=1)
+    fit(model, data, config, seed=0)
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
-        fit(model, data, config, seed=1, loss_fn=loss_fn)
+        fit(model, data, config, seed=1)
     events = sorted(prof.key_averages(), key=lambda e: e.self_cpu_time_total, reverse=True)
     total = sum(e.self_cpu_time_total for e in events)
     return [{"op": e.key, "self_cpu_ms": e.self_cpu_time_total / 1e3 / steps, "share": e.self_cpu_time_total / total,
@@ -558,15 +562,20 @@ def format_table(result: dict) -> str:
 
 def training_rows(result: dict) -> list[tuple[str, str]]:
     train, pipes, best = result["train"], result["input_pipeline"], result["conventional_best"]
-    rows = [("bdsafety train (`train.fit`)", f"{train['images_per_s']:,.0f} img/s ({train['step_ms']:.1f} ms/step)")]
-    rows += [(f"conventional PIL + DataLoader, {workers} workers (NCHW)",
+    rows = [(f"bdsafety train (`train.fit`, {train.get('precision', 'fp32')})",
+             f"{train['images_per_s']:,.0f} img/s ({train['step_ms']:.1f} ms/step)")]
+    rows += [(f"conventional PIL + DataLoader, {workers} workers (NCHW, fp32)",
               f"{case['images_per_s']:,.0f} img/s ({case['step_ms']:.1f} ms/step)")
              for workers, case in result["conventional"].items()]
-    ablation = result["conventional_channels_last"]
+    ablation, best_rate = result["conventional_channels_last"], best["images_per_s"]
+    rows += [(f"speed-up vs best conventional ({best['num_workers']} workers)", f"{result['speedup']:.2f}x"),
+             (f"ablation: conventional, {ablation['num_workers']} workers, channels_last model (fp32)",
+              f"{ablation['images_per_s']:,.0f} img/s (bdsafety {result['speedup_same_memory_format']:.2f}x)")]
+    if "train_fp32" in result:
+        fp32 = result["train_fp32"]
+        rows.append(("ablation: bdsafety train in fp32",
+                     f"{fp32['images_per_s']:,.0f} img/s ({fp32['images_per_s'] / best_rate:.2f}x conventional)"))
     return rows + [
-        (f"speed-up vs best conventional ({best['num_workers']} workers)", f"{result['speedup']:.2f}x"),
-        (f"ablation: conventional, {ablation['num_workers']} workers, channels_last model",
-         f"{ablation['images_per_s']:,.0f} img/s (bdsafety {result['speedup_same_memory_format']:.2f}x)"),
         ("input pipeline alone, ms/batch (bdsafety / conventional)",
          f"{pipes['bdsafety_ms_per_batch']:.2f} / {pipes['conventional_ms_per_batch']:.2f} ({pipes['ratio']:.0f}x)"),
     ]
@@ -580,8 +589,17 @@ def compute_rows(result: dict) -> list[tuple[str, str]]:
         (f"matmul peak ({peak['dtype'].removeprefix('torch.')} mm, n={peak['best_size']})",
          f"{peak['flops_per_s'] / 1e9:.1f} GFLOP/s"),
         ("MFU (training)", f"{100 * flops['mfu']:.1f} %"),
+        *fp32_compute_rows(flops),
         ("PAM step / SGD step", f"{pam['ratio']:.2f}x ({pam['pam_step_ms']:.1f} vs {pam['sgd_step_ms']:.1f} ms)"),
     ]
+
+
+def fp32_compute_rows(flops: dict) -> list[tuple[str, str]]:
+    if "fp32" not in flops:
+        return []
+    fp32, peak = flops["fp32"], flops["fp32"]["peak"]
+    return [("fp32 matmul peak / MFU of fp32 training",
+             f"{peak['flops_per_s'] / 1e9:.1f} GFLOP/s / {100 * fp32['mfu']:.1f} %")]
 
 
 def evaluation_rows(result: dict) -> list[tuple[str, str]]:

@@ -24,7 +24,7 @@ from .report import write_report
 from .run import Context, audit_purified, run_experiment
 from .spec import CHECKS, ExperimentSpec, load_spec
 from .profiles import MODEL_FOR_PROFILE, TRAIN_PROFILES, default_profile
-from .train import resolve_device
+from .train import PRECISIONS, resolve_device
 
 log = logging.getLogger("bdsafety")
 
@@ -64,8 +64,9 @@ def cmd_train(args) -> int:
     check_out_free(out)
     profile = args.profile or default_profile(args.dataset)
     config = TRAIN_PROFILES[profile]
-    if args.epochs is not None:
-        config = type(config)(**{**config.to_json(), "epochs": args.epochs})
+    overrides = {key: value for key, value in (("epochs", args.epochs), ("precision", args.precision))
+                 if value is not None}
+    config = type(config)(**{**config.to_json(), **overrides})
     model_name = args.model or MODEL_FOR_PROFILE[profile]
     MODELS.get(model_name)
     device = resolve_device(args.device)
@@ -255,6 +256,8 @@ def add_train_command(sub) -> None:
     train.add_argument("--model", help=f"one of {', '.join(MODELS.names())} (default: the profile's)")
     train.add_argument("--profile", choices=sorted(TRAIN_PROFILES), help="cpu (small datasets) or paper")
     train.add_argument("--epochs", type=int, help="override the profile's epoch count")
+    train.add_argument("--precision", choices=PRECISIONS,
+                       help="fp32, bf16 autocast, or auto (bf16 where the hardware has it; the profiles' default)")
     train.add_argument("--poison-rate", type=float, default=0.05)
     train.add_argument("--target", type=int, default=0)
     train.add_argument("--seed", type=int, default=0)

@@ -20,6 +20,7 @@ from .errors import UsageError
 from .metrics import attack_success_rate, clean_accuracy
 
 LossFn = Callable[[nn.Module, Tensor, Tensor], Tensor]
+PRECISIONS = ("fp32", "bf16", "auto")
 BatchHook = Callable[[Tensor, Tensor, torch.Generator], tuple[Tensor, Tensor]]
 
 
@@ -37,12 +38,17 @@ class TrainConfig:
     flip: bool = True
     drop_last: bool = True
     label_smoothing: float = 0.0
+    # "bf16": forward and loss under bf16 autocast (weights, gradients and BN statistics stay fp32);
+    # "auto": bf16 where the device multiplies bf16 natively (CUDA, or a CPU with AVX512-BF16/AMX), else fp32
+    precision: str = "fp32"
 
     def __post_init__(self):
         if self.epochs < 0 or self.batch_size < 1 or self.lr < 0:
             raise UsageError(f"training needs epochs >= 0, batch_size >= 1, lr >= 0; got {self}")
         if self.schedule not in ("cosine", "constant"):
             raise UsageError(f"schedule must be 'cosine' or 'constant', got '{self.schedule}'")
+        if self.precision not in PRECISIONS:
+            raise UsageError(f"precision must be one of {', '.join(PRECISIONS)}, got '{self.precision}'")
 
     def to_json(self) -> dict:
         return asdict(self)
@@ -79,6 +85,36 @@ def cross_entropy(label_smoothing: float = 0.0) -> LossFn:
     return lambda model, x, y: F.cross_entropy(model(x), y, label_smoothing=label_smoothing)
 
 
+def native_bf16(device: torch.device) -> bool:
+    """Whether `device` multiplies bf16 in hardware (elsewhere bf16 autocast is emulated and slower than fp32)."""
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    if device.type == "cpu":
+        try:
+            return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())  # oneDNN's own AVX512-BF16/AMX probe
+        except (AttributeError, RuntimeError):
+            return False
+    return False
+
+
+def resolve_precision(precision: str, device: torch.device) -> str:
+    if precision == "auto":
+        return "bf16" if native_bf16(device) else "fp32"
+    return precision
+
+
+def with_precision(loss_fn: LossFn, precision: str, device: torch.device) -> LossFn:
+    """`loss_fn` computed under bf16 autocast for precision "bf16" (backward follows the forward's dtypes)."""
+    if precision == "fp32":
+        return loss_fn
+
+    def autocast_loss(model: nn.Module, x: Tensor, y: Tensor) -> Tensor:
+        with torch.autocast(device.type, dtype=torch.bfloat16):
+            return loss_fn(model, x, y)
+
+    return autocast_loss
+
+
 def fit(
     model: nn.Module,
     data: ImageSet,
@@ -96,7 +132,8 @@ def fit(
     images, labels = data.images.to(device), data.labels.to(device)
     optimizer = optimizer or sgd(model, config)
     scheduler = make_scheduler(optimizer, config)
-    loss_fn = loss_fn or cross_entropy(config.label_smoothing)
+    precision = resolve_precision(config.precision, device)
+    loss_fn = with_precision(loss_fn or cross_entropy(config.label_smoothing), precision, device)
     gen = torch.Generator().manual_seed(seed)
     memory_format = preferred_memory_format(device)
     model.train()
@@ -116,7 +153,8 @@ def fit(
                 after_step()
         scheduler.step()
         history.append(check_finite(float(total) / max(steps, 1), epoch))
-    return {"epoch_losses": history, "duration_s": time.perf_counter() - started, "steps_per_epoch": steps}
+    return {"epoch_losses": history, "duration_s": time.perf_counter() - started, "steps_per_epoch": steps,
+            "precision": precision}
 
 
 def optimizer_step(model: nn.Module, optimizer, loss_fn: LossFn, x: Tensor, y: Tensor) -> Tensor:
