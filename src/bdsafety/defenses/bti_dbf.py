@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..train import TrainConfig, fit
-from ._bti import BTIStages, TriggerGenerator, Unlearn, keep_full_batches, mix_generated, run_bti
+from ._bti import CPU_OVERRIDES, BTIStages, TriggerGenerator, Unlearn, keep_full_batches, mix_generated, run_bti
 from ._common import DEFENSES, DefenderData
 
 log = logging.getLogger(__name__)
@@ -46,9 +46,7 @@ class BtiDbf(BTIStages):
 
     lr: float = 1e-4  # B4 Adam learning rate [hard btidbfu.py]
 
-    # Fashion-MNIST on 2 cores (3,000-image reserve): U-Net epochs (stage A, B2) cost ~25 s each, so their
-    # counts shrink most; a B1 mask epoch costs 0.4 s. Measured: 145 s (BTI) / 131 s (PAM), O-ASR ≤ 3.3 %.
-    cpu_overrides: ClassVar[dict] = {"preround": 2, "mround": 5, "uround": 1, "nround": 2, "ul_round": 5}
+    cpu_overrides: ClassVar[dict] = CPU_OVERRIDES
 
     def purify(self, model: nn.Module, data: DefenderData, seed: int) -> tuple[nn.Module, dict]:
         record = run_bti(model, data, self, seed, self.unlearner(model, data))

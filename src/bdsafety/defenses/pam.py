@@ -11,7 +11,7 @@ from torch import nn
 
 from ..optim.pam import PAM
 from ..train import TrainConfig, fit
-from ._bti import BTIStages, TriggerGenerator, Unlearn, keep_full_batches, mix_generated, run_bti
+from ._bti import CPU_OVERRIDES, BTIStages, TriggerGenerator, Unlearn, keep_full_batches, mix_generated, run_bti
 from ._common import DEFENSES, DefenderData
 
 log = logging.getLogger(__name__)
@@ -32,9 +32,7 @@ class Pam(BTIStages):
     momentum: float = 0.1  # base SGD momentum [hard]
     weight_decay: float = 0.0  # base SGD weight decay [hard]
 
-    # Fashion-MNIST on 2 cores (3,000-image reserve): U-Net epochs (stage A, B2) cost ~25 s each, so their
-    # counts shrink most; a B1 mask epoch costs 0.4 s. Measured: 145 s (BTI) / 131 s (PAM), O-ASR ≤ 3.3 %.
-    cpu_overrides: ClassVar[dict] = {"preround": 2, "mround": 5, "uround": 1, "nround": 2, "ul_round": 5}
+    cpu_overrides: ClassVar[dict] = CPU_OVERRIDES
 
     def purify(self, model: nn.Module, data: DefenderData, seed: int) -> tuple[nn.Module, dict]:
         unlearn, optimizer = self.unlearner(model, data)  # snapshots θ_bd = the input weights
