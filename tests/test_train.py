@@ -75,6 +75,6 @@ def test_precision_auto_resolves_per_device_and_bad_values_are_refused():
     assert resolve_precision("auto", cpu) == ("bf16" if native_bf16(cpu) else "fp32")
     assert resolve_precision("fp32", cpu) == "fp32" and resolve_precision("bf16", cpu) == "bf16"
     assert not native_bf16(torch.device("meta"))
-    assert {config.precision for config in TRAIN_PROFILES.values()} == {"auto"}
+    assert {config.precision for config in TRAIN_PROFILES.values()} == {"fp32"}  # bf16 is opt-in
     with pytest.raises(UsageError, match="precision must be one of fp32, bf16, auto"):
         TrainConfig(precision="fp16")

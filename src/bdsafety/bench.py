@@ -3,16 +3,16 @@
 One run on one machine and model measures (all numbers in a JSON-able dict):
 
 1. `train.fit` throughput: uint8 tensors on the device, batched `augment` (crop pad 2 + flip), channels_last,
-   SGD 0.1/0.9/5e-4, cross-entropy, in the default profile's precision (bf16 autocast where the hardware has
-   it, else fp32); the real `fit` is called on a subset sized to a fixed number of steps. Where that precision
-   is bf16, `fit` in fp32 is measured too, so the gain splits into pipeline, memory format and precision.
+   SGD 0.1/0.9/5e-4, cross-entropy, in the default profile's precision (fp32); the real `fit` is called on a subset sized to a fixed number of steps. `fit` in the other
+   precision is measured too (bf16 where the hardware has it), so the gain splits into pipeline, memory format
+   and precision.
 2. The same model, batch and optimizer fed the torchvision way (written by hand here; torchvision is not a
    dependency): a Dataset decoding each uint8 array with `PIL.Image.fromarray`, BadNets patch per poisoned
    sample in `__getitem__`, RandomCrop(pad 2) -> RandomHorizontalFlip -> ToTensor -> Normalize, DataLoader,
    the model in PyTorch's default NCHW layout and fp32 as the usual toolkits train it; the same pipeline
    feeding a channels_last model is measured too.
 3. Model FLOPs (conv/linear multiply-adds x2; training = 3x forward) and MFU against the dense-matmul peak
-   measured in the same run and dtype (for the fp32 ablation too, against the fp32 peak).
+   measured in the same run and dtype (for the other precision too, against its own dtype's peak).
 4. The cost of one PAM step relative to one plain SGD step on the same batch.
 5. Evaluation throughput (`train.predict`) and the wall time of a 21-point LMC scan.
 
@@ -50,7 +50,7 @@ from .models import ModelSpec, create_model
 from .optim.pam import PAM
 from .profiles import TRAIN_PROFILES
 from .train import (LossFn, TrainConfig, batch_indices, cross_entropy, fit, optimizer_step, predict,
-                    resolve_precision, with_precision)
+                    native_bf16, resolve_precision, with_precision)
 
 log = logging.getLogger(__name__)
 
@@ -106,10 +106,9 @@ def default_workload(device: torch.device, batch_size: int | None, model_name: s
                      shape: tuple[int, int, int] | None) -> Workload:
     """CPU: Fashion-MNIST shape, preact_small, batch 128 (cpu profile). CUDA: CIFAR shape, resnet18, batch 512
     (paper profile). Precision: the profile's, resolved for the device (bf16 where the hardware has it)."""
+    precision = resolve_precision(TRAIN_PROFILES["paper" if device.type == "cuda" else "cpu"].precision, device)
     if device.type == "cuda":
-        precision = resolve_precision(TRAIN_PROFILES["paper"].precision, device)
         return Workload(device, model_name or "resnet18", tuple(shape or (3, 32, 32)), batch_size or 512, precision)
-    precision = resolve_precision(TRAIN_PROFILES["cpu"].precision, device)
     return Workload(device, model_name or "preact_small", tuple(shape or (1, 28, 28)), batch_size or 128, precision)
 
 
@@ -485,10 +484,11 @@ def run_benchmark(device: torch.device, seconds_per_case: float = 12.0, batch_si
     peak = matmul_peak(work.device, work.dtype, sizes)
     forward = forward_flops(trained, work.shape, work.device)
     flops = utilization(forward, training["train"]["images_per_s"], peak["flops_per_s"])
-    if "train_fp32" in training:
-        peak_fp32 = matmul_peak(work.device, torch.float32, sizes)
-        flops["fp32"] = {**utilization(forward, training["train_fp32"]["images_per_s"], peak_fp32["flops_per_s"]),
-                         "peak": peak_fp32}
+    if "train_other" in training:  # the other precision, against its own dtype's peak
+        other = training["train_other"]["precision"]
+        other_peak = matmul_peak(work.device, torch.bfloat16 if other == "bf16" else torch.float32, sizes)
+        flops["other"] = {**utilization(forward, training["train_other"]["images_per_s"], other_peak["flops_per_s"]),
+                          "precision": other, "peak": other_peak}
     pam = pam_overhead(work, setup.attacker_train, steps=max(1, steps_per_call // 4), **timing)
     evaluation = eval_throughput(work, trained, setup.bundle.test.images, **timing)
     lmc = lmc_scan(work, trained, work.model(seed=3), setup, lmc_points)
@@ -499,25 +499,34 @@ def run_benchmark(device: torch.device, seconds_per_case: float = 12.0, batch_si
             "total_s": time.perf_counter() - started}
 
 
+def other_precision(work: Workload) -> str | None:
+    """The precision measured beside the profile's: bf16 where the hardware has it and the profile trains in fp32,
+    fp32 where the profile trains in bf16."""
+    if work.precision == "bf16":
+        return "fp32"
+    return "bf16" if native_bf16(work.device) else None
+
+
 def compare_training(work: Workload, setup: Setup, workers: tuple[int, ...], steps: int, seconds: float,
                      min_calls: int) -> tuple[dict, nn.Module]:
     """Cases 1 and 2, interleaved: `fit` against the conventional pipeline per worker count (NCHW and fp32, as the
-    usual toolkits train); ablations: the conventional pipeline with bdsafety's channels_last model, and `fit` in
-    fp32 where the workload trains in bf16; the pipelines alone."""
+    usual toolkits train); the conventional pipeline with bdsafety's channels_last model (ablation); `fit` in the
+    other precision; the pipelines alone."""
     steps = min(steps, len(setup.attacker_train) // work.batch_size)
     dataset = conventional_dataset(setup)
     fit_call, trained = fit_case(work, setup.attacker_train, steps)
     cases = {"bdsafety": fit_call, **{str(w): conventional_case(work, dataset, w, steps) for w in workers},
              "channels_last": conventional_case(work, dataset, workers[0], steps, torch.channels_last)}
-    if work.precision != "fp32":
-        cases["bdsafety_fp32"] = fit_case(work, setup.attacker_train, steps, precision="fp32")[0]
+    other = other_precision(work)
+    if other:
+        cases["bdsafety_other"] = fit_case(work, setup.attacker_train, steps, precision=other)[0]
     times = round_robin(cases, seconds, min_calls)
     summaries = {name: {**rate_summary(steps * work.batch_size, durations),
                         "step_ms": 1e3 * statistics.median(durations) / steps} for name, durations in times.items()}
     method = f"train.fit's own duration_s (epoch loop, ends in a host sync), {steps} steps per call; " + INTERLEAVED
     train = {**summaries.pop("bdsafety"), "precision": work.precision, "method": method}
-    fp32 = {"train_fp32": {**summaries.pop("bdsafety_fp32"), "precision": "fp32", "method": method}} \
-        if "bdsafety_fp32" in summaries else {}
+    alternative = {"train_other": {**summaries.pop("bdsafety_other"), "precision": other, "method": method}} \
+        if other else {}
     ablation = {**summaries.pop("channels_last"), "num_workers": workers[0], "memory_format": "channels_last"}
     conventional = {w: {**case, "num_workers": int(w), "method": f"perf_counter around {steps} steps (next(loader) + "
                         "step), persistent workers whose prefetched batches are drained untimed first; "
@@ -527,7 +536,7 @@ def compare_training(work: Workload, setup: Setup, workers: tuple[int, ...], ste
             "conventional_best": {"num_workers": best["num_workers"], "images_per_s": best["images_per_s"]},
             "speedup": train["images_per_s"] / best["images_per_s"],
             "conventional_channels_last": ablation,
-            "speedup_same_memory_format": train["images_per_s"] / ablation["images_per_s"], **fp32,
+            "speedup_same_memory_format": train["images_per_s"] / ablation["images_per_s"], **alternative,
             "input_pipeline": input_pipelines(work, setup.attacker_train, dataset, seconds, min_calls)}, trained
 
 
@@ -571,10 +580,10 @@ def training_rows(result: dict) -> list[tuple[str, str]]:
     rows += [(f"speed-up vs best conventional ({best['num_workers']} workers)", f"{result['speedup']:.2f}x"),
              (f"ablation: conventional, {ablation['num_workers']} workers, channels_last model (fp32)",
               f"{ablation['images_per_s']:,.0f} img/s (bdsafety {result['speedup_same_memory_format']:.2f}x)")]
-    if "train_fp32" in result:
-        fp32 = result["train_fp32"]
-        rows.append(("ablation: bdsafety train in fp32",
-                     f"{fp32['images_per_s']:,.0f} img/s ({fp32['images_per_s'] / best_rate:.2f}x conventional)"))
+    if "train_other" in result:
+        other = result["train_other"]
+        rows.append((f"bdsafety train in {other['precision']} (`precision: {other['precision']}`)",
+                     f"{other['images_per_s']:,.0f} img/s ({other['images_per_s'] / best_rate:.2f}x conventional)"))
     return rows + [
         ("input pipeline alone, ms/batch (bdsafety / conventional)",
          f"{pipes['bdsafety_ms_per_batch']:.2f} / {pipes['conventional_ms_per_batch']:.2f} ({pipes['ratio']:.0f}x)"),
@@ -589,17 +598,17 @@ def compute_rows(result: dict) -> list[tuple[str, str]]:
         (f"matmul peak ({peak['dtype'].removeprefix('torch.')} mm, n={peak['best_size']})",
          f"{peak['flops_per_s'] / 1e9:.1f} GFLOP/s"),
         ("MFU (training)", f"{100 * flops['mfu']:.1f} %"),
-        *fp32_compute_rows(flops),
+        *other_precision_rows(flops),
         ("PAM step / SGD step", f"{pam['ratio']:.2f}x ({pam['pam_step_ms']:.1f} vs {pam['sgd_step_ms']:.1f} ms)"),
     ]
 
 
-def fp32_compute_rows(flops: dict) -> list[tuple[str, str]]:
-    if "fp32" not in flops:
+def other_precision_rows(flops: dict) -> list[tuple[str, str]]:
+    if "other" not in flops:
         return []
-    fp32, peak = flops["fp32"], flops["fp32"]["peak"]
-    return [("fp32 matmul peak / MFU of fp32 training",
-             f"{peak['flops_per_s'] / 1e9:.1f} GFLOP/s / {100 * fp32['mfu']:.1f} %")]
+    other, peak = flops["other"], flops["other"]["peak"]
+    return [(f"{other['precision']} matmul peak / MFU of {other['precision']} training",
+             f"{peak['flops_per_s'] / 1e9:.1f} GFLOP/s / {100 * other['mfu']:.1f} %")]
 
 
 def evaluation_rows(result: dict) -> list[tuple[str, str]]:

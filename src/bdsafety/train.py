@@ -88,7 +88,7 @@ def cross_entropy(label_smoothing: float = 0.0) -> LossFn:
 def native_bf16(device: torch.device) -> bool:
     """Whether `device` multiplies bf16 in hardware (elsewhere bf16 autocast is emulated and slower than fp32)."""
     if device.type == "cuda":
-        return torch.cuda.is_bf16_supported()
+        return torch.cuda.is_bf16_supported(including_emulation=False)
     if device.type == "cpu":
         try:
             return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())  # oneDNN's own AVX512-BF16/AMX probe
