@@ -257,7 +257,7 @@ def add_train_command(sub) -> None:
     train.add_argument("--profile", choices=sorted(TRAIN_PROFILES), help="cpu (small datasets) or paper")
     train.add_argument("--epochs", type=int, help="override the profile's epoch count")
     train.add_argument("--precision", choices=PRECISIONS,
-                       help="fp32, bf16 autocast, or auto (bf16 where the hardware has it; the profiles' default)")
+                       help="fp32 (the profiles' default), bf16 autocast, or auto (bf16 where the hardware has it)")
     train.add_argument("--poison-rate", type=float, default=0.05)
     train.add_argument("--target", type=int, default=0)
     train.add_argument("--seed", type=int, default=0)
