@@ -104,10 +104,16 @@ def test_killed_run_resumes_to_the_same_results(finished, tmp_path, finished_sta
     assert not [p for p in (target / "stages").iterdir() if p.name.startswith(".")]
 
 
-def test_ctrl_c_stops_with_a_resume_hint(finished, tmp_path):
-    spec, _ = finished
-    process = start_run(spec, tmp_path / "interrupted")
-    wait_for_stages(tmp_path / "interrupted", 1)
+def test_ctrl_c_stops_with_a_resume_hint(tmp_path):
+    spec = tmp_path / "spec.yaml"  # long training, so that the interrupt surely lands inside the run
+    spec.write_text(SPEC.replace("epochs: 6,", "epochs: 5000,"))
+    out = tmp_path / "interrupted"
+    process = start_run(spec, out)
+    deadline = time.time() + 120
+    while time.time() < deadline and not (out / "stages").is_dir():
+        time.sleep(0.05)
+    time.sleep(1.0)
+    assert process.poll() is None
     os.killpg(process.pid, signal.SIGINT)
     _, stderr = process.communicate(timeout=60)
     assert process.returncode == 130
