@@ -3,14 +3,14 @@
 One run on one machine and model measures (all numbers in a JSON-able dict):
 
 1. `train.fit` throughput: uint8 tensors on the device, batched `augment` (crop pad 2 + flip), channels_last,
-   SGD 0.1/0.9/5e-4, cross-entropy, in the default profile's precision (fp32); the real `fit` is called on a subset sized to a fixed number of steps. `fit` in the other
-   precision is measured too (bf16 where the hardware has it), so the gain splits into pipeline, memory format
-   and precision.
-2. The same model, batch and optimizer fed the torchvision way (written by hand here; torchvision is not a
-   dependency): a Dataset decoding each uint8 array with `PIL.Image.fromarray`, BadNets patch per poisoned
-   sample in `__getitem__`, RandomCrop(pad 2) -> RandomHorizontalFlip -> ToTensor -> Normalize, DataLoader,
-   the model in PyTorch's default NCHW layout and fp32 as the usual toolkits train it; the same pipeline
-   feeding a channels_last model is measured too.
+   SGD 0.1/0.9/5e-4, cross-entropy, in the default profile's precision (fp32); the real `fit` is called on a
+   subset sized to a fixed number of steps. `fit` in the other precision is measured too (bf16 where the
+   hardware has it), so the gain splits into pipeline, memory format and precision.
+2. The same model, batch and optimizer fed the torchvision way (`conventional_pipeline`, written by hand;
+   torchvision is not a dependency): a Dataset decoding each uint8 array with `PIL.Image.fromarray`, BadNets
+   patch per poisoned sample in `__getitem__`, RandomCrop(pad 2) -> RandomHorizontalFlip -> ToTensor ->
+   Normalize, DataLoader, the model in PyTorch's default NCHW layout and fp32 as the usual toolkits train it;
+   the same pipeline feeding a channels_last model is measured too.
 3. Model FLOPs (conv/linear multiply-adds x2; training = 3x forward) and MFU against the dense-matmul peak
    measured in the same run and dtype (for the other precision too, against its own dtype's peak).
 4. The cost of one PAM step relative to one plain SGD step on the same batch.
@@ -36,12 +36,11 @@ import time
 from dataclasses import dataclass, replace
 from typing import Callable, Iterator
 
-import numpy as np
 import torch
-from PIL import Image, ImageOps
 from torch import Tensor, nn
 
-from .attacks.badnets import BadNets
+from .conventional_pipeline import (CROP_PAD, PREFETCH, ConventionalDataset, conventional_dataset, conventional_loader,
+                                   endless)
 from .audits.connectivity import LinearModeConnectivity
 from .data import ImageSet, augment, to_float
 from .data.synthetic import synthetic_bundle
@@ -58,8 +57,7 @@ NUM_CLASSES = 10
 POISON_RATE, TARGET = 0.05, 0  # the Fashion-MNIST target run's BadNets settings
 RECIPE = dict(lr=0.1, momentum=0.9, weight_decay=5e-4)  # the paper's backdoor-training SGD (ALGORITHMS §3)
 PAM_RECIPE = dict(lr=0.01, momentum=0.1, weight_decay=0.0)  # the PAM defense's base SGD (ALGORITHMS §4.8)
-CROP_PAD = 2
-PREFETCH = 2  # DataLoader's default prefetch_factor, made explicit
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}  # the matmul dtype of each training precision
 INTERLEAVED = "cases called in turn (round robin) after one warm-up call each; median over calls"
 
 
@@ -77,7 +75,7 @@ class Workload:
 
     @property
     def dtype(self) -> torch.dtype:
-        return torch.bfloat16 if self.precision == "bf16" else torch.float32
+        return DTYPES[self.precision]
 
     @property
     def dtype_name(self) -> str:
@@ -183,99 +181,7 @@ def fit_batches(work: Workload, data: ImageSet, seed: int = 0) -> Iterator[tuple
             yield x.contiguous(memory_format=torch.channels_last), labels[idx]
 
 
-# ---- 2. the conventional pipeline ---------------------------------------------------------------------------
-
-
-def pil_random_crop(img: Image.Image, pad: int) -> Image.Image:
-    """torchvision RandomCrop(size, padding=pad): zero-pad, then crop back at a uniformly random offset."""
-    if pad <= 0:
-        return img
-    width, height = img.size
-    padded = ImageOps.expand(img, border=pad, fill=0)
-    top = int(torch.randint(0, 2 * pad + 1, (1,)))
-    left = int(torch.randint(0, 2 * pad + 1, (1,)))
-    return padded.crop((left, top, left + width, top + height))
-
-
-def pil_random_flip(img: Image.Image, p: float = 0.5) -> Image.Image:
-    """torchvision RandomHorizontalFlip(p)."""
-    return img.transpose(Image.Transpose.FLIP_LEFT_RIGHT) if float(torch.rand(1)) < p else img
-
-
-def pil_to_tensor(img: Image.Image) -> Tensor:
-    """torchvision ToTensor: HWC uint8 -> CHW float32 in [0, 1]."""
-    array = np.array(img, dtype=np.uint8, copy=True)
-    if array.ndim == 2:
-        array = array[:, :, None]
-    return torch.from_numpy(array).permute(2, 0, 1).contiguous().float().div(255.0)
-
-
-def normalize(x: Tensor, mean: Tensor, std: Tensor) -> Tensor:
-    """torchvision Normalize: per-channel (x - mean) / std."""
-    return x.sub_(mean).div_(std)
-
-
-class ConventionalDataset(torch.utils.data.Dataset):
-    """The torchvision/BackdoorBench way: per-item PIL decode, per-item BadNets patch, per-item transforms.
-
-    Args:
-        images: clean uint8 [N, C, H, W] (stored HWC as PIL expects).
-        labels: int64 [N].
-        poison_mask: bool [N], the samples to patch and relabel to `target` (BadNets, dirty label).
-        patch: the BadNets square's side in pixels (bottom-right corner, white).
-        pad, flip: RandomCrop padding and whether to RandomHorizontalFlip.
-        mean, std: Normalize's per-channel statistics.
-    """
-
-    def __init__(self, images: Tensor, labels: Tensor, poison_mask: Tensor, target: int, patch: int, pad: int,
-                 flip: bool, mean: tuple[float, ...], std: tuple[float, ...]):
-        array = images.permute(0, 2, 3, 1).numpy()
-        self.images = np.ascontiguousarray(array[..., 0] if array.shape[-1] == 1 else array)
-        self.labels = labels.tolist()
-        self.poisoned = poison_mask.tolist()
-        self.target, self.patch, self.pad, self.flip = target, patch, pad, flip
-        self.mean = torch.tensor(mean, dtype=torch.float32).view(-1, 1, 1)
-        self.std = torch.tensor(std, dtype=torch.float32).view(-1, 1, 1)
-
-    def __len__(self) -> int:
-        return len(self.labels)
-
-    def __getitem__(self, i: int) -> tuple[Tensor, int]:
-        img, label = Image.fromarray(self.images[i]), self.labels[i]
-        if self.poisoned[i]:
-            img, label = self.badnets(img), self.target
-        img = pil_random_crop(img, self.pad)
-        if self.flip:
-            img = pil_random_flip(img)
-        return normalize(pil_to_tensor(img), self.mean, self.std), label
-
-    def badnets(self, img: Image.Image) -> Image.Image:
-        array = np.array(img, copy=True)
-        array[-self.patch:, -self.patch:] = 255
-        return Image.fromarray(array)
-
-
-def conventional_dataset(setup: Setup, pad: int = CROP_PAD, flip: bool = True) -> ConventionalDataset:
-    """The attacker's training set (clean originals + poison mask), poisoned lazily per item."""
-    clean = setup.bundle.train.subset(setup.split.train)
-    patch = setup.attack.patch_size(clean.shape[1]) if isinstance(setup.attack, BadNets) else None
-    if patch is None:
-        raise ValueError("the conventional pipeline implements the BadNets patch only")
-    return ConventionalDataset(clean.images, clean.labels, setup.poisoned.poison_mask, setup.target, patch, pad, flip,
-                               setup.bundle.mean, setup.bundle.std)
-
-
-def conventional_loader(dataset: ConventionalDataset, batch_size: int, workers: int, device: torch.device,
-                        seed: int = 0) -> torch.utils.data.DataLoader:
-    return torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=True, num_workers=workers,
-                                       drop_last=True, persistent_workers=workers > 0,
-                                       prefetch_factor=PREFETCH if workers > 0 else None,
-                                       pin_memory=device.type == "cuda", generator=torch.Generator().manual_seed(seed))
-
-
-def endless(loader: torch.utils.data.DataLoader) -> Iterator:
-    while True:
-        yield from loader
+# ---- 2. the conventional pipeline (conventional_pipeline.py) feeding the same model -------------------------
 
 
 def conventional_batches(work: Workload, dataset: ConventionalDataset, workers: int,
@@ -486,7 +392,7 @@ def run_benchmark(device: torch.device, seconds_per_case: float = 12.0, batch_si
     flops = utilization(forward, training["train"]["images_per_s"], peak["flops_per_s"])
     if "train_other" in training:  # the other precision, against its own dtype's peak
         other = training["train_other"]["precision"]
-        other_peak = matmul_peak(work.device, torch.bfloat16 if other == "bf16" else torch.float32, sizes)
+        other_peak = matmul_peak(work.device, DTYPES[other], sizes)
         flops["other"] = {**utilization(forward, training["train_other"]["images_per_s"], other_peak["flops_per_s"]),
                           "precision": other, "peak": other_peak}
     pam = pam_overhead(work, setup.attacker_train, steps=max(1, steps_per_call // 4), **timing)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
 import os
 import sys
@@ -66,7 +67,7 @@ def cmd_train(args) -> int:
     config = TRAIN_PROFILES[profile]
     overrides = {key: value for key, value in (("epochs", args.epochs), ("precision", args.precision))
                  if value is not None}
-    config = type(config)(**{**config.to_json(), **overrides})
+    config = dataclasses.replace(config, **overrides)
     model_name = args.model or MODEL_FOR_PROFILE[profile]
     MODELS.get(model_name)
     device = resolve_device(args.device)
