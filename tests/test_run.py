@@ -80,7 +80,10 @@ def test_same_spec_same_results(finished, tmp_path):
 
 def start_run(spec, out):
     command = [sys.executable, "-m", "bdsafety", "run", str(spec), "--out", str(out), "--device", "cpu", "-q"]
-    return subprocess.Popen(command, start_new_session=True, stderr=subprocess.PIPE, text=True)
+    # as from a terminal: a shell's background job (`cmd &`) ignores SIGINT, and the child would inherit that
+    restore_sigint = lambda: signal.signal(signal.SIGINT, signal.SIG_DFL)  # noqa: E731
+    return subprocess.Popen(command, start_new_session=True, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=restore_sigint)
 
 
 def wait_for_stages(out, count, timeout=120):
