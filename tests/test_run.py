@@ -118,7 +118,11 @@ def test_ctrl_c_stops_with_a_resume_hint(tmp_path):
     time.sleep(1.0)
     assert process.poll() is None
     os.killpg(process.pid, signal.SIGINT)
-    _, stderr = process.communicate(timeout=60)
+    try:
+        _, stderr = process.communicate(timeout=60)
+    finally:  # never leave a 5000-epoch run behind
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGKILL)
     assert process.returncode == 130
     assert "rerun the same command to resume" in stderr and "Traceback" not in stderr
 
