@@ -5,7 +5,7 @@ import torch
 import torch.nn.functional as F
 
 from bdsafety.bench import (conventional_batches, conventional_dataset, default_workload, format_table, forward_flops,
-                            fit_batches, make_setup, profile_train, run_benchmark)
+                            fit_batches, make_setup, paired_speedup, profile_train, run_benchmark)
 from bdsafety.data import to_float
 
 SHAPE = (1, 16, 16)
@@ -27,9 +27,10 @@ def test_smoke_run_reports_positive_throughputs_and_a_ratio():
                            n_test=40, steps_per_call=2, min_calls=2, workers=(0,), matmul_sizes=(64,), lmc_points=3)
     conventional = result["conventional"]["0"]["images_per_s"]
     assert result["train"]["images_per_s"] > 0 and conventional > 0
-    assert result["speedup"] == pytest.approx(result["train"]["images_per_s"] / conventional)
-    ablation = result["conventional_channels_last"]["images_per_s"]
-    assert result["speedup_same_memory_format"] == pytest.approx(result["train"]["images_per_s"] / ablation)
+    rounds = result["speedup_rounds"]
+    assert rounds["rounds"] == result["train"]["calls"] == result["conventional"]["0"]["calls"]
+    assert rounds["q1"] <= result["speedup"] == rounds["median"] <= rounds["q3"]
+    assert result["speedup_same_memory_format"] > 0
     assert result["input_pipeline"]["ratio"] > 0
     assert result["peak"]["flops_per_s"] > 0 and 0 < result["flops"]["mfu"]
     assert result["pam"]["ratio"] > 0 and result["pam"]["pam_step_ms"] > 0
@@ -44,6 +45,14 @@ def test_smoke_run_reports_positive_throughputs_and_a_ratio():
         assert {other, result["train"]["precision"]} == {"fp32", "bf16"}
         assert result["train_other"]["images_per_s"] > 0 and result["flops"]["other"]["mfu"] > 0
         assert f"{other} matmul peak" in format_table(result)
+
+
+def test_paired_speedup_takes_the_median_of_per_round_ratios():
+    # the machine slows down 2x in round 3; per-round ratios stay 2.0, 2.0, 2.0 and 1.0
+    result = paired_speedup(slow=[2.0, 2.0, 4.0, 1.0], fast=[1.0, 1.0, 2.0, 1.0])
+    assert result["median"] == pytest.approx(2.0) and result["rounds"] == 4
+    assert result["q1"] == pytest.approx(1.75) and result["q3"] == pytest.approx(2.0)
+    assert paired_speedup([3.0], [1.0]) == {"median": 3.0, "q1": 3.0, "q3": 3.0, "rounds": 1}
 
 
 def test_forward_flops_counts_conv_and_linear_macs_twice():

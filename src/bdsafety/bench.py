@@ -17,8 +17,10 @@ One run on one machine and model measures (all numbers in a JSON-able dict):
 5. Evaluation throughput (`train.predict`) and the wall time of a 21-point LMC scan.
 
 Cases compared with each other (1 vs 2, PAM vs SGD, the input pipelines alone) are timed in turn, round robin,
-so that the drifting load of a shared machine hits them alike; every number is a median over calls after a
-warm-up call.
+so that the drifting load of a shared machine hits them alike; every rate is a median over calls after a warm-up
+call, and every speed-up the median of per-round ratios (with quartiles), since one round's calls are adjacent in
+time. After a call with DataLoader workers the bench waits untimed while they refill their prefetch queue, so that
+their work does not land in the next case's timing.
 
 Synthetic data only (no download): `data.synthetic` images, BadNets 5% poisoning to class 0, 10 classes.
 On CPU the workload is Fashion-MNIST-shaped (1x28x28, preact_small, batch 128); on CUDA it is CIFAR-shaped
@@ -59,6 +61,9 @@ RECIPE = dict(lr=0.1, momentum=0.9, weight_decay=5e-4)  # the paper's backdoor-t
 PAM_RECIPE = dict(lr=0.01, momentum=0.1, weight_decay=0.0)  # the PAM defense's base SGD (ALGORITHMS §4.8)
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}  # the matmul dtype of each training precision
 INTERLEAVED = "cases called in turn (round robin) after one warm-up call each; median over calls"
+SPEEDUP_METHOD = ("per round, the best conventional case's duration over bdsafety's (same steps and batch); median "
+                  "and quartiles over rounds")
+WORKER_SETTLE_S = 0.25  # untimed pause after a call with DataLoader workers (their prefetch takes ~40 ms of CPU)
 
 
 @dataclass(frozen=True)
@@ -156,6 +161,14 @@ def rate_summary(items_per_call: int, durations: list[float]) -> dict:
             "items_per_call": items_per_call}
 
 
+def paired_speedup(slow: list[float], fast: list[float]) -> dict:
+    """How many times faster `fast` is than `slow`, from the durations of calls made in the same round: adjacent in
+    time, so a drift of the machine's speed cancels in each ratio. Median and quartiles of the per-round ratios."""
+    ratios = sorted(s / f for s, f in zip(slow, fast))
+    q1, median, q3 = statistics.quantiles(ratios, n=4, method="inclusive") if len(ratios) > 1 else ratios * 3
+    return {"median": median, "q1": q1, "q3": q3, "rounds": len(ratios)}
+
+
 # ---- 1. bdsafety's training loop ---------------------------------------------------------------------------
 
 
@@ -210,7 +223,10 @@ def conventional_case(work: Workload, dataset: ConventionalDataset, workers: int
         for _ in range(steps):
             optimizer_step(model, optimizer, loss_fn, *next(batches))
         synchronize(work.device)
-        return time.perf_counter() - started
+        seconds = time.perf_counter() - started
+        if workers:  # the workers refill their prefetch queue now; let them finish before the next case is timed
+            time.sleep(WORKER_SETTLE_S)
+        return seconds
 
     return one_call
 
@@ -438,11 +454,15 @@ def compare_training(work: Workload, setup: Setup, workers: tuple[int, ...], ste
                         "step), persistent workers whose prefetched batches are drained untimed first; "
                         + INTERLEAVED} for w, case in summaries.items()}
     best = max(conventional.values(), key=lambda case: case["images_per_s"])
+    baseline = times[str(best["num_workers"])]
+    speedup = paired_speedup(baseline, times["bdsafety"])
     return {"train": train, "conventional": conventional,
             "conventional_best": {"num_workers": best["num_workers"], "images_per_s": best["images_per_s"]},
-            "speedup": train["images_per_s"] / best["images_per_s"],
+            "speedup": speedup["median"], "speedup_rounds": {**speedup, "method": SPEEDUP_METHOD},
             "conventional_channels_last": ablation,
-            "speedup_same_memory_format": train["images_per_s"] / ablation["images_per_s"], **alternative,
+            "speedup_same_memory_format": paired_speedup(times["channels_last"], times["bdsafety"])["median"],
+            **alternative,
+            **({"speedup_other": paired_speedup(baseline, times["bdsafety_other"])["median"]} if other else {}),
             "input_pipeline": input_pipelines(work, setup.attacker_train, dataset, seconds, min_calls)}, trained
 
 
@@ -482,14 +502,16 @@ def training_rows(result: dict) -> list[tuple[str, str]]:
     rows += [(f"conventional PIL + DataLoader, {workers} workers (NCHW, fp32)",
               f"{case['images_per_s']:,.0f} img/s ({case['step_ms']:.1f} ms/step)")
              for workers, case in result["conventional"].items()]
-    ablation, best_rate = result["conventional_channels_last"], best["images_per_s"]
-    rows += [(f"speed-up vs best conventional ({best['num_workers']} workers)", f"{result['speedup']:.2f}x"),
+    ablation, spread = result["conventional_channels_last"], result["speedup_rounds"]
+    quartiles = f"quartiles {spread['q1']:.2f}-{spread['q3']:.2f} over {spread['rounds']} rounds"
+    rows += [(f"speed-up vs best conventional ({best['num_workers']} workers)",
+              f"{result['speedup']:.2f}x ({quartiles})"),
              (f"ablation: conventional, {ablation['num_workers']} workers, channels_last model (fp32)",
               f"{ablation['images_per_s']:,.0f} img/s (bdsafety {result['speedup_same_memory_format']:.2f}x)")]
     if "train_other" in result:
         other = result["train_other"]
         rows.append((f"bdsafety train in {other['precision']} (`precision: {other['precision']}`)",
-                     f"{other['images_per_s']:,.0f} img/s ({other['images_per_s'] / best_rate:.2f}x conventional)"))
+                     f"{other['images_per_s']:,.0f} img/s ({result['speedup_other']:.2f}x conventional)"))
     return rows + [
         ("input pipeline alone, ms/batch (bdsafety / conventional)",
          f"{pipes['bdsafety_ms_per_batch']:.2f} / {pipes['conventional_ms_per_batch']:.2f} ({pipes['ratio']:.0f}x)"),
