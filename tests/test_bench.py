@@ -48,7 +48,7 @@ def test_smoke_run_reports_positive_throughputs_and_a_ratio():
 
 
 def test_paired_speedup_takes_the_median_of_per_round_ratios():
-    # the machine slows down 2x in round 3; per-round ratios stay 2.0, 2.0, 2.0 and 1.0
+    # round 3 ran on a machine twice as slow (its ratio stays 2.0), round 4 is an outlier
     result = paired_speedup(slow=[2.0, 2.0, 4.0, 1.0], fast=[1.0, 1.0, 2.0, 1.0])
     assert result["median"] == pytest.approx(2.0) and result["rounds"] == 4
     assert result["q1"] == pytest.approx(1.75) and result["q3"] == pytest.approx(2.0)
