@@ -4,8 +4,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from bdsafety.bench import (conventional_batches, conventional_dataset, default_workload, format_table, forward_flops,
-                            fit_batches, make_setup, paired_speedup, profile_train, run_benchmark)
+from bdsafety.bench import (conventional_batches, conventional_dataset, default_workload, forward_flops, fit_batches,
+                            make_setup, paired_speedup, profile_train, run_benchmark)
+from bdsafety.bench_table import format_table
 from bdsafety.data import to_float
 
 SHAPE = (1, 16, 16)

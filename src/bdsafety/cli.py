@@ -14,7 +14,8 @@ import torch
 import yaml
 
 from . import __version__, interop, store
-from .bench import format_table, profile_train, run_benchmark
+from .bench import profile_train, run_benchmark
+from .bench_table import format_table
 from .data import DATASET_NAMES
 from .errors import UsageError
 from .defenses import DEFENSES, create_defense, defense_params, summary
