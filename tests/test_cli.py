@@ -55,3 +55,26 @@ def test_missing_dataset_exit_2(tmp_path, capsys, monkeypatch):
 def test_eval_of_a_non_run_directory(tmp_path, capsys):
     code, _, stderr = run_cli(capsys, ["eval", str(tmp_path)])
     assert code == 2 and "record.json is missing" in stderr
+
+
+@pytest.mark.parametrize("status, exit_call", [(130, "os._exit"), (0, "sys.exit"), (2, "sys.exit")])
+def test_entry_leaves_at_once_after_ctrl_c_and_normally_otherwise(monkeypatch, status, exit_call):
+    import bdsafety.cli as cli
+
+    calls = []
+
+    class Exited(Exception):
+        pass
+
+    def record(name):
+        def exit_(code):
+            calls.append((name, code))
+            raise Exited
+        return exit_
+
+    monkeypatch.setattr(cli, "main", lambda: status)
+    monkeypatch.setattr(cli.os, "_exit", record("os._exit"))
+    monkeypatch.setattr(cli.sys, "exit", record("sys.exit"))
+    with pytest.raises(Exited):
+        cli.entry()
+    assert calls == [(exit_call, status)]
