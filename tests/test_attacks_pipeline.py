@@ -60,12 +60,24 @@ def test_train_records_hold_the_fit_statistics_and_the_full_parameters(finished)
     assert {"source_clean_acc", "source_adv_acc", "eps", "at_s", "craft_s"} <= set(lc["attack"]["fit"])
 
 
-def test_report_has_one_column_pair_per_attack_and_seed(finished):
+def test_seeds_are_summarised_per_attack_with_their_spread(finished):
+    _, out = finished
+    results = json.loads((out / "results.json").read_text())
+    ssba = [b for b in results["attacks"] if b["attack"] == "ssba"]
+    (summary,) = [b for b in results["summary"] if b["attack"] == "ssba"]
+    assert summary["seeds"] == [0, 1] and [b["attack"] for b in results["summary"]] == ["ssba", "lc"]
+    asrs = [b["backdoored"]["asr"] for b in ssba]
+    assert asrs[0] != asrs[1]
+    assert summary["backdoored"]["asr"] == pytest.approx(sum(asrs) / 2)
+    assert summary["backdoored"]["asr_min"] == min(asrs) and summary["backdoored"]["asr_max"] == max(asrs)
+    o_asr = [b["rows"][0]["o_asr"] for b in ssba]
+    assert summary["rows"][0]["o_asr"] == pytest.approx(sum(o_asr) / 2)
+
+
+def test_report_has_one_column_pair_per_attack_over_the_seeds(finished):
     _, out = finished
     header = to_markdown(robustness_table(json.loads((out / "results.json").read_text()))).splitlines()[2]
-    for seed in (0, 1):
-        assert f"SSBA (10.0%, t=0, seed {seed}) C-Acc ↑" in header
-    assert "LC (10.0%, t=1, seed 1) ASR ↓" in header and header.count("C-Acc") == 4
+    assert "SSBA C-Acc ↑" in header and "LC ASR ↓" in header and header.count("C-Acc") == 2
     report = (out / "report.md").read_text()
     assert "Fitted triggers" in report and report.count("-lmc.png") == 0  # lmc not among the checks
 

@@ -38,8 +38,8 @@ def superficial(badnets_setup, backdoored):
 
 
 def test_registry_and_profiles():
-    assert AUDITS.names() == ["lmc", "qra", "ra"]
-    assert create_audit("qra", "cpu").epochs == QueryReactivation.cpu_overrides["epochs"]
+    assert AUDITS.names() == ["lmc", "qra", "ra", "trajectory"]
+    assert create_audit("qra", "cpu").epochs == 50  # the official length on the CPU profile too
     assert create_audit("qra").epochs == 50
     assert create_audit("ra", "cpu", epochs=2).epochs == 2
     with pytest.raises(UsageError, match="no parameter"):
@@ -50,9 +50,10 @@ def test_registry_and_profiles():
 
 def test_ra_set_is_attacker_clean_data_plus_exact_poisons(badnets_setup):
     setup = badnets_setup
-    data = TINY_RA.retuning_set(setup, seed=0)
+    data, is_poison = TINY_RA.retuning_set(setup, seed=0)
     num_clean = round(0.05 * len(setup.bundle.train))
     assert len(data) == num_clean + TINY_RA.poison_count
+    assert is_poison.tolist() == [False] * num_clean + [True] * TINY_RA.poison_count
     poisons = data.images[num_clean:]
     assert (data.labels[num_clean:] == setup.target).all()
     # every added poison is one of the attack's poisoned training images (trigger patch included) ...
@@ -62,8 +63,44 @@ def test_ra_set_is_attacker_clean_data_plus_exact_poisons(badnets_setup):
     # ... and the clean part carries no trigger-labelled poisons: exactly poison_count poisons in all
     clean_pool = setup.bundle.train.images[setup.split.train]
     assert all((clean_pool == image).flatten(1).all(1).any() for image in data.images[:num_clean])
-    assert not torch.equal(data.images, TINY_RA.retuning_set(setup, seed=1).images)
-    assert torch.equal(data.images, TINY_RA.retuning_set(setup, seed=0).images)
+    assert not torch.equal(data.images, TINY_RA.retuning_set(setup, seed=1)[0].images)
+    assert torch.equal(data.images, TINY_RA.retuning_set(setup, seed=0)[0].images)
+
+
+def test_ra_poisons_enter_every_batch_exactly_as_stored(badnets_setup, superficial, monkeypatch):
+    """The official RA loads its poisons with the test transform: never cropped or flipped, in any epoch."""
+    import bdsafety.audits.retuning as retuning
+
+    data, is_poison = TINY_RA.retuning_set(badnets_setup, seed=0)
+    stored = to_float(data.images[is_poison])
+    seen, real_fit = [], retuning.fit
+
+    def capture(x, y, gen):  # a batch hook sees each batch after augmentation, before the step
+        seen.append(x.clone())
+        return x, y
+
+    def spying_fit(model, data, config, seed, **kwargs):
+        return real_fit(model, data, config, seed, batch_hook=capture, **kwargs)
+
+    monkeypatch.setattr(retuning, "fit", spying_fit)
+    TINY_RA.run(superficial, badnets_setup, seed=0)
+    batches = torch.cat(seen)
+    # every stored poison appears bit-identical in every epoch of every repeat's first draw ...
+    for poison in stored:
+        matches = (batches == poison).flatten(1).all(1).sum()
+        assert matches >= TINY_RA.epochs
+    # ... while the clean images were augmented (crop pad 1): some batch rows differ from every stored image
+    clean = to_float(data.images[~is_poison])
+    assert not all((clean == row).flatten(1).all(1).any() for row in batches[:64])
+
+
+def test_ra_repeats_report_mean_and_spread(badnets_setup, superficial):
+    _, result = dataclasses.replace(TINY_RA, epochs=1).run(superficial, badnets_setup, seed=0)
+    asrs = [r["asr"] for r in result["repeats"]]
+    assert len(asrs) == 3 and len({r["seed"] for r in result["repeats"]}) == 3
+    assert result["asr"] == pytest.approx(sum(asrs) / 3)
+    assert result["asr_min"] == min(asrs) and result["asr_max"] == max(asrs)
+    assert result["asr_sd"] == pytest.approx(torch.tensor(asrs, dtype=torch.float64).std().item(), abs=1e-12)
 
 
 def test_noise_mode_samples_are_never_ra_poisons():

@@ -77,7 +77,7 @@ def test_only_ep_receives_the_attack(backdoored, badnets_setup, monkeypatch):
     seen = {}
     for name in FINETUNE:
         cls = DEFENSES.get(name)
-        monkeypatch.setattr(cls, "purify", lambda self, model, data, seed, name=name: seen.setdefault(name, data))
+        monkeypatch.setattr(cls, "purify", lambda self, model, data, seed, name=name: (model, seen.setdefault(name, data)))
         run_defense(create_defense(name), backdoored[0], defender_data(badnets_setup), seed=0)
     assert seen["ep"].attack is badnets_setup.attack and seen["ep"].target == badnets_setup.target
     assert all(seen[name].attack is None and seen[name].target is None for name in ("ft", "fst", "ft_sam"))

@@ -193,13 +193,25 @@ def close_qra_gap(results):
     (copy_ep_curve_to_anp, [True, True, True, False, True]),
     (set_fields(0, "anp", lmc={"bn_mode": "interp", "points": lmc_points(0.35)}), [True, True, True, False, True]),
     (set_fields(0, "pam", p_asr=0.21), [True, True, True, True, False]),
-    (set_fields(0, "pam", o_clean_acc=0.884), [True, True, True, True, False]),  # best is FT at 91.5
-    (set_fields(0, "pam", o_clean_acc=0.885), [True] * 5),
+    # the best purifying baseline is FST at 90.0; EP (an oracle) and FT (O-ASR 12 %, not a baseline) do not count
+    (set_fields(0, "pam", o_clean_acc=0.869), [True, True, True, True, False]),
+    (set_fields(0, "pam", o_clean_acc=0.870), [True] * 5),
+    (set_fields(0, "ep", o_clean_acc=0.99), [True] * 5),
+    (set_fields(0, "fst", o_asr=0.5), [True] * 5),  # FST did not purify: SAM and BTI at 89.0 are the best
 ])
 def test_each_claim_fails_when_its_rule_is_broken(mutate, expected):
     results = fake_results()
     mutate(results)
     assert held(results) == expected
+
+
+def test_a_claim_on_the_edge_of_the_spread_is_flagged():
+    results = fake_results()
+    assert all(claim["within_spread"] for claim in evaluate_claims(results))
+    row_of(results, 0, "pam").update(p_asr_min=0.05, p_asr_max=0.30)  # EP 5 % + 15 points: the mean holds, max not
+    claims = evaluate_claims(results)
+    assert claims[4]["held"] is True and claims[4]["within_spread"] is False
+    assert all(claim["within_spread"] for claim in claims[:4])
 
 
 def test_claims_are_unknown_without_their_data_and_say_so():

@@ -15,12 +15,14 @@ from bdsafety.cli import main
 SPEC = """
 dataset: synthetic
 seed: 0
+calibration_fraction: 0.05
 attacks: [{name: badnets, poison_rate: 0.1, target: 0}]
 train: {epochs: 6, batch_size: 64, lr: 0.05, crop_pad: 1, flip: false}
 defenses: [ft, ep]
 defense_params: {ft: {epochs: 2}, ep: {epochs: 4}}
-checks: [ra, qra, lmc]
-audit_params: {qra: {epochs: 2, clean_count: 64, poison_count: 64, hidden: 64}, lmc: {points: 5}}
+checks: [ra, qra, lmc, trajectory]
+audit_params: {qra: {epochs: 2, clean_count: 64, poison_count: 64, hidden: 64}, lmc: {points: 5},
+               trajectory: {points: 3}}
 """
 
 
@@ -48,7 +50,17 @@ def test_results_have_the_documented_keys(finished):
         for key in ("o_clean_acc", "o_asr", "p_clean_acc", "p_asr", "qra_asr_purified", "qra_asr_clean_model"):
             assert 0 <= row[key] <= 1, key
         assert len(row["lmc"]["points"]) == 5 and row["lmc"]["bn_mode"] == "interp"
+        assert len(row["p_asr_repeats"]) == 3 and row["p_asr_min"] <= row["p_asr"] <= row["p_asr_max"]
+        assert 0 <= row["o_calibration_asr"] <= 1
+        strength = row["strength"]
+        assert strength["relative_distance"] > 0 and strength["optimizer_steps"] > 0
+        assert strength["lmc_span"] == row["lmc"]["backdoor_error_span"]
+        fractions = [p["fraction"] for p in row["trajectory"]]
+        assert len(fractions) == 3 and fractions == sorted(fractions) and fractions[-1] == 1.0
+        assert row["trajectory"][-1]["p_asr"] == row["p_asr"]
+        assert all(0 <= p["p_asr"] <= 1 and p["relative_distance"] > 0 for p in row["trajectory"])
     assert results["backdoored"]["asr"] >= 0.9
+    assert results["backdoored"]["calibration_asr"] >= 0.9  # held out of training, as the test set
     assert (out / "report.md").is_file() and (out / "report.html").is_file()
 
 

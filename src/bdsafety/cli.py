@@ -24,9 +24,9 @@ from .experiment import AttackSpec, DataSpec, evaluate_setup, prepare, purify, s
 from .models import MODELS, create_model
 from .report import write_report
 from .run import Context, audit_purified, run_experiment
-from .spec import CHECKS, ExperimentSpec, load_spec
+from .spec import ExperimentSpec, load_spec
 from .profiles import MODEL_FOR_PROFILE, TRAIN_PROFILES, default_profile
-from .train import PRECISIONS, resolve_device
+from .train import PRECISIONS, resolve_device, training_augmentation
 
 log = logging.getLogger("bdsafety")
 
@@ -98,7 +98,7 @@ def cmd_purify(args) -> int:
     device = resolve_device(args.device)
     backdoored, spec, parent = store.load_stage(Path(args.source), device)
     profile = args.profile or parent.get("profile", "paper")
-    defense = create_defense(args.defense, profile, **parse_assignments(args.set))
+    defense = create_defense(args.defense, profile, parent_augmentation(parent), **parse_assignments(args.set))
     _, _, setup = setup_from_record(parent, args.data_dir)
     purified, result = purify(defense, backdoored, setup, parent["seed"])
     record = {"stage": "purify", "defense": args.defense, "profile": profile, "params": defense_params(defense),
@@ -108,6 +108,11 @@ def cmd_purify(args) -> int:
     print(format_metrics(result["metrics"]))
     print(f"saved {out}")
     return 0
+
+
+def parent_augmentation(record: dict) -> dict | None:
+    """The backdoored model's training augmentation from its record (imported models have none)."""
+    return training_augmentation(record["train_config"]) if "train_config" in record else None
 
 
 def load_purified(path: Path, spec, device) -> torch.nn.Module:
@@ -123,20 +128,25 @@ def load_purified(path: Path, spec, device) -> torch.nn.Module:
     return model.to(device)
 
 
+AUDIT_CHECKS = ("ra", "qra", "lmc")  # of one purified model; a trajectory needs its defense run
+
+
 def cmd_audit(args) -> int:
     out = Path(args.out)
     check_out_free(out)
     checks = tuple(c.strip() for c in args.checks.split(",") if c.strip())
     for check in checks:
-        if check not in CHECKS:
-            raise UsageError(f"unknown check '{check}'; choose from: {', '.join(CHECKS)}")
+        if check not in AUDIT_CHECKS:
+            raise UsageError(f"unknown check '{check}'; choose from: {', '.join(AUDIT_CHECKS)} (trajectories need "
+                             f"the defense run: use 'bdsafety run')")
     device = resolve_device(args.device)
     backdoored, spec, record = store.load_stage(Path(args.backdoored), device)
     purified = load_purified(Path(args.purified), spec, device)
     clean = load_purified(Path(args.clean), spec, device) if args.clean else None
     _, _, setup = setup_from_record(record, args.data_dir)
     ctx = Context.of(ExperimentSpec(dataset=record["data"]["name"], model=spec.name, seed=record["seed"],
-                                    profile=args.profile or record.get("profile")))
+                                    profile=args.profile or record.get("profile"),
+                                    train=parent_augmentation(record) or {}))
     result = audit_purified(backdoored, purified, clean, setup, checks, ctx)
     with store.publishing(out) as tmp:
         store.write_json(tmp / "audit.json", {"checks": list(checks), "backdoored_dir": args.backdoored,

@@ -12,9 +12,10 @@ from torch import nn
 
 from .attacks import ATTACKS, Attack, PoisonedSet, check_poisoning, create_attack, fit_attack, fit_report, poison, \
     triggered_test_set
-from .defenses import DefenderData, Defense, run_defense
+from .defenses import DefenderData, Defense, trace_defense, trajectory_fractions
 from .data import DataBundle, ImageSet, Split, load_dataset, seed_for, split_reserve
 from .errors import UsageError
+from .metrics import relative_weight_distance
 from .models import ModelSpec, create_model
 from .profiles import default_profile
 from .registry import parameter_names
@@ -26,6 +27,8 @@ class DataSpec:
     name: str = "fashion-mnist"
     data_dir: str | None = None
     reserve_fraction: float = 0.05  # the defender's clean split (ALGORITHMS §11.1)
+    # held-out training images on which defense settings are calibrated (ALGORITHMS §11.4), never the test set
+    calibration_fraction: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -46,6 +49,7 @@ class Setup:
     attack_spec: AttackSpec
     poisoned: PoisonedSet | None
     triggered_test: ImageSet | None
+    triggered_calibration: ImageSet | None = None
 
     @property
     def target(self) -> int:
@@ -55,6 +59,11 @@ class Setup:
     def reserve(self) -> ImageSet:
         """The defender's clean data: held out of training, never poisoned."""
         return self.bundle.train.subset(self.split.reserve)
+
+    @property
+    def calibration(self) -> ImageSet:
+        """Held-out clean training images (never trained on, never given to a defender)."""
+        return self.bundle.train.subset(self.split.calibration)
 
     @property
     def attacker_train(self) -> ImageSet:
@@ -72,9 +81,10 @@ def build_attack(spec: AttackSpec, seed: int, profile: str = "paper") -> Attack:
     return create_attack(spec.name, profile, **params)
 
 
-def defender_split(bundle: DataBundle, reserve_fraction: float, seed: int) -> Split:
-    """The seeded reserve (the defender's clean data) and the rest (the attacker's training set)."""
-    return split_reserve(len(bundle.train), reserve_fraction, seed_for(seed, "reserve"))
+def defender_split(bundle: DataBundle, reserve_fraction: float, seed: int, calibration_fraction: float = 0.0) -> Split:
+    """The seeded reserve (the defender's clean data), the calibration split and the rest (the attacker's
+    training set)."""
+    return split_reserve(len(bundle.train), reserve_fraction, seed_for(seed, "reserve"), calibration_fraction)
 
 
 def prepare(data: DataSpec, attack: AttackSpec, seed: int, bundle: DataBundle | None = None,
@@ -91,7 +101,7 @@ def prepare(data: DataSpec, attack: AttackSpec, seed: int, bundle: DataBundle | 
     bundle = bundle or load_dataset(data.name, data.data_dir, seed=seed)
     if not 0 <= attack.target < bundle.num_classes:
         raise UsageError(f"target class must be in 0..{bundle.num_classes - 1}, got {attack.target}")
-    split = defender_split(bundle, data.reserve_fraction, seed)
+    split = defender_split(bundle, data.reserve_fraction, seed, data.calibration_fraction)
     if attack.name == "none":
         return Setup(bundle, split, None, attack, None, None)
     train = bundle.train.subset(split.train)
@@ -101,11 +111,19 @@ def prepare(data: DataSpec, attack: AttackSpec, seed: int, bundle: DataBundle | 
     trigger = fit_attack(build_attack(attack, seed, profile or default_profile(data.name)), train, attack.target,
                          device=device)
     poisoned = poison(train, trigger, attack.poison_rate, attack.target, bundle.num_classes, seed_for(seed, "poison"))
-    return Setup(bundle, split, trigger, attack, poisoned, triggered_test_set(bundle.test, trigger, attack.target))
+    calibration = bundle.train.subset(split.calibration)
+    return Setup(bundle, split, trigger, attack, poisoned, triggered_test_set(bundle.test, trigger, attack.target),
+                 triggered_test_set(calibration, trigger, attack.target) if len(calibration) else None)
 
 
 def evaluate_setup(model: nn.Module, setup: Setup) -> dict:
-    return evaluate(model, setup.bundle.test, setup.triggered_test, setup.target if setup.attack else None)
+    """Test-set C-Acc and ASR, and where the setup has a calibration split, the same on it (`calibration_*`)."""
+    target = setup.target if setup.attack else None
+    metrics = evaluate(model, setup.bundle.test, setup.triggered_test, target)
+    if len(setup.split.calibration):
+        calibration = evaluate(model, setup.calibration, setup.triggered_calibration, target)
+        metrics.update({f"calibration_{k}": v for k, v in calibration.items()})
+    return metrics
 
 
 def train_model(setup: Setup, model_name: str, config: TrainConfig, seed: int, device: torch.device,
@@ -128,18 +146,42 @@ def defender_data(setup: Setup) -> DefenderData:
 
 def purify(defense: Defense, backdoored: nn.Module, setup: Setup, seed: int) -> tuple[nn.Module, dict]:
     """Run `defense` on a copy of `backdoored` and evaluate the purified model on the test set."""
+    purified, record, _ = purify_with_trajectory(defense, backdoored, setup, seed, points=0)
+    return purified, record
+
+
+def purify_with_trajectory(defense: Defense, backdoored: nn.Module, setup: Setup, seed: int,
+                           points: int) -> tuple[nn.Module, dict, list[tuple[dict, dict]]]:
+    """`purify`, plus the model's states after 1/points, 2/points, ... of the defense run (none for points 0).
+
+    The record's `strength` says how far the defense moved the weights: ‖θ_pur − θ_bd‖ / ‖θ_bd‖ over the
+    parameters and the optimizer steps that updated them. A defense may define its own trajectory
+    (`trajectory_states`, e.g. ANP along its pruning threshold); else it is the run's step snapshots.
+    """
     started = time.perf_counter()
-    purified, history = run_defense(defense, backdoored, defender_data(setup), seed_for(seed, "defense"))
+    purified, history, steps = trace_defense(defense, backdoored, defender_data(setup), seed_for(seed, "defense"),
+                                             keep_snapshots=points > 1)
     duration = time.perf_counter() - started
-    return purified, {"history": history, "metrics": evaluate_setup(purified, setup), "timings": {"defense_s": duration}}
+    fractions = trajectory_fractions(points) if points > 1 else []
+    own = getattr(defense, "trajectory_states", None)
+    states = own(backdoored, history, fractions) if own and fractions else steps.states_at(fractions)
+    record = {"history": history, "metrics": evaluate_setup(purified, setup), "timings": {"defense_s": duration},
+              "strength": {"relative_distance": weight_distance(purified, backdoored), "optimizer_steps": steps.steps}}
+    return purified, record, states
+
+
+def weight_distance(model: nn.Module, reference: nn.Module) -> float:
+    """‖θ − θ_ref‖ / ‖θ_ref‖ over the parameters (BN buffers excluded, as PAM's path)."""
+    return relative_weight_distance(list(model.parameters()), list(reference.parameters()))
 
 
 def setup_record(data: DataSpec, attack: AttackSpec, seed: int, setup: Setup) -> dict:
     """The part of record.json that lets any later stage rebuild the same Setup."""
     return {
         "data": {"name": data.name, "data_dir": str(Path(data.data_dir).resolve()) if data.data_dir else None,
-                 "reserve_fraction": data.reserve_fraction, "num_train": len(setup.split.train),
-                 "num_reserve": len(setup.split.reserve), "num_test": len(setup.bundle.test)},
+                 "reserve_fraction": data.reserve_fraction, "calibration_fraction": data.calibration_fraction,
+                 "num_train": len(setup.split.train), "num_reserve": len(setup.split.reserve),
+                 "num_calibration": len(setup.split.calibration), "num_test": len(setup.bundle.test)},
         "attack": {"name": attack.name, "params": _attack_params(setup.attack), "poison_rate": attack.poison_rate,
                    "target": attack.target,
                    "num_poisoned": int(setup.poisoned.poison_mask.sum()) if setup.poisoned else 0,
@@ -163,7 +205,8 @@ def setup_tensors(setup: Setup) -> dict[str, torch.Tensor]:
 def setup_from_record(record: dict, data_dir: str | None = None) -> tuple[DataSpec, AttackSpec, Setup]:
     """Rebuild the exact Setup a stored model was trained with."""
     data_rec, attack_rec = record["data"], record["attack"]
-    data = DataSpec(data_rec["name"], data_dir or data_rec.get("data_dir"), data_rec["reserve_fraction"])
+    data = DataSpec(data_rec["name"], data_dir or data_rec.get("data_dir"), data_rec["reserve_fraction"],
+                    data_rec.get("calibration_fraction", 0.0))
     attack = AttackSpec(attack_rec["name"], dict(attack_rec.get("params", {})), attack_rec["poison_rate"],
                         attack_rec["target"])
     return data, attack, prepare(data, attack, record["seed"], profile=record.get("profile"))

@@ -13,3 +13,10 @@ def clean_accuracy(predictions: Tensor, labels: Tensor) -> float:
 def attack_success_rate(predictions: Tensor, target: int) -> float:
     """Fraction of triggered non-target test images classified as the target."""
     return float((predictions == target).float().mean()) if len(predictions) else 0.0
+
+
+def relative_weight_distance(params: list[Tensor], reference: list[Tensor]) -> float:
+    """‖θ − θ_ref‖ / ‖θ_ref‖ over the concatenation of all tensors (one global L2 norm, as PAM measures it)."""
+    diff = sum(float((p.detach().float() - r.detach().float().to(p.device)).pow(2).sum()) for p, r in zip(params, reference))
+    norm = sum(float(r.detach().float().pow(2).sum()) for r in reference)
+    return (diff / norm) ** 0.5 if norm > 0 else 0.0

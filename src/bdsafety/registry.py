@@ -51,6 +51,12 @@ class Registry:
         return name in self._entries
 
 
+def known_parameters(constructor: Callable, values: dict | None) -> dict:
+    """The entries of `values` that `constructor` takes (shared settings such as the training augmentation)."""
+    valid = set(parameter_names(constructor))
+    return {k: v for k, v in (values or {}).items() if k in valid}
+
+
 def parameter_names(constructor: Callable) -> list[str]:
     if dataclasses.is_dataclass(constructor):
         return [f.name for f in dataclasses.fields(constructor) if f.init]

@@ -16,17 +16,18 @@ import yaml
 from torch import nn
 
 from . import store
+from .aggregate import aggregate_blocks
 from .audits import create_audit
 from .data import load_dataset
 from .errors import UsageError
 from .attacks import profile_overrides
 from .defenses import create_defense, defense_params
-from .experiment import AttackSpec, DataSpec, Setup, evaluate_setup, prepare, purify, setup_record, setup_tensors, \
-    train_model
+from .experiment import AttackSpec, DataSpec, Setup, evaluate_setup, prepare, purify_with_trajectory, setup_record, \
+    setup_tensors, train_model
 from .models import ModelSpec
 from .profiles import MODEL_FOR_PROFILE, TRAIN_PROFILES
 from .spec import AttackEntry, ExperimentSpec, canonical_hash, check_against_data
-from .train import TrainConfig
+from .train import TrainConfig, training_augmentation
 
 log = logging.getLogger(__name__)
 
@@ -37,6 +38,7 @@ class Stage:
 
     model: nn.Module | None
     record: dict
+    path: Path | None = None
 
 
 class RunStore:
@@ -58,11 +60,11 @@ class RunStore:
         if store.is_finished(path):
             self.reused.append(path.name)
             model, _, record = store.load_stage(path, self.device)
-            return Stage(model.to(memory_format=torch.channels_last), record)
+            return Stage(model.to(memory_format=torch.channels_last), record, path)
         model, record, tensors = build()
         store.save_stage(path, model, spec, record, tensors)
         self.computed.append(path.name)
-        return Stage(model, record)
+        return Stage(model, record, path)
 
     def record_stage(self, path: Path, build) -> dict:
         if store.is_finished(path):
@@ -107,20 +109,20 @@ class Context:
 
     def base_inputs(self) -> dict:
         s = self.spec
-        return {"dataset": s.dataset, "reserve_fraction": s.reserve_fraction, "seed": self.seed,
+        calibration = {"calibration_fraction": s.calibration_fraction} if s.calibration_fraction else {}
+        return {"dataset": s.dataset, "reserve_fraction": s.reserve_fraction, **calibration, "seed": self.seed,
                 "model": self.model_name, "train": self.train_config.to_json()}
 
     @property
     def data(self) -> DataSpec:
-        return DataSpec(self.spec.dataset, self.spec.data_dir, self.spec.reserve_fraction)
+        return DataSpec(self.spec.dataset, self.spec.data_dir, self.spec.reserve_fraction,
+                        self.spec.calibration_fraction)
 
 
 def audit_instance(name: str, ctx: Context):
     """The audit with the profile's lengths; RA augments like the model's own training unless overridden."""
-    params = dict(ctx.spec.audit_params.get(name, {}))
-    if name == "ra":
-        params = {"crop_pad": ctx.train_config.crop_pad, "flip": ctx.train_config.flip, **params}
-    return create_audit(name, ctx.profile, **params)
+    return create_audit(name, ctx.profile, training_augmentation(ctx.train_config),
+                        **ctx.spec.audit_params.get(name, {}))
 
 
 def train_stage(runs: RunStore, ctx: Context, setup: Setup, attack: AttackSpec, label: str) -> tuple[Stage, dict]:
@@ -141,17 +143,26 @@ def train_stage(runs: RunStore, ctx: Context, setup: Setup, attack: AttackSpec, 
     return runs.model_stage(path, setup.model_spec(ctx.model_name), build), inputs
 
 
+def trajectory_points(ctx: Context) -> int:
+    """Points of each defense's trajectory (0 when the spec does not ask for trajectories)."""
+    return audit_instance("trajectory", ctx).points if "trajectory" in ctx.spec.checks else 0
+
+
 def defense_stage(runs, ctx, setup, backdoored: Stage, bd_inputs: dict, name: str, label: str):
-    defense = create_defense(name, ctx.profile, **ctx.spec.defense_params.get(name, {}))
-    inputs = {"backdoored": bd_inputs, "defense": name, "params": defense_params(defense)}
+    defense = create_defense(name, ctx.profile, training_augmentation(ctx.train_config),
+                             **ctx.spec.defense_params.get(name, {}))
+    points = trajectory_points(ctx)
+    inputs = {"backdoored": bd_inputs, "defense": name, "params": defense_params(defense),
+              **({"trajectory_points": points} if points else {})}
 
     def build():
         log.info("defense %s (%s)", name, label)
-        model, result = purify(defense, backdoored.model, setup, ctx.seed)
+        model, result, states = purify_with_trajectory(defense, backdoored.model, setup, ctx.seed, points)
         record = {"stage": "purify", "defense": name, "profile": ctx.profile, "params": defense_params(defense),
                   "parent_metrics": backdoored.record["metrics"], **result,
+                  "trajectory": [info for info, _ in states],
                   **{k: backdoored.record[k] for k in ("data", "attack", "seed", "model")}}
-        return model, record, None
+        return model, record, store.trajectory_tensors([state for _, state in states]) or None
 
     path = runs.path("defense", f"{label}-{name}", inputs)
     return runs.model_stage(path, setup.model_spec(ctx.model_name), build), inputs
@@ -181,6 +192,20 @@ def qra_stage(runs, ctx, setup, purified: Stage, retuned: Stage, clean: Stage, i
         return {"stage": "qra", "params": dataclasses.asdict(audit), "metrics": result}
 
     return runs.record_stage(runs.path("qra", label, inputs), build)["metrics"]
+
+
+def trajectory_stage(runs, ctx, setup, backdoored: Stage, purified: Stage, parent_inputs: dict, label: str) -> dict:
+    audit, ra = audit_instance("trajectory", ctx), audit_instance("ra", ctx)
+    inputs = {"parent": parent_inputs, "trajectory": dataclasses.asdict(audit), "ra": dataclasses.asdict(ra)}
+
+    def build():
+        log.info("defense trajectory of %s", label)
+        infos = purified.record.get("trajectory", [])
+        states = list(zip(infos, store.load_trajectory_states(purified.path, len(infos))))
+        return {"stage": "trajectory", "params": dataclasses.asdict(audit),
+                "metrics": audit.run(backdoored.model, states, ra, setup, ctx.seed)}
+
+    return runs.record_stage(runs.path("trajectory", label, inputs), build)["metrics"]
 
 
 def lmc_stage(runs, ctx, setup, backdoored: Stage, purified: Stage, parent_inputs: dict, label: str) -> dict:
@@ -217,8 +242,7 @@ def attack_block(runs: RunStore, ctx: Context, bundle, entry: AttackEntry, clean
              "backdoored": backdoored.record["metrics"], "clean": evaluate_setup(clean.model, setup), "rows": []}
     if "ra" in spec.checks:
         clean_ra, _ = retune_stage(runs, ctx, setup, clean, {"clean": clean_inputs, "attack": bd_inputs}, f"{label}-clean")
-        block["clean"].update(clean_acc_after_ra=clean_ra.record["metrics"]["clean_acc"],
-                              asr_after_ra=clean_ra.record["metrics"]["asr"])
+        block["clean"].update({f"{k}_after_ra{suffix}": v for k, suffix, v in ra_values(clean_ra.record["metrics"])})
     seconds = {}
     for name in spec.defenses:
         row, seconds[name] = defense_row(runs, ctx, setup, backdoored, bd_inputs, clean, clean_inputs, name, label)
@@ -230,21 +254,45 @@ def defense_row(runs, ctx, setup, backdoored, bd_inputs, clean, clean_inputs, na
     """The results row of one defense, and the seconds the defense took when it was computed."""
     purified, def_inputs = defense_stage(runs, ctx, setup, backdoored, bd_inputs, name, label)
     metrics = purified.record["metrics"]
-    row = {"defense": name, "o_clean_acc": metrics["clean_acc"], "o_asr": metrics["asr"]}
+    row = {"defense": name, **{f"o_{k}": v for k, v in metrics.items()}, "strength": dict(purified.record["strength"])}
     tag = f"{label}-{name}"
     checks = ctx.spec.checks
     if "ra" in checks:
         retuned, ra_inputs = retune_stage(runs, ctx, setup, purified, def_inputs, tag)
-        row.update(p_clean_acc=retuned.record["metrics"]["clean_acc"], p_asr=retuned.record["metrics"]["asr"])
+        row.update({f"p_{k}{suffix}": v for k, suffix, v in ra_values(retuned.record["metrics"])})
         if "qra" in checks:
             qra = qra_stage(runs, ctx, setup, purified, retuned, clean,
                             {"purified": def_inputs, "ra": ra_inputs, "clean": clean_inputs}, tag)
             row.update({f"qra_{k}": qra[k] for k in ("asr_purified", "asr_clean_model", "target_rate_clean_purified",
                                                       "target_rate_clean_clean_model")})
+        if "trajectory" in checks:
+            points = trajectory_stage(runs, ctx, setup, backdoored, purified, def_inputs, tag)["points"]
+            row["trajectory"] = points + [final_trajectory_point(row)]
     if "lmc" in checks:
         lmc = lmc_stage(runs, ctx, setup, backdoored, purified, def_inputs, tag)
         row["lmc"] = {k: v for k, v in lmc.items() if k != "duration_s"}  # results.json holds no timings
+        row["strength"]["lmc_span"] = lmc["backdoor_error_span"]
     return row, purified.record["timings"]["defense_s"]
+
+
+def ra_values(metrics: dict) -> list[tuple[str, str, object]]:
+    """(metric, suffix, value) of an RA record: the mean over repeats (suffix ""), its spread and each repeat."""
+    values = []
+    for key in ("clean_acc", "asr"):
+        values += [(key, suffix, metrics[key + suffix]) for suffix in ("", "_sd", "_min", "_max")]
+        values.append((key, "_repeats", [r[key] for r in metrics["repeats"]]))
+    return values
+
+
+def final_trajectory_point(row: dict) -> dict:
+    """The purified model itself as the last point of its trajectory (fraction 1)."""
+    point = {"fraction": 1.0, "clean_acc": row["o_clean_acc"], "asr": row["o_asr"],
+             "relative_distance": row["strength"]["relative_distance"], "p_clean_acc": row["p_clean_acc"],
+             "p_asr": row["p_asr"]}
+    for key in ("calibration_clean_acc", "calibration_asr"):
+        if f"o_{key}" in row:
+            point[key] = row[f"o_{key}"]
+    return point
 
 
 def trigger_summary(record: dict) -> dict:
@@ -258,7 +306,8 @@ def run_experiment(spec: ExperimentSpec, out: Path, device: torch.device) -> dic
     """Run (or resume) every stage of `spec` under `out`; write results.json and return it.
 
     One results block per (attack, seed), attack by attack; the top-level `backdoored`, `clean` and
-    `rows` mirror the first block (the single-attack layout).
+    `rows` mirror the first block (the single-attack layout). With several seeds, `summary` holds one
+    block per attack with every number's mean and spread over the seeds (`aggregate.aggregate_blocks`).
     """
     started = time.perf_counter()
     bundle = load_dataset(spec.dataset, spec.data_dir, seed=spec.seed)
@@ -273,7 +322,8 @@ def run_experiment(spec: ExperimentSpec, out: Path, device: torch.device) -> dic
     results = {"dataset": spec.dataset, "model": first.model_name, "seed": first.seed, "profile": first.profile,
                **({"seeds": list(spec.seeds)} if spec.seeds else {}),
                "spec_hash": spec.digest(), **{k: blocks[0][k] for k in ("backdoored", "clean", "rows")},
-               "attacks": list(blocks)}
+               "attacks": list(blocks),
+               **({"summary": aggregate_blocks(list(blocks))} if len(spec.resolved_seeds) > 1 else {})}
     store.write_json(Path(out) / "results.json", results)
     store.write_json(Path(out) / "timings.json", {"total_s": time.perf_counter() - started,
                                                   "defense_s": list(defense_seconds),

@@ -23,7 +23,7 @@ from .experiment import defender_split
 from .models import MODELS
 from .profiles import TRAIN_PROFILES, default_profile
 
-CHECKS = ("ra", "qra", "lmc")
+CHECKS = ("ra", "qra", "lmc", "trajectory")
 PAPER_DEFENSES = ("ep", "ft", "fst", "ft_sam", "anp", "i_bau", "bti_dbf", "pam")
 
 
@@ -46,6 +46,7 @@ class ExperimentSpec:
     seed: int = 0
     seeds: tuple[int, ...] = ()  # several seeds: one block per (attack, seed); empty: just `seed`
     reserve_fraction: float = 0.05
+    calibration_fraction: float = 0.0  # held-out training images for choosing settings (never the test set)
     attacks: tuple[AttackEntry, ...] = (AttackEntry(),)
     train: dict = field(default_factory=dict)  # TrainConfig overrides, e.g. {epochs: 4}
     defenses: tuple[str, ...] = PAPER_DEFENSES
@@ -210,6 +211,8 @@ def validate(spec: ExperimentSpec) -> None:
            f"spec 'seeds' must be a list of non-negative integers, got {spec.seeds!r}")
     expect(is_number(spec.reserve_fraction) and 0 < spec.reserve_fraction < 1,
            f"spec 'reserve_fraction' must be in (0, 1), got {spec.reserve_fraction!r}")
+    expect(is_number(spec.calibration_fraction) and 0 <= spec.calibration_fraction < 1 - spec.reserve_fraction,
+           f"spec 'calibration_fraction' must be in [0, 1 - reserve_fraction), got {spec.calibration_fraction!r}")
     for entry in spec.attacks:
         validate_attack(entry)
     blocks = [(a.name, a.poison_rate, a.target, json.dumps(a.params, sort_keys=True, default=str))
@@ -247,7 +250,8 @@ def check_against_data(spec: ExperimentSpec, bundle: DataBundle) -> None:
         expect(entry.target < bundle.num_classes, f"attack '{entry.name}': target must be a class of {spec.dataset} "
                                                   f"(0..{bundle.num_classes - 1}), got {entry.target}")
     for seed in spec.resolved_seeds:
-        train_labels = bundle.train.labels[defender_split(bundle, spec.reserve_fraction, seed).train]
+        train_labels = bundle.train.labels[defender_split(bundle, spec.reserve_fraction, seed,
+                                                          spec.calibration_fraction).train]
         for entry in spec.attacks:
             if ATTACKS.get(entry.name).clean_label:
                 check_clean_label_rate(train_labels, entry.poison_rate, entry.target)

@@ -124,6 +124,28 @@ def load_tensors(directory: Path) -> dict[str, Tensor]:
     return read_safetensors(Path(directory) / TENSORS_FILE)
 
 
+TRAJECTORY_PREFIX = "trajectory"
+
+
+def trajectory_tensors(states: list[dict[str, Tensor]]) -> dict[str, Tensor]:
+    """A defense's trajectory states as one flat tensor dict (`trajectory.<i>.<state key>`), for tensors.safetensors."""
+    # clones: two fractions of a short run can share one kept state, and safetensors refuses shared memory
+    return {f"{TRAJECTORY_PREFIX}.{i}.{key}": value.clone() for i, state in enumerate(states)
+            for key, value in state.items()}
+
+
+def load_trajectory_states(directory: Path, count: int) -> list[dict[str, Tensor]]:
+    """The `count` trajectory states stored in a defense stage's tensors.safetensors."""
+    if count == 0:
+        return []
+    states: list[dict[str, Tensor]] = [{} for _ in range(count)]
+    for name, value in load_tensors(directory).items():
+        prefix, index, key = name.split(".", 2)
+        if prefix == TRAJECTORY_PREFIX and int(index) < count:
+            states[int(index)][key] = value
+    return states
+
+
 def read_safetensors(path: Path) -> dict[str, Tensor]:
     try:
         return load_safetensors_bytes(Path(path).read_bytes())

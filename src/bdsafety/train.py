@@ -54,6 +54,13 @@ class TrainConfig:
         return asdict(self)
 
 
+def training_augmentation(config: "TrainConfig | dict") -> dict:
+    """The crop/flip augmentation of a training recipe (a TrainConfig or its JSON record), which defenses
+    and the Retuning Attack reuse: they fine-tune with the backdoored model's own training transform."""
+    values = config.to_json() if isinstance(config, TrainConfig) else config
+    return {"crop_pad": values["crop_pad"], "flip": values["flip"]}
+
+
 def resolve_device(name: str = "auto") -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -125,11 +132,18 @@ def fit(
     loss_fn: LossFn | None = None,
     batch_hook: BatchHook | None = None,
     after_step: Callable[[], None] | None = None,
+    unaugmented: Tensor | None = None,
     progress: bool = False,
 ) -> dict:
-    """Train `model` in place on `data` (uint8 images) with `config`. Returns a small history record."""
+    """Train `model` in place on `data` (uint8 images) with `config`. Returns a small history record.
+
+    `unaugmented` (bool [N], optional) marks samples that enter every batch exactly as stored, without
+    the crop/flip augmentation (the Retuning Attack's poisons: the official code loads them with the
+    test transform).
+    """
     device = model_device(model)
     images, labels = data.images.to(device), data.labels.to(device)
+    keep = unaugmented.to(device) if unaugmented is not None else None
     optimizer = optimizer or sgd(model, config)
     scheduler = make_scheduler(optimizer, config)
     precision = resolve_precision(config.precision, device)
@@ -142,7 +156,7 @@ def fit(
         total, steps = torch.zeros((), device=device), 0
         for idx in batch_indices(len(labels), config.batch_size, gen, config.drop_last):
             idx = idx.to(device)
-            x = augment(to_float(images[idx]), config.crop_pad, config.flip, gen)
+            x = augmented_batch(to_float(images[idx]), config, gen, keep[idx] if keep is not None else None)
             y = labels[idx]
             if batch_hook is not None:
                 x, y = batch_hook(x, y, gen)
@@ -155,6 +169,12 @@ def fit(
         history.append(check_finite(float(total) / max(steps, 1), epoch))
     return {"epoch_losses": history, "duration_s": time.perf_counter() - started, "steps_per_epoch": steps,
             "precision": precision}
+
+
+def augmented_batch(x: Tensor, config: TrainConfig, gen: torch.Generator, keep: Tensor | None) -> Tensor:
+    """The batch with the config's crop/flip; rows where `keep` is True stay exactly as given."""
+    augmented = augment(x, config.crop_pad, config.flip, gen)
+    return augmented if keep is None else torch.where(keep[:, None, None, None], x, augmented)
 
 
 def optimizer_step(model: nn.Module, optimizer, loss_fn: LossFn, x: Tensor, y: Tensor) -> Tensor:

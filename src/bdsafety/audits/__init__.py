@@ -7,7 +7,7 @@ lengths (epochs) for the Fashion-MNIST CPU profile; the algorithm is never chang
 """
 
 from ..errors import UsageError
-from ..registry import Registry
+from ..registry import Registry, known_parameters
 
 AUDITS = Registry("audit")
 PROFILES = ("paper", "cpu")
@@ -16,16 +16,18 @@ PROFILES = ("paper", "cpu")
 from .connectivity import LinearModeConnectivity, interpolate_state  # noqa: E402
 from .reactivation import QueryReactivation  # noqa: E402
 from .retuning import Retuning  # noqa: E402
+from .trajectory import DefenseTrajectory  # noqa: E402
 
 
-def create_audit(name: str, profile: str = "paper", **overrides):
-    """Build audit `name` with the profile's lengths, then user overrides (`--set key=value`)."""
+def create_audit(name: str, profile: str = "paper", augmentation: dict | None = None, **overrides):
+    """Build audit `name` with the profile's lengths, the backdoored model's training augmentation (RA's
+    clean images), then user overrides (`--set key=value`)."""
     if profile not in PROFILES:
         raise UsageError(f"unknown profile '{profile}'; choose one of: {', '.join(PROFILES)}")
     cls = AUDITS.get(name)
-    params = {**(cls.cpu_overrides if profile == "cpu" else {}), **overrides}
+    params = {**(cls.cpu_overrides if profile == "cpu" else {}), **known_parameters(cls, augmentation), **overrides}
     return AUDITS.create(name, **params)
 
 
-__all__ = ["AUDITS", "PROFILES", "LinearModeConnectivity", "QueryReactivation", "Retuning", "create_audit",
+__all__ = ["AUDITS", "PROFILES", "DefenseTrajectory", "LinearModeConnectivity", "QueryReactivation", "Retuning", "create_audit",
            "interpolate_state"]

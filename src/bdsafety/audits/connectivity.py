@@ -36,6 +36,25 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 BN_MODES = ("interp", "reset")
+LMC_ERROR = 0.5  # backdoor error 1 − ASR at least this counts as "high" (the span below, claim 4)
+EPS = 1e-9  # thresholds are inclusive; absorbs float noise
+
+
+def backdoor_error_span(points: list[dict]) -> float | None:
+    """Length in t of the stretch ending at θ_pur (largest t) over which 1 − ASR ≥ LMC_ERROR at every grid point.
+
+    How far along the path θ_bd → θ_pur the purified model has left the backdoored basin. Returns None when
+    there are no points or a point's ASR is missing; 0.0 when 1 − ASR < LMC_ERROR at θ_pur.
+    """
+    points = sorted(points, key=lambda p: p["t"])
+    if not points or any(p.get("asr") is None for p in points):
+        return None
+    start = None
+    for point in reversed(points):
+        if 1 - point["asr"] < LMC_ERROR - EPS:
+            break
+        start = point["t"]
+    return 0.0 if start is None else points[-1]["t"] - start
 
 
 def interpolate_state(state_a: dict[str, Tensor], state_b: dict[str, Tensor], t: float) -> dict[str, Tensor]:
@@ -98,13 +117,19 @@ class LinearModeConnectivity:
     points: int = 21  # ALGORITHMS §7 recommendation: t in {0, 0.05, ..., 1} (paper grid not published)
     bn_mode: str = "interp"  # ALGORITHMS §11.2: "interp" by default, "reset" by flag
     bn_batch_size: int = 128  # [assume] the training batch size, for "reset" re-estimation
-    cpu_overrides: ClassVar[dict] = {}  # 21 points of pure inference fit the CPU budget
+    # 0: every test image. N > 0: a fixed random N of the clean and N of the triggered test images (the same
+    # for every model), which cuts the scan's cost by |test| / N at a sampling error of at most
+    # 0.5 / sqrt(N) in each fraction (1.6 points for N = 1,000).
+    test_images: int = 0
+    cpu_overrides: ClassVar[dict] = {}
 
     def __post_init__(self):
         if self.points < 2:
             raise UsageError(f"lmc needs points >= 2, got {self.points}")
         if self.bn_mode not in BN_MODES:
             raise UsageError(f"lmc bn_mode must be one of {', '.join(BN_MODES)}, got '{self.bn_mode}'")
+        if self.test_images < 0:
+            raise UsageError(f"lmc test_images must be >= 0 (0: all), got {self.test_images}")
 
     def grid(self) -> list[float]:
         return [i / (self.points - 1) for i in range(self.points)]
@@ -118,16 +143,27 @@ class LinearModeConnectivity:
         state_pur = {k: v.detach() for k, v in purified.state_dict().items()}
         # One instance, reloaded at every point; channels_last is the fast path of train.iter_logits' inputs.
         model = copy.deepcopy(backdoored).to(memory_format=torch.channels_last).eval()
-        points = [self.evaluate_point(model, interpolate_state(state_bd, state_pur, t), setup, t) for t in self.grid()]
+        clean, triggered = self.subset(setup.bundle.test), self.subset(setup.triggered_test)
+        points = [self.evaluate_point(model, interpolate_state(state_bd, state_pur, t), setup, clean, triggered, t)
+                  for t in self.grid()]
         log.info("lmc (%s): asr %s", self.bn_mode, " ".join(f"{p['asr']:.2f}" for p in points))
-        return {"bn_mode": self.bn_mode, "points": points, "duration_s": time.perf_counter() - started}
+        return {"bn_mode": self.bn_mode, "points": points, "backdoor_error_span": backdoor_error_span(points),
+                "duration_s": time.perf_counter() - started}
 
-    def evaluate_point(self, model: nn.Module, state: dict[str, Tensor], setup: Setup, t: float) -> dict:
+    def subset(self, data: ImageSet) -> ImageSet:
+        """All of `data`, or a fixed random `test_images` of it (seed 0: the same images for every model)."""
+        if not self.test_images or self.test_images >= len(data):
+            return data
+        order = torch.randperm(len(data), generator=torch.Generator().manual_seed(0))
+        return data.subset(order[:self.test_images].sort().values)
+
+    def evaluate_point(self, model: nn.Module, state: dict[str, Tensor], setup: Setup, clean: ImageSet,
+                       triggered: ImageSet, t: float) -> dict:
         model.load_state_dict(state)
         if self.bn_mode == "reset":
             reestimate_batchnorm(model, setup.reserve, self.bn_batch_size)
-        clean_predictions, clean_loss = predictions_and_loss(model, setup.bundle.test)
-        triggered_predictions, backdoor_loss = predictions_and_loss(model, setup.triggered_test)  # labelled t
-        return {"t": t, "clean_acc": clean_accuracy(clean_predictions, setup.bundle.test.labels),
+        clean_predictions, clean_loss = predictions_and_loss(model, clean)
+        triggered_predictions, backdoor_loss = predictions_and_loss(model, triggered)  # labelled t
+        return {"t": t, "clean_acc": clean_accuracy(clean_predictions, clean.labels),
                 "asr": attack_success_rate(triggered_predictions, setup.target),
                 "clean_loss": clean_loss, "backdoor_loss": backdoor_loss}

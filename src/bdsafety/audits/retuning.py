@@ -3,13 +3,20 @@
 Post-purification robustness: the attacker fine-tunes the released purified model on a little clean
 data of his own plus a handful of poisoned samples. A superficially purified model re-learns the
 backdoor at once (high P-ASR); a clean model does not. ALGORITHMS §5 with the §11.2 decisions: the
-poisons are ADDED to the clean images (not replacing them) and augmentation is drawn fresh each epoch.
+poisons are ADDED to the clean images (not replacing them); the clean images get the backdoor
+training's augmentation, drawn fresh each epoch, while the poisons enter every batch exactly as stored
+(the official code loads them with the test transform: the exact trigger at its test position).
+
+RA is repeated with `repeats` attacker draws (its clean images, its poisons and its batch order), since
+one draw is an anecdote: the record holds each repeat's C-Acc / ASR and their mean, standard deviation
+and range. The retuned model of the first repeat is the one returned (QRA distils from it).
 """
 
 from __future__ import annotations
 
 import copy
 import logging
+import statistics
 import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, ClassVar
@@ -44,48 +51,68 @@ class Retuning:
     momentum: float = 0.9  # ft_poison.py SGD
     weight_decay: float = 0.0  # ft_poison.py: none
     batch_size: int = 128  # [argdef]
+    repeats: int = 3  # attacker draws (the official script runs one, seed 42); the spread makes a verdict checkable
     crop_pad: int = 4  # CIFAR-10 train transform, RandomCrop padding 4 (ALGORITHMS §1.1)
     flip: bool = True  # CIFAR-10 train transform, RandomHorizontalFlip
     cpu_overrides: ClassVar[dict] = {}  # 5 epochs on ~1,200 Fashion-MNIST images already take a few seconds
 
     def __post_init__(self):
-        if not 0 < self.clean_fraction < 1 or self.poison_count < 0:
-            raise UsageError(f"ra needs 0 < clean_fraction < 1 and poison_count >= 0, got {self}")
+        if not 0 < self.clean_fraction < 1 or self.poison_count < 0 or self.repeats < 1:
+            raise UsageError(f"ra needs 0 < clean_fraction < 1, poison_count >= 0 and repeats >= 1, got {self}")
 
     def train_config(self) -> TrainConfig:
         return TrainConfig(epochs=self.epochs, batch_size=self.batch_size, lr=self.lr, momentum=self.momentum,
                            weight_decay=self.weight_decay, schedule="constant", crop_pad=self.crop_pad,
                            flip=self.flip, drop_last=False)
 
-    def retuning_set(self, setup: Setup, seed: int) -> ImageSet:
-        """The attacker's clean images followed by `poison_count` poisoned training samples labelled with the target."""
+    def retuning_set(self, setup: Setup, seed: int) -> tuple[ImageSet, Tensor]:
+        """The attacker's clean images followed by `poison_count` poisoned training samples labelled with the
+        target, and the mask of the poisons (which are never augmented)."""
         gen = torch.Generator().manual_seed(seed_for(seed, "ra-data"))
         clean = attacker_clean_images(setup, round(self.clean_fraction * len(setup.bundle.train)), gen)
         poisons = poisoned_samples(setup, self.poison_count, gen)
-        return ImageSet(torch.cat([clean.images, poisons.images]), torch.cat([clean.labels, poisons.labels]))
+        data = ImageSet(torch.cat([clean.images, poisons.images]), torch.cat([clean.labels, poisons.labels]))
+        is_poison = torch.cat([torch.zeros(len(clean), dtype=torch.bool), torch.ones(len(poisons), dtype=torch.bool)])
+        return data, is_poison
 
-    def retune(self, model: nn.Module, setup: Setup, seed: int) -> nn.Module:
-        """Return a retuned copy of `model` (the input is unchanged)."""
-        return self._retune(model, self.retuning_set(setup, seed), seed)[0]
+    def repeat_seeds(self, seed: int) -> list[int]:
+        """One seed per attacker draw; the first is the run's seed itself."""
+        return [seed] + [seed_for(seed, f"ra-repeat{i}") for i in range(1, self.repeats)]
 
     def run(self, purified: nn.Module, setup: Setup, seed: int) -> tuple[nn.Module, dict]:
-        """RA on `purified`; returns the retuned model and its test-set C-Acc / ASR (the P-ASR)."""
+        """RA on `purified`, `repeats` times; returns the first retuned model and the test-set C-Acc / ASR
+        (the P-ASR) of every repeat with their mean, standard deviation and range."""
         started = time.perf_counter()
-        data = self.retuning_set(setup, seed)
-        retuned, history = self._retune(purified, data, seed)
-        metrics = evaluate(retuned, setup.bundle.test, setup.triggered_test, setup.target)
-        num_poison = min(self.poison_count, len(data))
-        result = {**metrics, "num_clean": len(data) - num_poison, "num_poison": num_poison,
-                  "epoch_losses": history["epoch_losses"], "duration_s": time.perf_counter() - started}
-        log.info("ra: clean_acc=%.4f asr=%.4f (%d clean + %d poisons, %.1fs)", result["clean_acc"], result["asr"],
-                 result["num_clean"], num_poison, result["duration_s"])
-        return retuned, result
+        returned, repeats = None, []
+        for repeat_seed in self.repeat_seeds(seed):
+            data, is_poison = self.retuning_set(setup, repeat_seed)
+            retuned, history = self._retune(purified, data, is_poison, repeat_seed)
+            metrics = evaluate(retuned, setup.bundle.test, setup.triggered_test, setup.target)
+            repeats.append({**metrics, "seed": repeat_seed, "epoch_losses": history["epoch_losses"]})
+            returned = retuned if returned is None else returned
+        num_poison = int(is_poison.sum())
+        result = {**spread(repeats, ("clean_acc", "asr")), "num_clean": len(data) - num_poison,
+                  "num_poison": num_poison, "repeats": repeats, "duration_s": time.perf_counter() - started}
+        log.info("ra: clean_acc=%.4f asr=%.4f ± %.4f over %d repeats (%d clean + %d poisons, %.1fs)",
+                 result["clean_acc"], result["asr"], result["asr_sd"], len(repeats), result["num_clean"],
+                 num_poison, result["duration_s"])
+        return returned, result
 
-    def _retune(self, model: nn.Module, data: ImageSet, seed: int) -> tuple[nn.Module, dict]:
+    def _retune(self, model: nn.Module, data: ImageSet, is_poison: Tensor, seed: int) -> tuple[nn.Module, dict]:
         retuned = copy.deepcopy(model).to(memory_format=torch.channels_last)  # train.fit's fast path
-        history = fit(retuned, data, self.train_config(), seed_for(seed, "ra-train"))
+        history = fit(retuned, data, self.train_config(), seed_for(seed, "ra-train"), unaugmented=is_poison)
         retuned.eval()
         return retuned, history
+
+
+def spread(rows: list[dict], keys: tuple[str, ...]) -> dict:
+    """Mean (under the key itself), sample standard deviation, min and max of each key over `rows`."""
+    out = {}
+    for key in keys:
+        values = [row[key] for row in rows]
+        out.update({key: statistics.fmean(values), f"{key}_sd": statistics.stdev(values) if len(values) > 1 else 0.0,
+                    f"{key}_min": min(values), f"{key}_max": max(values)})
+    return out
 
 
 def attacker_clean_images(setup: Setup, count: int, gen: torch.Generator) -> ImageSet:

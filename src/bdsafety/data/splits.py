@@ -1,4 +1,6 @@
-"""Seeded train / reserve split: the reserve is the defender's clean data, held out of training."""
+"""Seeded train / reserve / calibration split: the reserve is the defender's clean data, the calibration
+split a held-out slice of training images on which settings are chosen (never the test set); both are
+held out of backdoor training."""
 
 from __future__ import annotations
 
@@ -17,15 +19,21 @@ class Split:
 
     train: Tensor
     reserve: Tensor
+    calibration: Tensor = torch.empty(0, dtype=torch.int64)
 
 
-def split_reserve(n: int, reserve_fraction: float, seed: int) -> Split:
-    """Hold out `reserve_fraction` of `n` training indices (sorted), drawn with `seed`."""
+def split_reserve(n: int, reserve_fraction: float, seed: int, calibration_fraction: float = 0.0) -> Split:
+    """Hold out `reserve_fraction` and `calibration_fraction` of `n` training indices (each sorted), drawn with
+    `seed`. The reserve is the first part of one permutation, so it does not depend on the calibration size."""
     if not 0 < reserve_fraction < 1:
         raise UsageError(f"reserve fraction must be in (0, 1), got {reserve_fraction}")
+    if not 0 <= calibration_fraction < 1 - reserve_fraction:
+        raise UsageError(f"calibration fraction must be in [0, 1 - reserve fraction), got {calibration_fraction}")
     n_reserve = max(1, round(reserve_fraction * n))
+    n_held = n_reserve + round(calibration_fraction * n)
     order = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
-    return Split(train=order[n_reserve:].sort().values, reserve=order[:n_reserve].sort().values)
+    return Split(train=order[n_held:].sort().values, reserve=order[:n_reserve].sort().values,
+                 calibration=order[n_reserve:n_held].sort().values)
 
 
 def seed_for(seed: int, name: str) -> int:

@@ -306,20 +306,32 @@ def train_generator(generator: TriggerGenerator, optimizer: torch.optim.Optimize
     return losses
 
 
+# B3 warns when the winning class leads the runner-up by less than this share of all votes: then a small
+# change (another CPU, bf16 training, a few more generator steps) can flip which class gets unlearned.
+CLOSE_VOTE_MARGIN = 0.1
+
+
 @torch.no_grad()
 def detect_target(generator: TriggerGenerator, model: nn.Module, data: ImageSet, stages: BTIStages,
                   num_classes: int, gen: torch.Generator) -> tuple[int, list[int]]:
-    """B3: the class most often predicted for G(x + noise) over the reserve (classifier in eval mode)."""
+    """B3: the class most often predicted for G(x + noise) over one pass of augmented reserve batches, as
+    the official vote over its training loader (classifier and G in eval mode)."""
     was_training = model.training
     model.eval()
     generator.eval()
     votes = torch.zeros(num_classes, dtype=torch.long)
-    for x, _ in reserve_batches(data, stages, gen, augmented=False):
+    for x, _ in reserve_batches(data, stages, gen):
         z = generator.normalize(x)
         noisy = z + stages.noise_std * torch.randn(z.shape, generator=gen).to(z.device)
         votes += torch.bincount(model(generator.from_normalized(noisy)).argmax(1).cpu(), minlength=num_classes)
     model.train(was_training)
     return int(votes.argmax()), votes.tolist()
+
+
+def vote_margin(votes: list[int]) -> float:
+    """(winner's votes − runner-up's votes) / all votes: 1 for a unanimous vote, 0 for a tie."""
+    ranked = sorted(votes, reverse=True) + [0]
+    return (ranked[0] - ranked[1]) / max(sum(votes), 1)
 
 
 def step(optimizer: torch.optim.Optimizer, loss: Tensor) -> float:
@@ -352,7 +364,7 @@ def run_bti(model: nn.Module, data: DefenderData, stages: BTIStages, seed: int, 
     gen = torch.Generator().manual_seed(seed_for(seed, "bti-pretrain"))
     clock = Clock()
     record = {"pretrain_losses": pretrain_generator(generator, model, reserve, stages, gen), "rounds": [],
-              "target": None, "target_votes": None, "steps": 0, "pretrain_s": clock.lap()}
+              "target": None, "target_votes": None, "target_vote_margin": None, "steps": 0, "pretrain_s": clock.lap()}
     # G and its Adam state persist across rounds (not re-initialised), as in the official code.
     optimizer = torch.optim.Adam(generator.parameters(), lr=stages.gen_lr)
     for n in range(stages.nround):
@@ -364,7 +376,12 @@ def run_bti(model: nn.Module, data: DefenderData, stages: BTIStages, seed: int, 
         if n == 0:
             record["target"], record["target_votes"] = detect_target(generator, model, reserve, stages,
                                                                      data.num_classes, gen)
+            record["target_vote_margin"] = vote_margin(record["target_votes"])
             log.info("BTI: detected target class %d (votes %s)", record["target"], record["target_votes"])
+            if record["target_vote_margin"] < CLOSE_VOTE_MARGIN:
+                log.warning("BTI: close target vote (class %d leads by %.1f%% of the votes: %s); the inverted "
+                            "trigger may belong to another class; lengthen preround/uround", record["target"],
+                            100 * record["target_vote_margin"], record["target_votes"])
         generator_s = clock.lap()
         result = unlearn(n, generator, seed_for(seed, f"bti-unlearn{n}"))
         record["steps"] += result["steps"]

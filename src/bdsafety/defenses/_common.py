@@ -26,7 +26,8 @@ from torch import nn
 from ..attacks import Attack
 from ..data import ImageSet
 from ..errors import UsageError
-from ..registry import Registry
+from ..registry import Registry, known_parameters
+from ._trajectory import StepSnapshots
 
 DEFENSES = Registry("defense")
 PROFILES = ("paper", "cpu")
@@ -52,12 +53,13 @@ class Defense(Protocol):
     def purify(self, model: nn.Module, data: DefenderData, seed: int) -> tuple[nn.Module, dict]: ...
 
 
-def create_defense(name: str, profile: str = "paper", **overrides) -> Defense:
-    """Build defense `name` with the profile's lengths, then user overrides (`--set key=value`)."""
+def create_defense(name: str, profile: str = "paper", augmentation: dict | None = None, **overrides) -> Defense:
+    """Build defense `name` with the profile's lengths, the backdoored model's training augmentation
+    (`crop_pad`, `flip`: `train.training_augmentation` of its record), then user overrides (`--set key=value`)."""
     if profile not in PROFILES:
         raise UsageError(f"unknown profile '{profile}'; choose one of: {', '.join(PROFILES)}")
     cls = DEFENSES.get(name)
-    params = {**(cls.cpu_overrides if profile == "cpu" else {}), **overrides}
+    params = {**(cls.cpu_overrides if profile == "cpu" else {}), **known_parameters(cls, augmentation), **overrides}
     return DEFENSES.create(name, **params)
 
 
@@ -67,8 +69,19 @@ def defense_params(defense: Defense) -> dict:
 
 def run_defense(defense: Defense, model: nn.Module, data: DefenderData, seed: int) -> tuple[nn.Module, dict]:
     """Purify a copy of `model`; only defenses that declare `uses_attack` (EP) see the attack."""
+    purified, record, _ = trace_defense(defense, model, data, seed, keep_snapshots=False)
+    return purified, record
+
+
+def trace_defense(defense: Defense, model: nn.Module, data: DefenderData, seed: int,
+                  keep_snapshots: bool = True) -> tuple[nn.Module, dict, StepSnapshots]:
+    """`run_defense`, also counting the optimizer steps that update the model (and keeping spaced copies of
+    its state when `keep_snapshots`, for the defense's trajectory)."""
     visible = data if getattr(defense, "uses_attack", False) else data.without_attack()
-    return defense.purify(copy.deepcopy(model), visible, seed)
+    working = copy.deepcopy(model)
+    with StepSnapshots(working, keep=keep_snapshots) as steps:
+        purified, record = defense.purify(working, visible, seed)
+    return purified, record, steps
 
 
 def summary(cls) -> str:

@@ -165,8 +165,21 @@ class Anp:
                   "num_pruned": sum(len(idx) for idx in channels.values()),
                   "pruned_channels": {name: idx.tolist() for name, idx in channels.items()},
                   "mask_summary": mask_summary(masks, threshold), "history": history,
+                  "masks": {name: mask.tolist() for name, mask in masks.items()},
                   "duration_s": time.perf_counter() - started}
         return purified, record
+
+    def trajectory_states(self, backdoored: nn.Module, record: dict,
+                          fractions: list[float]) -> list[tuple[dict, dict[str, Tensor]]]:
+        """ANP's run along its pruning threshold: the backdoored model pruned at f·threshold for each fraction f
+        (its weights change only by pruning; the mask optimisation never touches them)."""
+        masks = {name: torch.tensor(values) for name, values in record["masks"].items()}
+        states = []
+        for fraction in fractions:
+            threshold = fraction * record["threshold"]
+            pruned = prune(copy.deepcopy(backdoored), pruned_channels(masks, threshold))
+            states.append(({"fraction": fraction, "threshold": threshold}, pruned.state_dict()))
+        return states
 
     def optimize_masks(self, model: nn.Module, reserve: ImageSet, seed: int) -> tuple[dict[str, Tensor], dict]:
         """Train the neuron masks of a noisy copy of `model`; returns final masks by BN-layer name (on CPU)."""

@@ -11,12 +11,17 @@ Each claim is checked per attack block; within an attack a claim about a named m
 unknown (None) when that model's number is missing, while claims over "the baseline defenses" use the
 baselines that have the numbers. Across attacks a claim holds when it holds on every attack where it could
 be evaluated, fails if it fails on any, and is None when no attack could evaluate it.
+
+Numbers with a spread (RA over its repeats, anything over several seeds) are checked on their means; each
+claim is checked again with every number at the low end (`<key>_min`) and at the high end (`<key>_max`) of
+its range, and `within_spread` says whether the verdict stays the same there (False: it sits on an edge).
 """
 
 from __future__ import annotations
 
 from typing import Callable
 
+from ..audits.connectivity import LMC_ERROR, backdoor_error_span
 from .tables import attack_blocks, attack_labels, display_name, find_row
 
 #: The paper's superficially safe baselines (Table 1): ANP, BAU, SAM, FST, BTI. FT is not part of the claims.
@@ -24,10 +29,10 @@ BASELINES = ("anp", "i_bau", "ft_sam", "fst", "bti_dbf")
 RA_HIGH = 0.5        # claim 1: P-ASR at least this counts as "the backdoor is back"
 RA_LOW = 0.2         # claim 2: P-ASR at most this counts as "stays safe"
 QRA_GAP = 0.3        # claim 3: mean (QRA-ASR purified − QRA-ASR clean model) over the baselines
-LMC_ERROR = 0.5      # claim 4: backdoor error 1 − ASR at least this counts as "high"
 LMC_MARGIN = 0.1     # claim 4: EP's span must exceed every baseline's by this much (two grid steps of 0.05)
 PAM_ASR_SLACK = 0.15  # claim 5: P-ASR(PAM) ≤ P-ASR(EP) + this
-PAM_ACC_SLACK = 0.03  # claim 5: C-Acc(PAM) ≥ best defense's C-Acc − this
+PAM_ACC_SLACK = 0.03  # claim 5: C-Acc(PAM) ≥ C-Acc of the best baseline that purified − this
+PURIFIED_ASR = 0.2   # claim 5: a baseline "purified" when its O-ASR is at most this
 EPS = 1e-9           # thresholds are inclusive; absorbs float noise such as 0.93 − 0.90
 
 Verdict = tuple[bool | None, str]
@@ -43,7 +48,8 @@ CLAIM_TEXTS = (
     f"θ_pur (span 0 if 1 − ASR is below {LMC_ERROR:.0%} at θ_pur); EP's span must exceed every baseline's "
     f"(ANP, BAU, SAM, FST, BTI) by ≥ {LMC_MARGIN:.2f}.",
     f"PAM is as robust as EP at competitive accuracy: P-ASR(PAM) ≤ P-ASR(EP) + {100 * PAM_ASR_SLACK:.0f} points "
-    f"and its C-Acc after the defense is within {100 * PAM_ACC_SLACK:.0f} points of the best defense's.",
+    f"and its C-Acc after the defense is within {100 * PAM_ACC_SLACK:.0f} points of the best C-Acc among the "
+    f"baselines that purified (O-ASR ≤ {PURIFIED_ASR:.0%}; EP, an oracle, and FT are not baselines).",
 )
 
 
@@ -57,7 +63,24 @@ def evaluate_claims(results: dict) -> list[dict]:
     """
     blocks = attack_blocks(results)
     labels = attack_labels(blocks)
-    return [_combine(text, labels, [check(block) for block in blocks]) for text, check in zip(CLAIM_TEXTS, CHECKS)]
+    bounds = [[at_bound(block, bound) for block in blocks] for bound in ("min", "max")]
+    claims = []
+    for text, check in zip(CLAIM_TEXTS, CHECKS):
+        claim = _combine(text, labels, [check(block) for block in blocks])
+        at_ends = [_combine(text, labels, [check(block) for block in variant])["held"] for variant in bounds]
+        claim["within_spread"] = all(held == claim["held"] for held in at_ends)
+        claims.append(claim)
+    return claims
+
+
+def at_bound(value, bound: str):
+    """`value` with every number that has a recorded range replaced by its `<key>_min` or `<key>_max`."""
+    if isinstance(value, list):
+        return [at_bound(v, bound) for v in value]
+    if not isinstance(value, dict):
+        return value
+    return {k: value.get(f"{k}_{bound}", v) if not isinstance(v, (dict, list)) else at_bound(v, bound)
+            for k, v in value.items()}
 
 
 def _combine(text: str, labels: list[str], verdicts: list[Verdict]) -> dict:
@@ -130,22 +153,6 @@ def check_qra_gap(block: dict) -> Verdict:
                                    f"purified vs clean model: {detail}{_absent_note(block, used)}")
 
 
-def backdoor_error_span(points: list[dict]) -> float | None:
-    """Length in t of the stretch ending at θ_pur (largest t) over which 1 − ASR ≥ LMC_ERROR at every grid point.
-
-    Returns None when there are no points or a point's ASR is missing; 0.0 when 1 − ASR < LMC_ERROR at θ_pur.
-    """
-    points = sorted(points, key=lambda p: p["t"])
-    if not points or any(p.get("asr") is None for p in points):
-        return None
-    start = None
-    for point in reversed(points):
-        if 1 - point["asr"] < LMC_ERROR - EPS:
-            break
-        start = point["t"]
-    return 0.0 if start is None else points[-1]["t"] - start
-
-
 def _span(block: dict, defense: str) -> float | None:
     lmc = (find_row(block, defense) or {}).get("lmc") or {}
     return backdoor_error_span(lmc.get("points") or [])
@@ -165,16 +172,18 @@ def check_lmc_span(block: dict) -> Verdict:
 
 
 def check_pam(block: dict) -> Verdict:
-    """Claim 5: P-ASR(PAM) ≤ P-ASR(EP) + PAM_ASR_SLACK and C-Acc(PAM) ≥ max defense C-Acc − PAM_ACC_SLACK."""
+    """Claim 5: P-ASR(PAM) ≤ P-ASR(EP) + PAM_ASR_SLACK and C-Acc(PAM) ≥ C-Acc of the best purifying baseline −
+    PAM_ACC_SLACK (unknown when no baseline purified)."""
     pam_asr, ep_asr = _field(block, "pam", "p_asr"), _field(block, "ep", "p_asr")
-    accs = {row.get("defense"): row.get("o_clean_acc") for row in block["rows"] if row.get("o_clean_acc") is not None}
-    pam_acc = accs.get("pam")
-    best = max(accs, key=accs.get) if accs else None
+    pam_acc = _field(block, "pam", "o_clean_acc")
+    purified = {d: _field(block, d, "o_clean_acc") for d in _baselines_with(block, "o_clean_acc", "o_asr")
+                if _field(block, d, "o_asr") <= PURIFIED_ASR + EPS}
+    best = max(purified, key=purified.get) if purified else None
     asr_ok = None if pam_asr is None or ep_asr is None else pam_asr <= ep_asr + PAM_ASR_SLACK + EPS
-    acc_ok = None if pam_acc is None else pam_acc >= accs[best] - PAM_ACC_SLACK - EPS
+    acc_ok = None if pam_acc is None or best is None else pam_acc >= purified[best] - PAM_ACC_SLACK - EPS
     ev = (f"P-ASR PAM {_pct(pam_asr)} vs EP {_pct(ep_asr)} (slack {100 * PAM_ASR_SLACK:.0f} points); "
-          f"C-Acc PAM {_pct(pam_acc)} vs best {_name(best) if best else 'n/a'} "
-          f"{_pct(accs.get(best))} (slack {100 * PAM_ACC_SLACK:.0f} points)")
+          f"C-Acc PAM {_pct(pam_acc)} vs best purifying baseline {_name(best) if best else 'n/a'} "
+          f"{_pct(purified.get(best))} (slack {100 * PAM_ACC_SLACK:.0f} points)")
     return _and(asr_ok, acc_ok), ev
 
 

@@ -1,7 +1,9 @@
 """The paper's figures as PNG bytes, drawn from recorded numbers only (matplotlib, Agg canvas, no pyplot state).
 
 (a) O-ASR vs P-ASR per defense (Min et al. 2024, Fig. 1), (b) LMC curves θ_bd → θ_pur: backdoor error and
-clean accuracy (Fig. 3), (c) QRA-ASR on the purified vs the clean model (§3.2). One set per attack block.
+clean accuracy (Fig. 3), (c) QRA-ASR on the purified vs the clean model (§3.2), (d) defense trajectories:
+P-ASR against the fraction of each defense's run, the clean model's RA as a reference band. One set per
+attack block.
 """
 
 from __future__ import annotations
@@ -105,6 +107,36 @@ def lmc_curves(block: dict, label: str) -> bytes | None:
     return _png(fig)
 
 
+def trajectory_curves(block: dict, label: str) -> bytes | None:
+    """P-ASR (after RA) and O-ASR along each defense's run, against the fraction of its steps (ANP: of its
+    pruning threshold); the grey band is the clean model's P-ASR (mean, its range when recorded)."""
+    curves = {d: (find_row(block, d) or {}).get("trajectory") for d in defense_order([block])}
+    curves = {d: sorted(c, key=lambda p: p["fraction"]) for d, c in curves.items() if c}
+    if not curves:
+        return None
+    fig = Figure(figsize=(10, 3.6), layout="constrained")
+    p_ax, o_ax = fig.subplots(1, 2, sharex=True, sharey=True)
+    clean = block.get("clean") or {}
+    if clean.get("asr_after_ra") is not None:
+        low, high = clean.get("asr_after_ra_min", clean["asr_after_ra"]), clean.get("asr_after_ra_max", clean["asr_after_ra"])
+        p_ax.axhspan(100 * low - 0.5, 100 * high + 0.5, color="#bbb", alpha=0.5, label="clean model after RA")
+    for defense, points in curves.items():
+        style = {"color": defense_color(defense), "lw": 2.4 if defense in ("ep", "pam") else 1.3, "marker": "o",
+                 "ms": 3, "label": display_name(defense, short=True)}
+        fractions = [p["fraction"] for p in points]
+        p_ax.plot(fractions, [100 * p["p_asr"] for p in points], **style)
+        o_ax.plot(fractions, [100 * p["asr"] for p in points], **style)
+    for ax, title in ((p_ax, "P-ASR after the Retuning Attack (%)"), (o_ax, "O-ASR right after the defense (%)")):
+        ax.set_title(title, fontsize=10)
+        ax.set_xlabel("fraction of the defense run (ANP: of its pruning threshold)", fontsize=8)
+        ax.set_xlim(0, 1.02)
+        ax.set_ylim(-3, 103)
+        ax.grid(alpha=0.3)
+    p_ax.legend(fontsize=7, loc="best", frameon=False)
+    fig.suptitle(f"{label}: defense trajectories", fontsize=10)
+    return _png(fig)
+
+
 def _series(points: list[dict], value_of) -> tuple[list[float], list[float]]:
     """(t, value in %) with missing values as NaN, so matplotlib leaves a gap."""
     values = [value_of(p) for p in points]
@@ -142,7 +174,8 @@ def attack_figures(results: dict) -> list[tuple[str, str, bytes]]:
         for suffix, caption, draw in (
                 ("asr", f"{label}: O-ASR vs P-ASR per defense (cf. paper Fig. 1)", asr_bars),
                 ("lmc", f"{label}: backdoor error and clean accuracy along θ_bd → θ_pur (cf. paper Fig. 3)", lmc_curves),
-                ("qra", f"{label}: QRA-ASR on the purified vs the clean model", qra_bars)):
+                ("qra", f"{label}: QRA-ASR on the purified vs the clean model", qra_bars),
+                ("trajectory", f"{label}: P-ASR and O-ASR along each defense's run", trajectory_curves)):
             png = draw(block, label)
             if png is not None:
                 figures.append((f"{stem}-{suffix}.png", caption, png))

@@ -74,12 +74,15 @@ def _claims_html(claims: list[dict]) -> str:
     return '<ol class="claims">' + "".join(items) + "</ol>"
 
 
+EDGE_NOTE = "the verdict changes within the spread: at the low or the high end of the recorded ranges it differs"
+
+
 def _evidence_lines(claim: dict) -> list[str]:
-    """One line per attack when the claim was checked on several, else the single evidence text."""
+    """One line per attack when the claim was checked on several, else the single evidence text; a last line
+    when the verdict changes within the recorded spread."""
     details = claim.get("details") or {}
-    if len(details) > 1:
-        return [f"{label}: {evidence}" for label, evidence in details.items()]
-    return [claim["evidence"]]
+    lines = [f"{label}: {evidence}" for label, evidence in details.items()] if len(details) > 1 else [claim["evidence"]]
+    return lines + ([EDGE_NOTE] if claim.get("within_spread") is False else [])
 
 
 def _figure_html(name: str, caption: str, png: bytes) -> str:

@@ -44,8 +44,9 @@ class Table:
 
 
 def attack_blocks(results: dict) -> list[dict]:
-    """One block per attack: `results["attacks"]`, or the top level itself for a single-attack run."""
-    blocks = results.get("attacks") or [{
+    """One block per attack: the seed summary of a several-seed run (means with spread), else
+    `results["attacks"]`, or the top level itself for a single-attack run."""
+    blocks = results.get("summary") or results.get("attacks") or [{
         "attack": results.get("attack", "backdoor"), "poison_rate": results.get("poison_rate"),
         "target": results.get("target"), "backdoored": results.get("backdoored") or {},
         "clean": results.get("clean") or {}, "rows": results.get("rows") or []}]
@@ -90,12 +91,19 @@ def percent(value: float | None) -> str:
     return MISSING if value is None else f"{100 * value:.1f}"
 
 
+def with_spread(record: dict, key: str) -> Cell:
+    """The fraction `record[key]`, or "mean ± sd" (in %) when the record holds its spread (RA repeats, seeds)."""
+    value, sd = record.get(key), record.get(f"{key}_sd")
+    return value if value is None or sd is None else f"{percent(value)} ± {100 * sd:.1f}"
+
+
 def setup_table(results: dict) -> Table:
     """One row per attack: poison rate, target, and the backdoored and clean models' C-Acc / ASR."""
     blocks = attack_blocks(results)
     rows = [[label, _percent_label(b.get("poison_rate")), str(b.get("target", MISSING)),
-             b["backdoored"].get("clean_acc"), b["backdoored"].get("asr"), b["clean"].get("clean_acc"),
-             b["clean"].get("asr")] for label, b in zip(attack_labels(blocks), blocks)]
+             with_spread(b["backdoored"], "clean_acc"), with_spread(b["backdoored"], "asr"),
+             with_spread(b["clean"], "clean_acc"), with_spread(b["clean"], "asr")]
+            for label, b in zip(attack_labels(blocks), blocks)]
     return Table("Attacks (%): the backdoored model before any defense and the clean reference model.",
                  ["Attack", "Poison rate", "Target", "C-Acc ↑", "ASR", "C-Acc ↑", "ASR"], rows,
                  [("Backdoored model", 2), ("Clean model", 2)])
@@ -125,16 +133,16 @@ def _pairs(blocks: list[dict], pair_of) -> list[Cell]:
 
 def _clean_pair(clean: dict, mode: str) -> tuple[Cell, Cell]:
     if mode == "O-Robustness":
-        return clean.get("clean_acc"), clean.get("asr")
-    return clean.get("clean_acc_after_ra"), clean.get("asr_after_ra")
+        return with_spread(clean, "clean_acc"), with_spread(clean, "asr")
+    return with_spread(clean, "clean_acc_after_ra"), with_spread(clean, "asr_after_ra")
 
 
 def _defense_pair(block: dict, defense: str, mode: str) -> tuple[Cell, Cell]:
     if mode == "O-Backdoor":
-        return block["backdoored"].get("clean_acc"), block["backdoored"].get("asr")
+        return with_spread(block["backdoored"], "clean_acc"), with_spread(block["backdoored"], "asr")
     row = find_row(block, defense) or {}
     prefix = "o_" if mode == "O-Robustness" else "p_"
-    return row.get(prefix + "clean_acc"), row.get(prefix + "asr")
+    return with_spread(row, prefix + "clean_acc"), with_spread(row, prefix + "asr")
 
 
 QRA_COLUMNS = ("qra_asr_purified", "qra_asr_clean_model", "qra_target_rate_clean_purified",
@@ -183,6 +191,32 @@ def trigger_table(results: dict) -> Table | None:
 
 def _number(value: float | None, fmt: str, scale: float) -> str:
     return MISSING if value is None else fmt.format(scale * value)
+
+
+STRENGTH_COLUMNS = ("distance", "steps", "LMC span", "cal. O-ASR")
+
+
+def strength_table(results: dict) -> Table | None:
+    """How far each defense moved: ‖θ_pur − θ_bd‖ / ‖θ_bd‖, optimizer steps on the weights, the LMC span
+    of high backdoor error and the O-ASR on the calibration split; None when no row records its strength."""
+    blocks = attack_blocks(results)
+    defenses = [d for d in defense_order(blocks) if any((find_row(b, d) or {}).get("strength") for b in blocks)]
+    if not defenses:
+        return None
+    rows = [[display_name(d)] + [cell for b in blocks for cell in _strength_cells(find_row(b, d) or {})]
+            for d in defenses]
+    return Table("Defense strength: relative weight distance ‖θ_pur − θ_bd‖ / ‖θ_bd‖, optimizer steps that "
+                 "updated the weights (ANP only prunes: 0), span of t over which 1 − ASR ≥ 50 % along "
+                 "θ_bd → θ_pur, and O-ASR (%) on the calibration split of held-out training images.",
+                 ["Defense"] + list(STRENGTH_COLUMNS) * len(blocks), rows,
+                 [(label, len(STRENGTH_COLUMNS)) for label in attack_labels(blocks)])
+
+
+def _strength_cells(row: dict) -> list[Cell]:
+    strength = row.get("strength") or {}
+    return [_number(strength.get("relative_distance"), "{:.3f}", 1),
+            _number(strength.get("optimizer_steps"), "{:.0f}", 1),
+            _number(strength.get("lmc_span"), "{:.2f}", 1), with_spread(row, "o_calibration_asr")]
 
 
 def runtime_table(results: dict) -> Table | None:
