@@ -187,6 +187,8 @@ def close_qra_gap(results):
 @pytest.mark.parametrize("mutate, expected", [
     (set_fields(0, "bti_dbf", p_asr=0.49), [False, True, True, True, True]),
     (set_fields(0, "bti_dbf", p_asr=0.50), [True] * 5),  # thresholds are inclusive
+    # a baseline that never purified cannot be revived: claims 1 and 3 leave it out
+    (set_fields(0, "anp", o_asr=0.6, p_asr=0.3, qra_asr_purified=0.0), [True] * 5),
     (set_fields(1, "ep", p_asr=0.25), [True, False, True, True, True]),
     (lambda r: r["attacks"][0]["clean"].update(asr_after_ra=0.21), [True, False, True, True, True]),
     (close_qra_gap, [True, True, False, True, True]),

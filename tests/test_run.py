@@ -64,6 +64,14 @@ def test_results_have_the_documented_keys(finished):
     assert (out / "report.md").is_file() and (out / "report.html").is_file()
 
 
+def test_defenses_and_ra_augment_like_the_backdoored_model(finished):
+    """The spec trains with crop_pad 1 and no flip; every defense and RA inherit that, not the paper's pad 4 + flip."""
+    _, out = finished
+    records = [json.loads((p / "record.json").read_text()) for p in (out / "stages").iterdir()]
+    tuned = [r["params"] for r in records if r["stage"] in ("purify", "ra")]
+    assert len(tuned) == 2 + 3 and all((p["crop_pad"], p["flip"]) == (1, False) for p in tuned)
+
+
 def test_defense_times_go_to_timings_json_and_the_report_only(finished):
     _, out = finished
     timings = json.loads((out / "timings.json").read_text())

@@ -30,6 +30,8 @@ def test_defaults_and_hash_are_stable(tmp_path):
     ("attacks: [{name: badnets, rate: 0.1}]", "unknown attack key 'rate'"),
     ("attacks: []", "non-empty list"),
     ("checks: [ra, xyz]", "unknown check 'xyz'"),
+    ("checks: [lmc, trajectory]", "needs ra in the checks too"),
+    ("calibration_fraction: 0.99", "calibration_fraction"),
     ("seed: -2", "non-negative integer"),
     ("seed: 1.5", "non-negative integer"),
     ("reserve_fraction: 1", "reserve_fraction"),

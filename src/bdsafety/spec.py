@@ -223,6 +223,8 @@ def validate(spec: ExperimentSpec) -> None:
         expect(name in DEFENSES, f"unknown defense '{name}' in spec; choose from: {', '.join(DEFENSES.names())}")
     for name in spec.checks:
         expect(name in CHECKS, f"unknown check '{name}' in spec; choose from: {', '.join(CHECKS)}")
+    expect("trajectory" not in spec.checks or "ra" in spec.checks,
+           "spec 'checks': trajectory measures RA along each defense run and needs ra in the checks too")
     for key in ("train", "defense_params", "audit_params"):
         expect(isinstance(getattr(spec, key), dict), f"spec '{key}' must be a mapping")
     for name in spec.defense_params:

@@ -40,8 +40,8 @@ log = logging.getLogger(__name__)
 class Retuning:
     """Retuning Attack: fine-tune the purified model on attacker clean data plus a few target-labelled poisons.
 
-    Set `crop_pad`/`flip` to the backdoor training's augmentation (RA uses the training transform);
-    the Fashion-MNIST CPU profile trains with crop_pad=2, flip=True.
+    `crop_pad`/`flip` augment the clean images only; the pipeline and `bdsafety audit` set them to the
+    backdoored model's own training augmentation from its record (`create_audit(..., augmentation)`).
     """
 
     clean_fraction: float = 0.02  # ft_poison.py split_ratio [argdef]: 2% of the training set (1,000 on CIFAR-10)

@@ -10,8 +10,10 @@ since `run_defense` hands it a copy) and a JSON-able record of what it did (hist
 reserved clean split, never the test set or the poison indices. Only EP reads `data.attack`, the true
 trigger, which it is given by definition.
 
-`cpu_overrides` (a ClassVar dict) scales lengths (epochs, iterations) for the Fashion-MNIST CPU
-profile; the algorithm is never changed.
+`cpu_overrides` (a ClassVar dict) holds the Fashion-MNIST CPU profile's settings: shorter lengths, and a
+stronger setting only where the official one was measured not to purify (README, "Defense strength").
+A defense's `crop_pad`/`flip` fields default to the paper's CIFAR-10 transform; the pipeline and
+`bdsafety purify` set them to the backdoored model's own training augmentation, read from its record.
 """
 
 from __future__ import annotations

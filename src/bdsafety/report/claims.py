@@ -39,9 +39,9 @@ Verdict = tuple[bool | None, str]
 
 CLAIM_TEXTS = (
     f"RA brings the backdoor back: after the Retuning Attack each baseline defense (ANP, BAU, SAM, FST, BTI) "
-    f"has P-ASR ≥ {RA_HIGH:.0%}.",
+    f"that purified (O-ASR ≤ {PURIFIED_ASR:.0%}) has P-ASR ≥ {RA_HIGH:.0%}.",
     f"EP and the clean model stay safe under RA: both have P-ASR ≤ {RA_LOW:.0%}.",
-    f"QRA reactivates purified models, not the clean model: the mean over the baseline defenses of "
+    f"QRA reactivates purified models, not the clean model: the mean over the baseline defenses that purified of "
     f"QRA-ASR(purified) − QRA-ASR(clean model) is ≥ {100 * QRA_GAP:.0f} points.",
     f"Along the linear path θ_bd → θ_pur, EP keeps a high backdoor error further from θ_pur than the baselines: "
     f"span = t_end − t*, where t* is the smallest grid t from which 1 − ASR ≥ {LMC_ERROR:.0%} at every point up to "
@@ -116,21 +116,31 @@ def _baselines_with(block: dict, *keys: str) -> list[str]:
     return [d for d in BASELINES if all(_field(block, d, k) is not None for k in keys)]
 
 
+def _purifying(block: dict, used: list[str]) -> tuple[list[str], str]:
+    """The baselines of `used` whose O-ASR is at most PURIFIED_ASR, and a note naming the others: RA or QRA
+    cannot revive a backdoor that the defense never removed."""
+    kept = [d for d in used if (_field(block, d, "o_asr") or 0.0) <= PURIFIED_ASR + EPS]
+    dropped = [d for d in used if d not in kept]
+    note = f"; did not purify (O-ASR > {PURIFIED_ASR:.0%}): {', '.join(_name(d) for d in dropped)}" if dropped else ""
+    return kept, note
+
+
 def _absent_note(block: dict, used: list[str]) -> str:
     absent = [_name(d) for d in BASELINES if d not in used]
     return f" (no data: {', '.join(absent)})" if absent else ""
 
 
 def check_ra_revives(block: dict) -> Verdict:
-    """Claim 1: every baseline with a recorded P-ASR has P-ASR ≥ RA_HIGH."""
+    """Claim 1: every purifying baseline with a recorded P-ASR has P-ASR ≥ RA_HIGH."""
     used = _baselines_with(block, "p_asr")
     if not used:
         return None, "no P-ASR recorded for the baseline defenses"
-    low = [d for d in used if _field(block, d, "p_asr") < RA_HIGH - EPS]
+    purified, note = _purifying(block, used)
+    low = [d for d in purified if _field(block, d, "p_asr") < RA_HIGH - EPS]
     ev = ", ".join(f"{_name(d)} {_pct(_field(block, d, 'o_asr'))} → {_pct(_field(block, d, 'p_asr'))}" for d in used)
     if low:
         ev += f"; below {RA_HIGH:.0%} after RA: {', '.join(_name(d) for d in low)}"
-    return not low, "O-ASR → P-ASR " + ev + _absent_note(block, used)
+    return (not low) if purified else None, "O-ASR → P-ASR " + ev + note + _absent_note(block, used)
 
 
 def check_reference_safe(block: dict) -> Verdict:
@@ -142,15 +152,18 @@ def check_reference_safe(block: dict) -> Verdict:
 
 def check_qra_gap(block: dict) -> Verdict:
     """Claim 3: mean over baselines with QRA numbers of (QRA-ASR purified − QRA-ASR clean model) ≥ QRA_GAP."""
-    used = _baselines_with(block, "qra_asr_purified", "qra_asr_clean_model")
-    if not used:
+    recorded = _baselines_with(block, "qra_asr_purified", "qra_asr_clean_model")
+    if not recorded:
         return None, "QRA not recorded for the baseline defenses"
+    used, note = _purifying(block, recorded)
+    if not used:
+        return None, "no baseline defense purified" + note
     gaps = [_field(block, d, "qra_asr_purified") - _field(block, d, "qra_asr_clean_model") for d in used]
     mean = sum(gaps) / len(gaps)
     detail = ", ".join(f"{_name(d)} {_pct(_field(block, d, 'qra_asr_purified'))} vs "
                        f"{_pct(_field(block, d, 'qra_asr_clean_model'))}" for d in used)
     return mean >= QRA_GAP - EPS, (f"mean gap {100 * mean:.1f} points (limit {100 * QRA_GAP:.0f}); "
-                                   f"purified vs clean model: {detail}{_absent_note(block, used)}")
+                                   f"purified vs clean model: {detail}{note}{_absent_note(block, recorded)}")
 
 
 def _span(block: dict, defense: str) -> float | None:

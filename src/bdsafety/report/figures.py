@@ -132,7 +132,8 @@ def trajectory_curves(block: dict, label: str) -> bytes | None:
         ax.set_xlim(0, 1.02)
         ax.set_ylim(-3, 103)
         ax.grid(alpha=0.3)
-    p_ax.legend(fontsize=7, loc="best", frameon=False)
+    handles, labels = p_ax.get_legend_handles_labels()
+    o_ax.legend(handles, labels, fontsize=7, loc="upper left", bbox_to_anchor=(1.0, 1.0), frameon=False)
     fig.suptitle(f"{label}: defense trajectories", fontsize=10)
     return _png(fig)
 

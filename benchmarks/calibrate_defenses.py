@@ -1,0 +1,133 @@
+"""The strength rule of the CPU profile, measured: each defense on a small grid, chosen on the calibration split.
+
+    python benchmarks/calibrate_defenses.py RUN_DIR [--defenses fst,i_bau,anp,ft_sam,pam,bti_dbf] [--out FILE.json]
+
+RUN_DIR is a `bdsafety run` / `demo` directory whose spec has a calibration split (`calibration_fraction`;
+demo: 2 % of the training images, held out of backdoor training and of the defender's reserve). Its
+backdoored model is purified with each setting of a defense's grid, from the official setting (the paper
+repository's value) up in strength, until one reaches O-ASR <= 10 % on the triggered calibration images:
+that one is the rule's choice. Where the CPU profile is shorter than the official length, the choice (or,
+when none purified, the strongest point) is also run once at the official length. The test set's C-Acc
+and O-ASR, and RA's P-ASR for the chosen and the official-length points, are printed beside each point
+for the README, never used to choose.
+
+Every point is a stage of the run's own store (the pipeline's defense and RA stages), so a later
+`bdsafety run` / `demo` with the chosen setting reuses it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import logging
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from bdsafety import store
+from bdsafety.data import load_dataset
+from bdsafety.experiment import AttackSpec, prepare
+from bdsafety.run import Context, RunStore, defense_stage, retune_stage, train_stage
+from bdsafety.spec import load_spec
+
+CALIBRATION_ASR = 0.10  # the rule: the weakest grid setting with O-ASR at most this on the calibration split
+
+# Per defense: its settings in order of strength (the first is the official one, or the CPU length where that
+# is shorter), and the official length where the CPU profile is shorter than it.
+GRIDS = {
+    "fst": {"grid": [{"epochs": 10}, {"epochs": 20}, {"epochs": 30}]},
+    # BackdoorBench's Adam 1e-4 without a ball, then the L2 ball of radius 10 and larger rates (I-BAU's code: 1e-3)
+    "i_bau": {"grid": [{"lr": 1e-4, "perturbation_norm": None}, {"lr": 1e-4, "perturbation_norm": 10.0},
+                       {"lr": 3e-4, "perturbation_norm": 10.0}, {"lr": 1e-3, "perturbation_norm": 10.0}]},
+    # BackdoorBench's mask lr 0.01, then the ANP paper's 0.2 with the pruning threshold raised step by step
+    "anp": {"grid": [{"mask_lr": 0.01, "prune_threshold": 0.2}, {"mask_lr": 0.2, "prune_threshold": 0.2},
+                     {"mask_lr": 0.2, "prune_threshold": 0.3}, {"mask_lr": 0.2, "prune_threshold": 0.4},
+                     {"mask_lr": 0.2, "prune_threshold": 0.5}],
+            "official": {"iterations": 2000}},
+    "ft_sam": {"grid": [{"epochs": 30}, {"epochs": 100}], "official": {"epochs": 100}},
+    # the official unlearning length (3 rounds of 30 epochs) with the CPU profile's generator lengths
+    "pam": {"grid": [{"nround": 2, "ul_round": 5}, {"nround": 3, "ul_round": 30}], "official": {"nround": 3, "ul_round": 30}},
+    "bti_dbf": {"grid": [{"nround": 2, "ul_round": 5}], "official": {"nround": 3, "ul_round": 30}},
+}
+
+
+class Calibration:
+    """The run's store, context and backdoored model, and a defense stage for any parameter setting."""
+
+    def __init__(self, run_dir: Path):
+        self.spec = load_spec(run_dir / "spec.yaml")
+        if not self.spec.calibration_fraction:
+            sys.exit(f"{run_dir}'s spec has no calibration split; set calibration_fraction and rerun it")
+        self.runs = RunStore(run_dir, torch.device("cpu"))
+        self.ctx = Context.of(self.spec)
+        entry = self.spec.attacks[0]
+        attack = AttackSpec(entry.name, dict(entry.params), entry.poison_rate, entry.target)
+        bundle = load_dataset(self.spec.dataset, self.spec.data_dir, seed=self.spec.seed)
+        self.setup = prepare(self.ctx.data, attack, self.ctx.seed, bundle, self.ctx.profile)
+        self.label = f"{entry.name}-{entry.poison_rate:g}-t{entry.target}"
+        self.backdoored, self.bd_inputs = train_stage(self.runs, self.ctx, self.setup, attack, self.label)
+
+    def measure(self, name: str, params: dict, with_ra: bool) -> dict:
+        started = time.perf_counter()
+        ctx = dataclasses.replace(self.ctx, spec=dataclasses.replace(self.spec, defense_params={name: params}))
+        purified, inputs = defense_stage(self.runs, ctx, self.setup, self.backdoored, self.bd_inputs, name, self.label)
+        metrics = purified.record["metrics"]
+        point = {"params": params, "calibration_asr": metrics["calibration_asr"],
+                 "calibration_clean_acc": metrics["calibration_clean_acc"], "test_clean_acc": metrics["clean_acc"],
+                 "test_asr": metrics["asr"], **purified.record["strength"],
+                 "defense_s": purified.record["timings"]["defense_s"]}
+        if with_ra:
+            retuned, _ = retune_stage(self.runs, ctx, self.setup, purified, inputs, f"{self.label}-{name}")
+            point.update(test_p_asr=retuned.record["metrics"]["asr"], test_p_asr_sd=retuned.record["metrics"]["asr_sd"])
+        report(name, point, time.perf_counter() - started)
+        return point
+
+    def calibrate(self, name: str, official_length: bool) -> dict:
+        """Walk the grid from its first setting up; RA's P-ASR is measured for the chosen point only."""
+        grid = GRIDS[name]
+        points, chosen = [], None
+        for params in grid["grid"]:
+            points.append(self.measure(name, params, with_ra=False))
+            if points[-1]["calibration_asr"] <= CALIBRATION_ASR:
+                chosen = params
+                points[-1] = self.measure(name, params, with_ra=True)
+                break
+        out = {"grid": grid["grid"], "points": points, "chosen": chosen}
+        official = {**(chosen or grid["grid"][-1]), **grid.get("official", {})}
+        if official_length and "official" in grid and official not in grid["grid"][:len(points)]:
+            out["official_length"] = self.measure(name, official, with_ra=True)
+        return out
+
+
+def report(name: str, point: dict, seconds: float) -> None:
+    p_asr = f"P-ASR {100 * point['test_p_asr']:5.1f} ± {100 * point['test_p_asr_sd']:.1f}" \
+        if "test_p_asr" in point else "P-ASR   n/a"
+    print(f"{name:7s} {json.dumps(point['params']):50s} cal O-ASR {100 * point['calibration_asr']:5.1f}  "
+          f"cal C-Acc {100 * point['calibration_clean_acc']:5.1f} | test C-Acc {100 * point['test_clean_acc']:5.1f}  "
+          f"O-ASR {100 * point['test_asr']:5.1f}  {p_asr}  dist {point['relative_distance']:.3f}  "
+          f"steps {point['optimizer_steps']}  defense {point['defense_s']:.0f} s ({seconds:.0f} s here)", flush=True)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("run_dir", type=Path)
+    parser.add_argument("--defenses", default=",".join(GRIDS))
+    parser.add_argument("--out", type=Path)
+    parser.add_argument("--skip-official-length", action="store_true", help="no run at the official length")
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.WARNING)
+    torch.set_num_threads(2)
+    calibration = Calibration(args.run_dir)
+    results = {}
+    for name in args.defenses.split(","):
+        results[name] = calibration.calibrate(name, not args.skip_official_length)
+        if args.out:  # after each defense, so an interrupted calibration keeps what it measured
+            store.write_json(args.out, {"rule": f"weakest grid setting with calibration O-ASR <= {CALIBRATION_ASR}",
+                                        "backdoored": calibration.bd_inputs, "defenses": results})
+
+
+if __name__ == "__main__":
+    main()
