@@ -2,6 +2,7 @@
 
 import copy
 import dataclasses
+import sys
 
 import pytest
 import torch
@@ -89,8 +90,14 @@ def test_defense_classes_follow_the_contract():
         assert DEFENSES.get(name) is cls
         assert "NeurIPS 2021" in cls.__doc__.splitlines()[0] or "ICLR 2022" in cls.__doc__.splitlines()[0]
         fields = {f.name for f in dataclasses.fields(cls)}
-        assert set(cls.cpu_overrides) <= fields & {"iterations", "n_rounds"}
+        # CPU profile: shorter lengths, and the strength grid's choice documented in the module (README rule)
+        assert set(cls.cpu_overrides) <= fields & {"iterations", "n_rounds", "mask_lr", "prune_threshold", "lr",
+                                                   "perturbation_norm"}
+        assert "strength grid" in sys.modules[cls.__module__].__doc__
         assert create_defense(name, "cpu") == cls(**cls.cpu_overrides)
+    # the paper profile is the paper repository's BackdoorBench configuration
+    assert (Anp().mask_lr, Anp().iterations) == (0.01, 2000)
+    assert (IBau().lr, IBau().perturbation_norm) == (1e-4, None)
     with pytest.raises(dataclasses.FrozenInstanceError):
         Anp().eps = 0.1
 

@@ -10,9 +10,9 @@ official code picks it by test ASR).
 
 Strength. The defaults are the paper repository's (BackdoorBench cfg: mask lr 0.01, 2,000 iterations) with
 the ANP paper's fixed threshold 0.2. On the Fashion-MNIST CPU profile (400 iterations) the mask lr 0.01
-prunes no channel (calibration O-ASR 99.9 %), so the CPU profile takes the weakest point of the strength
-grid that reaches <= 10 % on the calibration split (README, "Defense strength"): the ANP paper's mask lr
-0.2 with the threshold raised to 0.4 (thresholds 0.2 and 0.3 left 58.5 % and 25.2 %).
+prunes no channel (calibration O-ASR 99.9 %), so the CPU profile takes the weakest point of the
+strength grid that reaches <= 10 % on the calibration split (README, "Defense strength"): the ANP
+paper's mask lr 0.2 with the threshold raised to 0.4 (thresholds 0.2 and 0.3 left 58.5 % and 25.2 %).
 """
 
 from __future__ import annotations
