@@ -59,6 +59,7 @@ def aggregate_mapping(mappings: list[dict]) -> dict:
 
 
 def spread(key: str, values: list[float]) -> dict:
+    """Mean (under `key` itself), sample standard deviation, min and max of `values`."""
     return {key: statistics.fmean(values), f"{key}_sd": statistics.stdev(values) if len(values) > 1 else 0.0,
             f"{key}_min": min(values), f"{key}_max": max(values)}
 

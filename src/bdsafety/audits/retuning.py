@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import copy
 import logging
-import statistics
 import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, ClassVar
@@ -24,6 +23,7 @@ from typing import TYPE_CHECKING, ClassVar
 import torch
 from torch import Tensor, nn
 
+from ..aggregate import spread
 from ..data import ImageSet, seed_for
 from ..errors import UsageError
 from ..train import TrainConfig, evaluate, fit
@@ -91,7 +91,8 @@ class Retuning:
             repeats.append({**metrics, "seed": repeat_seed, "epoch_losses": history["epoch_losses"]})
             returned = retuned if returned is None else returned
         num_poison = int(is_poison.sum())
-        result = {**spread(repeats, ("clean_acc", "asr")), "num_clean": len(data) - num_poison,
+        means = {k: v for key in ("clean_acc", "asr") for k, v in spread(key, [r[key] for r in repeats]).items()}
+        result = {**means, "num_clean": len(data) - num_poison,
                   "num_poison": num_poison, "repeats": repeats, "duration_s": time.perf_counter() - started}
         log.info("ra: clean_acc=%.4f asr=%.4f ± %.4f over %d repeats (%d clean + %d poisons, %.1fs)",
                  result["clean_acc"], result["asr"], result["asr_sd"], len(repeats), result["num_clean"],
@@ -103,16 +104,6 @@ class Retuning:
         history = fit(retuned, data, self.train_config(), seed_for(seed, "ra-train"), unaugmented=is_poison)
         retuned.eval()
         return retuned, history
-
-
-def spread(rows: list[dict], keys: tuple[str, ...]) -> dict:
-    """Mean (under the key itself), sample standard deviation, min and max of each key over `rows`."""
-    out = {}
-    for key in keys:
-        values = [row[key] for row in rows]
-        out.update({key: statistics.fmean(values), f"{key}_sd": statistics.stdev(values) if len(values) > 1 else 0.0,
-                    f"{key}_min": min(values), f"{key}_max": max(values)})
-    return out
 
 
 def attacker_clean_images(setup: Setup, count: int, gen: torch.Generator) -> ImageSet:
