@@ -1,7 +1,7 @@
 import re
 
 import pytest
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from bdsafety.errors import UsageError
@@ -58,6 +58,7 @@ values = st.one_of(st.none(), st.booleans(), st.integers(-5, 5), st.floats(allow
 
 
 @settings(max_examples=300, deadline=None)
+@example({"checks": "0\n0"})  # a name with a line break must not break the one-line error
 @given(st.dictionaries(st.sampled_from(["dataset", "seed", "reserve_fraction", "attacks", "checks", "model",
                                         "profile", "train", "defenses", "bogus"]), values, max_size=5))
 def test_any_spec_is_valid_or_a_usage_error(raw):

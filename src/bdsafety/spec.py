@@ -220,17 +220,17 @@ def validate(spec: ExperimentSpec) -> None:
     expect(len(set(blocks)) == len(blocks), "spec 'attacks' lists the same attack twice (same name, rate, target "
                                             "and params); use 'seeds' for repeats")
     for name in spec.defenses:
-        expect(name in DEFENSES, f"unknown defense '{name}' in spec; choose from: {', '.join(DEFENSES.names())}")
+        expect(name in DEFENSES, f"unknown defense {name!r} in spec; choose from: {', '.join(DEFENSES.names())}")
     for name in spec.checks:
-        expect(name in CHECKS, f"unknown check '{name}' in spec; choose from: {', '.join(CHECKS)}")
+        expect(name in CHECKS, f"unknown check {name!r} in spec; choose from: {', '.join(CHECKS)}")
     expect("trajectory" not in spec.checks or "ra" in spec.checks,
            "spec 'checks': trajectory measures RA along each defense run and needs ra in the checks too")
     for key in ("train", "defense_params", "audit_params"):
         expect(isinstance(getattr(spec, key), dict), f"spec '{key}' must be a mapping")
     for name in spec.defense_params:
-        expect(name in DEFENSES, f"spec 'defense_params' names unknown defense '{name}'")
+        expect(name in DEFENSES, f"spec 'defense_params' names unknown defense {name!r}")
     for name in spec.audit_params:
-        expect(name in CHECKS, f"spec 'audit_params' names unknown check '{name}'")
+        expect(name in CHECKS, f"spec 'audit_params' names unknown check {name!r}")
 
 
 def validate_attack(entry: AttackEntry) -> None:
