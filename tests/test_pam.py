@@ -125,3 +125,23 @@ def test_pam_unlearning_of_the_true_trigger_removes_the_backdoor(badnets_setup, 
     assert metrics["asr"] <= 0.2 < record["metrics"]["asr"]
     assert metrics["clean_acc"] >= record["metrics"]["clean_acc"] - 0.1
     assert optimizer.distance() > 0
+
+
+def test_pam_after_bti_reuses_the_first_round_and_gets_the_same_model(badnets_setup, backdoored):
+    """BTI-DBF(U) and PAM share stage A and round 0's B1-B3 of one backdoored model: the shared copy must give
+    PAM bit for bit what it computes alone."""
+    from bdsafety.defenses import _bti
+
+    model, _ = backdoored
+    _bti._first_rounds.clear()
+    alone, alone_result = purify(create_defense("pam", **FAST_BTI), model, badnets_setup, seed=0)
+    assert alone_result["history"]["first_round_reused"] is False
+    _bti._first_rounds.clear()
+    _, bti_result = purify(create_defense("bti_dbf", **FAST_BTI), model, badnets_setup, seed=0)
+    shared, shared_result = purify(create_defense("pam", **FAST_BTI), model, badnets_setup, seed=0)
+    assert bti_result["history"]["first_round_reused"] is False and shared_result["history"]["first_round_reused"]
+    assert shared_result["history"]["target_votes"] == alone_result["history"]["target_votes"]
+    assert all(torch.equal(a, b) for a, b in zip(alone.state_dict().values(), shared.state_dict().values()))
+    # another inversion setting is another first round
+    _, other = purify(create_defense("pam", **{**FAST_BTI, "uround": 1}), model, badnets_setup, seed=0)
+    assert other["history"]["first_round_reused"] is False

@@ -20,9 +20,12 @@ defender's seeded reserve split (§11.2), and the generator only ever sees that 
 from __future__ import annotations
 
 import copy
+import dataclasses
+import hashlib
 import logging
 import math
 import time
+from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Callable
 
@@ -353,41 +356,111 @@ class Clock:
         return elapsed
 
 
-def run_bti(model: nn.Module, data: DefenderData, stages: BTIStages, seed: int, unlearn: Unlearn) -> dict:
-    """Stage A, then `nround` rounds of B1 (mask), B2 (generator), B3 (target, round 0) and `unlearn` (B4).
+@dataclass
+class FirstRound:
+    """Stage A and round 0's B1-B3: G, its Adam state, the detected target and their record.
 
-    `model` is updated only by `unlearn`; masks and generator training use copies of it. Returns the
-    JSON-able record: detected target and its votes, per-epoch losses per stage and round, step count.
+    They depend only on the backdoored model, the reserve, the inversion settings and the seed, never on
+    the unlearning that follows, so BTI-DBF(U) and PAM of one backdoored model share them.
     """
-    reserve = data.reserve.to(model_device(model))
+
+    generator: TriggerGenerator
+    optimizer: torch.optim.Adam
+    record: dict
+
+
+# Settings that shape the first round; the rest (nround, ul_round, gen_ratio, each defense's own) act later.
+LATER_SETTINGS = {"nround", "ul_round", "gen_ratio"}
+SHARED_ROUNDS = 2  # first rounds kept in memory: the last backdoored models' (~0.1 GB each for the CIFAR U-Net)
+_first_rounds: OrderedDict[str, FirstRound] = OrderedDict()
+
+
+def first_round_key(model: nn.Module, reserve: ImageSet, num_classes: int, stages: BTIStages, seed: int) -> str:
+    """Content hash of everything the first round reads: weights and buffers, reserve, settings, seed."""
+    digest = hashlib.sha256()
+    settings = {f.name: getattr(stages, f.name) for f in dataclasses.fields(BTIStages) if f.name not in LATER_SETTINGS}
+    digest.update(repr((sorted(settings.items()), num_classes, seed, str(model_device(model)))).encode())
+    tensors = [(name, t) for name, t in sorted(model.state_dict().items())] + \
+        [("reserve.images", reserve.images), ("reserve.labels", reserve.labels)]
+    for name, tensor in tensors:
+        flat = tensor.detach().cpu().contiguous().reshape(-1)
+        digest.update(f"{name}:{flat.dtype}:{tuple(flat.shape)}".encode())
+        digest.update(flat.view(torch.uint8).numpy().tobytes() if flat.numel() else b"")
+    return digest.hexdigest()
+
+
+def shared_first_round(model: nn.Module, reserve: ImageSet, num_classes: int, stages: BTIStages,
+                       seed: int) -> FirstRound:
+    """`first_round`, computed once per backdoored model and settings in this process; every caller gets its
+    own copy of G and its optimizer (`reused: true` in the record when it was computed before)."""
+    key = first_round_key(model, reserve, num_classes, stages, seed)
+    reused = key in _first_rounds
+    if not reused:
+        _first_rounds[key] = first_round(model, reserve, num_classes, stages, seed)
+        while len(_first_rounds) > SHARED_ROUNDS:
+            _first_rounds.popitem(last=False)
+    _first_rounds.move_to_end(key)
+    kept = _first_rounds[key]
+    generator, optimizer = copy.deepcopy((kept.generator, kept.optimizer))  # one copy keeps G's params in its Adam
+    return FirstRound(generator, optimizer, {**copy.deepcopy(kept.record), "reused": reused})
+
+
+def first_round(model: nn.Module, reserve: ImageSet, num_classes: int, stages: BTIStages, seed: int) -> FirstRound:
+    """Stage A, then round 0's B1 (mask), B2 (generator) and B3 (target vote); `model` is only read."""
     generator = create_generator(model, reserve.shape[0], seed_for(seed, "bti-generator"), stages.generator_width)
     gen = torch.Generator().manual_seed(seed_for(seed, "bti-pretrain"))
     clock = Clock()
-    record = {"pretrain_losses": pretrain_generator(generator, model, reserve, stages, gen), "rounds": [],
-              "target": None, "target_votes": None, "target_vote_margin": None, "steps": 0, "pretrain_s": clock.lap()}
+    record = {"pretrain_losses": pretrain_generator(generator, model, reserve, stages, gen), "pretrain_s": clock.lap(),
+              "target": None, "target_votes": None, "target_vote_margin": None}
     # G and its Adam state persist across rounds (not re-initialised), as in the official code.
     optimizer = torch.optim.Adam(generator.parameters(), lr=stages.gen_lr)
+    if stages.nround == 0:
+        return FirstRound(generator, optimizer, record)
+    gen = torch.Generator().manual_seed(seed_for(seed, "bti-round0"))
+    classifier = frozen_copy(model)
+    mask, mask_losses = train_mask(classifier, reserve, stages, gen)
+    mask_s = clock.lap()
+    gen_losses = train_generator(generator, optimizer, classifier, mask, None, reserve, stages, gen)
+    target, votes = detect_target(generator, model, reserve, stages, num_classes, gen)
+    record.update(target=target, target_votes=votes, target_vote_margin=vote_margin(votes),
+                  round0={"mask_losses": mask_losses, "generator_losses": gen_losses, "mask_s": mask_s,
+                          "generator_s": clock.lap()})
+    log.info("BTI: detected target class %d (votes %s)", target, votes)
+    if record["target_vote_margin"] < CLOSE_VOTE_MARGIN:
+        log.warning("BTI: close target vote (class %d leads by %.1f%% of the votes: %s); the inverted trigger may "
+                    "belong to another class; lengthen preround/uround", target, 100 * record["target_vote_margin"],
+                    votes)
+    return FirstRound(generator, optimizer, record)
+
+
+def run_bti(model: nn.Module, data: DefenderData, stages: BTIStages, seed: int, unlearn: Unlearn) -> dict:
+    """Stage A, then `nround` rounds of B1 (mask), B2 (generator), B3 (target, round 0) and `unlearn` (B4).
+
+    `model` is updated only by `unlearn`; masks and generator training use copies of it. Stage A and round
+    0's B1-B3 come from `shared_first_round`. Returns the JSON-able record: detected target and its votes,
+    per-epoch losses per stage and round, step count.
+    """
+    reserve = data.reserve.to(model_device(model))
+    first = shared_first_round(model, reserve, data.num_classes, stages, seed)
+    generator, optimizer = first.generator, first.optimizer
+    record = {**{k: v for k, v in first.record.items() if k not in ("round0", "reused")}, "rounds": [], "steps": 0,
+              "first_round_reused": first.record["reused"]}
+    clock = Clock()
     for n in range(stages.nround):
-        gen = torch.Generator().manual_seed(seed_for(seed, f"bti-round{n}"))
-        classifier = frozen_copy(model)
-        mask, mask_losses = train_mask(classifier, reserve, stages, gen)
-        mask_s = clock.lap()
-        gen_losses = train_generator(generator, optimizer, classifier, mask, record["target"], reserve, stages, gen)
         if n == 0:
-            record["target"], record["target_votes"] = detect_target(generator, model, reserve, stages,
-                                                                     data.num_classes, gen)
-            record["target_vote_margin"] = vote_margin(record["target_votes"])
-            log.info("BTI: detected target class %d (votes %s)", record["target"], record["target_votes"])
-            if record["target_vote_margin"] < CLOSE_VOTE_MARGIN:
-                log.warning("BTI: close target vote (class %d leads by %.1f%% of the votes: %s); the inverted "
-                            "trigger may belong to another class; lengthen preround/uround", record["target"],
-                            100 * record["target_vote_margin"], record["target_votes"])
-        generator_s = clock.lap()
+            round_record = dict(first.record["round0"])
+        else:
+            gen = torch.Generator().manual_seed(seed_for(seed, f"bti-round{n}"))
+            classifier = frozen_copy(model)
+            mask, mask_losses = train_mask(classifier, reserve, stages, gen)
+            mask_s = clock.lap()
+            gen_losses = train_generator(generator, optimizer, classifier, mask, record["target"], reserve, stages,
+                                         gen)
+            round_record = {"mask_losses": mask_losses, "generator_losses": gen_losses, "mask_s": mask_s,
+                            "generator_s": clock.lap()}
         result = unlearn(n, generator, seed_for(seed, f"bti-unlearn{n}"))
         record["steps"] += result["steps"]
-        record["rounds"].append({"mask_losses": mask_losses, "generator_losses": gen_losses,
-                                 "unlearn_losses": result["epoch_losses"], "mask_s": mask_s,
-                                 "generator_s": generator_s, "unlearn_s": clock.lap()})
+        record["rounds"].append({**round_record, "unlearn_losses": result["epoch_losses"], "unlearn_s": clock.lap()})
         log.info("BTI round %d/%d: unlearning loss %.4f", n + 1, stages.nround,
                  result["epoch_losses"][-1] if result["epoch_losses"] else float("nan"))
     return record
