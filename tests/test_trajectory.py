@@ -116,3 +116,29 @@ def test_anp_trajectory_prunes_along_its_threshold(badnets_setup, backdoored):
     assert sum(int((w == 0).sum()) for w in bn_weights) >= half
     full = copy.deepcopy(purified.state_dict())
     assert sum(int((full[k] == 0).sum()) for k in full if k.endswith("weight") and full[k].dim() == 1) >= half
+
+
+def test_fixed_sample_is_the_same_draw_for_every_call_and_all_when_larger(badnets_setup):
+    test = badnets_setup.bundle.test
+    sample = test.fixed_sample(20)
+    assert len(sample) == 20 and torch.equal(sample.images, test.fixed_sample(20).images)
+    assert test.fixed_sample(0) is test and test.fixed_sample(len(test)) is test
+    measured = badnets_setup.with_test_sample(20)
+    assert len(measured.bundle.test) == 20 and len(measured.triggered_test) == 20
+    assert torch.equal(measured.bundle.train.images, badnets_setup.bundle.train.images)  # RA's attacker data unchanged
+
+
+def test_trajectory_points_on_a_test_sample(badnets_setup, backdoored):
+    from bdsafety.audits import Retuning
+    from bdsafety.audits.trajectory import DefenseTrajectory
+
+    defense = create_defense("ft", epochs=2, batch_size=32, crop_pad=1, flip=False)
+    _, _, states = purify_with_trajectory(defense, backdoored[0], badnets_setup, seed=0, points=2)
+    ra = Retuning(epochs=1, repeats=3, crop_pad=1, flip=False)
+    result = DefenseTrajectory(points=2, test_images=25).run(backdoored[0], states, ra, badnets_setup, seed=0)
+    ((point,),) = [result["points"]]
+    assert result["test_images"] == 25
+    for key in ("clean_acc", "asr", "p_asr"):  # fractions of 25 images
+        assert point[key] * 25 == pytest.approx(round(point[key] * 25), abs=1e-4)
+    full = DefenseTrajectory(points=2).run(backdoored[0], states, ra, badnets_setup, seed=0)
+    assert full["test_images"] == len(badnets_setup.bundle.test)

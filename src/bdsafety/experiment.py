@@ -72,6 +72,15 @@ class Setup:
     def model_spec(self, model: str) -> ModelSpec:
         return ModelSpec(model, self.bundle.shape[0], self.bundle.num_classes, self.bundle.mean, self.bundle.std)
 
+    def with_test_sample(self, count: int) -> "Setup":
+        """The same setup measured on a fixed random `count` of the clean and of the triggered test images
+        (`ImageSet.fixed_sample`; 0: all of them)."""
+        if not count:
+            return self
+        bundle = dataclasses.replace(self.bundle, test=self.bundle.test.fixed_sample(count))
+        triggered = self.triggered_test.fixed_sample(count) if self.triggered_test is not None else None
+        return dataclasses.replace(self, bundle=bundle, triggered_test=triggered)
+
 
 def build_attack(spec: AttackSpec, seed: int, profile: str = "paper") -> Attack:
     """The (unfitted) attack: the profile's lengths, then the spec's parameters; its seed derives from `seed`."""

@@ -143,19 +143,13 @@ class LinearModeConnectivity:
         state_pur = {k: v.detach() for k, v in purified.state_dict().items()}
         # One instance, reloaded at every point; channels_last is the fast path of train.iter_logits' inputs.
         model = copy.deepcopy(backdoored).to(memory_format=torch.channels_last).eval()
-        clean, triggered = self.subset(setup.bundle.test), self.subset(setup.triggered_test)
+        clean, triggered = setup.bundle.test.fixed_sample(self.test_images), \
+            setup.triggered_test.fixed_sample(self.test_images)
         points = [self.evaluate_point(model, interpolate_state(state_bd, state_pur, t), setup, clean, triggered, t)
                   for t in self.grid()]
         log.info("lmc (%s): asr %s", self.bn_mode, " ".join(f"{p['asr']:.2f}" for p in points))
         return {"bn_mode": self.bn_mode, "points": points, "backdoor_error_span": backdoor_error_span(points),
                 "duration_s": time.perf_counter() - started}
-
-    def subset(self, data: ImageSet) -> ImageSet:
-        """All of `data`, or a fixed random `test_images` of it (seed 0: the same images for every model)."""
-        if not self.test_images or self.test_images >= len(data):
-            return data
-        order = torch.randperm(len(data), generator=torch.Generator().manual_seed(0))
-        return data.subset(order[:self.test_images].sort().values)
 
     def evaluate_point(self, model: nn.Module, state: dict[str, Tensor], setup: Setup, clean: ImageSet,
                        triggered: ImageSet, t: float) -> dict:

@@ -33,25 +33,30 @@ class DefenseTrajectory:
 
     points: int = 5  # after 1/5, 2/5, ..., 5/5 of the run (the last is the purified model itself)
     ra_repeats: int = 1  # RA draws per interior point (the purified model keeps the RA stage's repeats)
+    # 0: every test image. N > 0: the interior points' C-Acc, ASR and P-ASR on a fixed random N of the clean and
+    # N of the triggered test images, as `lmc test_images` (sampling error at most 0.5 / sqrt(N) per fraction;
+    # the final point keeps the purify and RA stages' full test set).
+    test_images: int = 0
     cpu_overrides: ClassVar[dict] = {}
 
     def __post_init__(self):
-        if self.points < 1 or self.ra_repeats < 1:
-            raise UsageError(f"trajectory needs points >= 1 and ra_repeats >= 1, got {self}")
+        if self.points < 1 or self.ra_repeats < 1 or self.test_images < 0:
+            raise UsageError(f"trajectory needs points >= 1, ra_repeats >= 1 and test_images >= 0, got {self}")
 
     def run(self, backdoored: nn.Module, states: list[tuple[dict, dict[str, Tensor]]], ra: Retuning,
             setup: Setup, seed: int) -> dict:
         """Evaluate each (info, state) of `states` (info: its `fraction`, `step` or `threshold`)."""
         started = time.perf_counter()
         ra = dataclasses.replace(ra, repeats=self.ra_repeats)
+        measured = setup.with_test_sample(self.test_images)
         model = copy.deepcopy(backdoored)
         points = []
         for info, state in states:
             model.load_state_dict(state)
             model.eval()
-            _, retuned = ra.run(model, setup, seed)
-            points.append({**info, **evaluate_setup(model, setup),
+            _, retuned = ra.run(model, measured, seed)
+            points.append({**info, **evaluate_setup(model, measured),
                            "relative_distance": weight_distance(model, backdoored),
                            "p_clean_acc": retuned["clean_acc"], "p_asr": retuned["asr"]})
         log.info("trajectory: p_asr %s", " ".join(f"{p['fraction']:.2f}:{p['p_asr']:.2f}" for p in points))
-        return {"points": points, "duration_s": time.perf_counter() - started}
+        return {"points": points, "test_images": len(measured.bundle.test), "duration_s": time.perf_counter() - started}

@@ -34,6 +34,14 @@ class ImageSet:
     def to(self, device) -> "ImageSet":
         return ImageSet(self.images.to(device), self.labels.to(device))
 
+    def fixed_sample(self, count: int) -> "ImageSet":
+        """All of it (count 0 or >= its size), or a fixed random `count` of it in their order: the draw depends
+        only on the size, so every model of a run is measured on the same images."""
+        if not count or count >= len(self):
+            return self
+        order = torch.randperm(len(self), generator=torch.Generator().manual_seed(0))
+        return self.subset(order[:count].sort().values)
+
 
 @dataclass(frozen=True)
 class DataBundle:
