@@ -193,11 +193,10 @@ def generator_loss(feats_x: Tensor, feats_g: Tensor, mask: Tensor, image_mse: Te
 # Stages
 # ---------------------------------------------------------------------------------------------------
 
-# BTI-DBF(U) and PAM on Fashion-MNIST, 2 cores (3,000-image reserve): U-Net epochs (stage A, B2) cost ~25 s
-# each, a B1 mask epoch 0.4 s, so their counts shrink most. Measured on the fp32 demo model: BTI 141 s, PAM
-# 133 s, O-ASR <= 3.3 %. At these lengths B3's target vote can be close: on a bf16-trained BadNets model it
-# tied (1,489 votes for class 0, 1,508 for class 5); uround 2 with preround 1 voted 3,000/3,000 for class 0
-# there but left PAM at P-ASR 96.5 %. `defense_params` sets the paper's lengths (50/20/30/3/30).
+# BTI-DBF(U) and PAM on Fashion-MNIST, 2 cores (3,000-image reserve): a U-Net epoch (stage A, B2) costs
+# ~50 s, a B1 mask epoch under 1 s, so their counts shrink most. At these lengths BTI-DBF(U) purifies the demo
+# model and PAM does not; with preround 10, mround 20, uround 10 PAM purifies and resists RA (README, "Defense
+# strength"). `defense_params` sets those or the paper's lengths (50/20/30/3/30).
 CPU_OVERRIDES = {"preround": 2, "mround": 5, "uround": 1, "nround": 2, "ul_round": 5}
 
 
