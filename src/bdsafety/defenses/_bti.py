@@ -195,7 +195,7 @@ def generator_loss(feats_x: Tensor, feats_g: Tensor, mask: Tensor, image_mse: Te
 
 # BTI-DBF(U) and PAM on Fashion-MNIST, 2 cores (3,000-image reserve): a U-Net epoch (stage A, B2) costs
 # ~50 s, a B1 mask epoch under 1 s, so their counts shrink most. At these lengths BTI-DBF(U) purifies the demo
-# model and PAM does not; with preround 10, mround 20, uround 10 PAM purifies and resists RA (README, "Defense
+# model and PAM does not; with preround 5, mround 20, uround 5 PAM purifies and resists RA (README, "Defense
 # strength"). `defense_params` sets those or the paper's lengths (50/20/30/3/30).
 CPU_OVERRIDES = {"preround": 2, "mround": 5, "uround": 1, "nround": 2, "ul_round": 5}
 
