@@ -136,7 +136,7 @@ def test_trajectory_points_on_a_test_sample(badnets_setup, backdoored):
     _, _, states = purify_with_trajectory(defense, backdoored[0], badnets_setup, seed=0, points=2)
     ra = Retuning(epochs=1, repeats=3, crop_pad=1, flip=False)
     result = DefenseTrajectory(points=2, test_images=25).run(backdoored[0], states, ra, badnets_setup, seed=0)
-    ((point,),) = [result["points"]]
+    (point,) = result["points"]
     assert result["test_images"] == 25
     for key in ("clean_acc", "asr", "p_asr"):  # fractions of 25 images
         assert point[key] * 25 == pytest.approx(round(point[key] * 25), abs=1e-4)

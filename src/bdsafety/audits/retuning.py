@@ -91,7 +91,7 @@ class Retuning:
             repeats.append({**metrics, "seed": repeat_seed, "epoch_losses": history["epoch_losses"]})
             returned = retuned if returned is None else returned
         num_poison = int(is_poison.sum())
-        means = {k: v for key in ("clean_acc", "asr") for k, v in spread(key, [r[key] for r in repeats]).items()}
+        means = {**spread("clean_acc", [r["clean_acc"] for r in repeats]), **spread("asr", [r["asr"] for r in repeats])}
         result = {**means, "num_clean": len(data) - num_poison,
                   "num_poison": num_poison, "repeats": repeats, "duration_s": time.perf_counter() - started}
         log.info("ra: clean_acc=%.4f asr=%.4f ± %.4f over %d repeats (%d clean + %d poisons, %.1fs)",
