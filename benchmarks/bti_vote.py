@@ -17,21 +17,21 @@ from pathlib import Path
 
 import torch
 
-from bdsafety import store
-from bdsafety.defenses import create_defense
-from bdsafety.experiment import purify, setup_from_record
+from bdsafety.defenses import DEFENSES
+from bdsafety.pipeline import stages
 from bdsafety.train import training_augmentation
 
 
 def vote(stage: Path, profile: str) -> dict:
-    model, _, record = store.load_stage(stage)
-    _, _, setup = setup_from_record(record)
-    defense = create_defense("bti_dbf", profile, training_augmentation(record["train_config"]), nround=1, ul_round=0)
+    backdoored, _ = stages.load_model_stage(stage)
+    record = backdoored.record
+    backdoored.model = backdoored.model.to(memory_format=torch.channels_last)
+    defense = DEFENSES.create("bti_dbf", profile, training_augmentation(record.params), nround=1, ul_round=0)
     started = time.perf_counter()
-    _, result = purify(defense, model.to(memory_format=torch.channels_last), setup, record["seed"])
-    history = result["history"]
-    return {"attack": record["attack"]["name"], "precision": record["history"].get("precision", "fp32"),
-            "true_target": record["attack"]["target"], "detected": history["target"],
+    _, result, _ = stages.purify("bti_dbf", defense, backdoored, stages.setup_of(record), record.seed, profile)
+    history = result.details["history"]
+    return {"attack": record.details["attack"]["name"], "precision": record.details["history"].get("precision", "fp32"),
+            "true_target": record.details["attack"]["target"], "detected": history["target"],
             "votes": history["target_votes"], "margin": history["target_vote_margin"],
             "seconds": time.perf_counter() - started}
 

@@ -30,9 +30,8 @@ import torch
 
 from bdsafety import store
 from bdsafety.data import load_dataset
-from bdsafety.experiment import AttackSpec, prepare
-from bdsafety.run import Context, RunStore, defense_stage, retune_stage, train_stage
-from bdsafety.spec import load_spec
+from bdsafety.pipeline import build_plan, load_spec, prepare
+from bdsafety.pipeline.run import Cell, audit_stage, purify_stage, train_stage
 
 CALIBRATION_ASR = 0.10  # the rule: the weakest grid setting with O-ASR at most this on the calibration split
 
@@ -60,33 +59,32 @@ GRIDS = {
 
 
 class Calibration:
-    """The run's store, context and backdoored model, and a defense stage for any parameter setting."""
+    """The run's store and backdoored model, and a defense stage for any parameter setting."""
 
     def __init__(self, run_dir: Path):
         self.spec = load_spec(run_dir / "spec.yaml")
         if not self.spec.calibration_fraction:
             sys.exit(f"{run_dir}'s spec has no calibration split; set calibration_fraction and rerun it")
-        self.runs = RunStore(run_dir, torch.device("cpu"))
-        self.ctx = Context.of(self.spec)
-        entry = self.spec.attacks[0]
-        attack = AttackSpec(entry.name, dict(entry.params), entry.poison_rate, entry.target)
+        self.runs = store.RunStore(run_dir, torch.device("cpu"))
+        self.plan = build_plan(self.spec)
+        self.attack, self.seed = self.spec.attacks[0], self.spec.resolved_seeds[0]
         bundle = load_dataset(self.spec.dataset, self.spec.data_dir, seed=self.spec.seed)
-        self.setup = prepare(self.ctx.data, attack, self.ctx.seed, bundle, self.ctx.profile)
-        self.label = f"{entry.name}-{entry.poison_rate:g}-t{entry.target}"
-        self.backdoored, self.bd_inputs = train_stage(self.runs, self.ctx, self.setup, attack, self.label)
+        self.setup = prepare(self.spec.data, self.attack, self.seed, bundle, self.plan.profile)
+        self.backdoored = train_stage(self.runs, self.plan, self.setup, self.seed, self.attack.label)
 
     def measure(self, name: str, params: dict, with_ra: bool) -> dict:
         started = time.perf_counter()
-        ctx = dataclasses.replace(self.ctx, spec=dataclasses.replace(self.spec, defense_params={name: params}))
-        purified, inputs = defense_stage(self.runs, ctx, self.setup, self.backdoored, self.bd_inputs, name, self.label)
-        metrics = purified.record["metrics"]
+        plan = build_plan(dataclasses.replace(self.spec, defenses=(name,), defense_params={name: params}))
+        cell = Cell(plan, self.seed, self.setup, self.attack.label, self.backdoored, None)
+        purified = purify_stage(self.runs, cell, name)
+        metrics = purified.record.metrics
         point = {"params": params, "calibration_asr": metrics["calibration_asr"],
                  "calibration_clean_acc": metrics["calibration_clean_acc"], "test_clean_acc": metrics["clean_acc"],
-                 "test_asr": metrics["asr"], **purified.record["strength"],
-                 "defense_s": purified.record["timings"]["defense_s"]}
+                 "test_asr": metrics["asr"], **purified.record.details["strength"],
+                 "defense_s": purified.record.duration_s}
         if with_ra:
-            retuned, _ = retune_stage(self.runs, ctx, self.setup, purified, inputs, f"{self.label}-{name}")
-            point.update(test_p_asr=retuned.record["metrics"]["asr"], test_p_asr_sd=retuned.record["metrics"]["asr_sd"])
+            retuned = audit_stage(self.runs, cell, "ra", {"purified": purified}, f"{self.attack.label}-{name}")
+            point.update(test_p_asr=retuned.record.metrics["asr"], test_p_asr_sd=retuned.record.metrics["asr_sd"])
         report(name, point, time.perf_counter() - started)
         return point
 
@@ -130,14 +128,14 @@ def main() -> None:
     if args.point:
         point = calibration.measure(args.point[0], json.loads(args.point[1]), with_ra=True)
         if args.out:
-            store.write_json(args.out, {"backdoored": calibration.bd_inputs, "point": point})
+            store.write_json(args.out, {"backdoored": calibration.backdoored.key, "point": point})
         return
     results = {}
     for name in args.defenses.split(","):
         results[name] = calibration.calibrate(name, not args.skip_official_length)
         if args.out:  # after each defense, so an interrupted calibration keeps what it measured
             store.write_json(args.out, {"rule": f"weakest grid setting with calibration O-ASR <= {CALIBRATION_ASR}",
-                                        "backdoored": calibration.bd_inputs, "defenses": results})
+                                        "backdoored": calibration.backdoored.key, "defenses": results})
 
 
 if __name__ == "__main__":

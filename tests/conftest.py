@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from bdsafety.experiment import AttackSpec, DataSpec, prepare, train_model
+from bdsafety.pipeline import AttackSpec, DataSpec, prepare
+from bdsafety.pipeline.stages import train_model
 from bdsafety.train import TrainConfig
 
 torch.set_num_threads(2)
@@ -24,7 +25,7 @@ def asset_cache(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def badnets_setup():
-    return prepare(DataSpec("synthetic"), AttackSpec("badnets", {}, 0.1, 0), seed=0)
+    return prepare(DataSpec("synthetic"), AttackSpec("badnets", 0.1, 0), seed=0)
 
 
 @pytest.fixture(scope="session")

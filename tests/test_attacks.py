@@ -1,7 +1,8 @@
 import pytest
 import torch
 
-from bdsafety.attacks import ATTACKS, create_attack, fit_attack, poison, triggered_test_set
+from bdsafety import store
+from bdsafety.attacks import ATTACKS, fit_attack, poison, triggered_test_set
 from bdsafety.data import ImageSet, load_dataset
 from bdsafety.errors import UsageError
 
@@ -12,7 +13,7 @@ TINY_FITS = {"ssba": dict(epochs=1.0, batch_size=8, bits=4, width=4, fit_images=
 
 
 def fitted(name: str, train: ImageSet, target: int):
-    return fit_attack(create_attack(name, **TINY_FITS.get(name, {})), train, target)
+    return fit_attack(ATTACKS.create(name, **TINY_FITS.get(name, {})), train, target, store.asset_cache_dir())
 
 
 def contract_attack(name: str, shape: tuple[int, int, int]):
@@ -35,14 +36,14 @@ def test_contract_shape_range_determinism(name, shape):
 
 def test_unknown_attack_and_parameter():
     with pytest.raises(UsageError, match="choose one of"):
-        create_attack("nope")
+        ATTACKS.create("nope")
     with pytest.raises(UsageError, match="no parameter"):
-        create_attack("badnets", alpha=0.3)
+        ATTACKS.create("badnets", alpha=0.3)
 
 
 def test_badnets_changes_only_the_patch():
     images = torch.rand(3, 1, 28, 28) * 0.5
-    out = create_attack("badnets").apply(images)
+    out = ATTACKS.create("badnets").apply(images)
     changed = (out != images).any(0).any(0)
     assert changed[-3:, -3:].all() and changed.sum() == 9
     assert (out[:, :, -3:, -3:] == 1).all()
@@ -50,7 +51,7 @@ def test_badnets_changes_only_the_patch():
 
 def test_sig_is_a_bounded_additive_signal():
     images = torch.full((2, 3, 32, 32), 0.5)
-    attack = create_attack("sig")
+    attack = ATTACKS.create("sig")
     diff = attack.apply(images) - images
     assert diff.abs().max() <= 40 / 255 + 1e-6
     assert torch.allclose(diff[0, 0], diff[1, 2])
@@ -60,15 +61,15 @@ def test_sig_is_a_bounded_additive_signal():
 
 def test_blended_formula_and_seed():
     images = torch.rand(2, 3, 32, 32)
-    attack = create_attack("blended", alpha=0.2, seed=5)
+    attack = ATTACKS.create("blended", alpha=0.2, seed=5)
     expected = 0.8 * images + 0.2 * attack.pattern(3, 32, 32)
     assert torch.allclose(attack.apply(images), expected)
-    assert not torch.equal(attack.pattern(3, 32, 32), create_attack("blended", seed=6).pattern(3, 32, 32))
+    assert not torch.equal(attack.pattern(3, 32, 32), ATTACKS.create("blended", seed=6).pattern(3, 32, 32))
 
 
 def test_wanet_warp_is_small_and_noise_mode_differs():
     images = torch.rand(4, 1, 28, 28)
-    attack = create_attack("wanet")
+    attack = ATTACKS.create("wanet")
     warped = attack.apply(images)
     assert (warped - images).abs().mean() < 0.2
     noisy = attack.apply_noise(images, torch.Generator().manual_seed(0))
@@ -93,24 +94,24 @@ def test_poisoning_is_deterministic_and_recorded(data, name):
     assert torch.equal(a.data.labels[untouched], data.train.labels[untouched])
 
 
-@pytest.mark.parametrize("name", [n for n in ATTACKS.names() if create_attack(n).clean_label])
+@pytest.mark.parametrize("name", [n for n in ATTACKS.names() if ATTACKS.create(n).clean_label])
 def test_clean_label_attacks_never_flip_labels(data, name):
     result = poison(data.train, fitted(name, data.train, 2), 0.1, 2, data.num_classes, seed=0)
     assert torch.equal(result.data.labels, data.train.labels)
     assert (data.train.labels[result.poison_mask] == 2).all()
     with pytest.raises(UsageError, match="target-class images"):
-        poison(data.train, create_attack(name), 0.5, 2, data.num_classes, seed=0)
+        poison(data.train, ATTACKS.create(name), 0.5, 2, data.num_classes, seed=0)
 
 
 def test_dirty_label_rate_and_target_validation(data):
     with pytest.raises(UsageError, match="poison rate"):
-        poison(data.train, create_attack("badnets"), 1.0, 0, data.num_classes, seed=0)
+        poison(data.train, ATTACKS.create("badnets"), 1.0, 0, data.num_classes, seed=0)
     with pytest.raises(UsageError, match="target class"):
-        poison(data.train, create_attack("badnets"), 0.1, 9, data.num_classes, seed=0)
+        poison(data.train, ATTACKS.create("badnets"), 0.1, 9, data.num_classes, seed=0)
 
 
 def test_triggered_test_set_excludes_target(data):
-    triggered = triggered_test_set(data.test, create_attack("badnets"), 1)
+    triggered = triggered_test_set(data.test, ATTACKS.create("badnets"), 1)
     assert len(triggered) == int((data.test.labels != 1).sum())
     assert (triggered.labels == 1).all()
     assert isinstance(triggered, ImageSet)

@@ -1,9 +1,12 @@
 """Attacks that are fitted locally before use (SSBA, LC) and their content-hash cache, on tiny synthetic data."""
 
+from pathlib import Path
+
 import pytest
 import torch
 
-from bdsafety.attacks import _assets, create_attack, fit_attack, poison, profile_overrides, triggered_test_set
+from bdsafety import store
+from bdsafety.attacks import ATTACKS, _assets, fit_attack, poison, triggered_test_set
 from bdsafety.attacks.lc import LC, corner_mask, craft, pgd
 from bdsafety.attacks.ssba import SSBA
 from bdsafety.data import load_dataset, to_float, to_uint8
@@ -30,12 +33,12 @@ def cache(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def ssba(data, cache):
-    return fit_attack(create_attack("ssba", **TINY_SSBA), data.train, TARGET, cache)
+    return fit_attack(ATTACKS.create("ssba", **TINY_SSBA), data.train, TARGET, cache)
 
 
 @pytest.fixture(scope="module")
 def lc(data, cache):
-    return fit_attack(create_attack("lc", **TINY_LC), data.train, TARGET, cache)
+    return fit_attack(ATTACKS.create("lc", **TINY_LC), data.train, TARGET, cache)
 
 
 def test_ssba_residuals_are_sample_specific_and_within_the_recorded_budget(ssba, data):
@@ -61,7 +64,7 @@ def test_ssba_decoder_recovers_the_one_secret(ssba, data):
 
 def test_ssba_needs_a_fit_and_the_fitted_shape(data, ssba):
     with pytest.raises(UsageError, match="fitted"):
-        create_attack("ssba").apply(torch.rand(2, 1, 16, 16))
+        ATTACKS.create("ssba").apply(torch.rand(2, 1, 16, 16))
     with pytest.raises(UsageError, match="fitted on"):
         ssba.apply(torch.rand(2, 3, 16, 16))
 
@@ -83,7 +86,7 @@ def test_corner_mask_matches_the_table_and_resizes():
 
 def test_lc_test_trigger_saturates_the_corners_only():
     images = torch.full((2, 3, 32, 32), 0.5)
-    out = create_attack("lc").apply(images)  # the test trigger needs no fit
+    out = ATTACKS.create("lc").apply(images)  # the test trigger needs no fit
     mask = corner_mask(32, 32)
     assert (out[:, :, mask > 0] == 1).all() and (out[:, :, mask < 0] == 0).all()
     assert torch.equal(out[:, :, mask == 0], images[:, :, mask == 0])
@@ -130,7 +133,7 @@ def test_lc_unseen_images_are_crafted_like_cached_ones(lc, data):
 
 def test_lc_needs_a_fit_for_training_poisons():
     with pytest.raises(UsageError, match="fitted"):
-        create_attack("lc").apply_train(torch.rand(2, 1, 16, 16))
+        ATTACKS.create("lc").apply_train(torch.rand(2, 1, 16, 16))
 
 
 @pytest.mark.parametrize("cls, params", [(SSBA, {**TINY_SSBA, "epochs": 2.0}), (LC, TINY_LC)])
@@ -180,26 +183,26 @@ def test_cache_key_covers_data_params_and_target(data):
 
 def test_cache_dir_from_environment(monkeypatch, tmp_path):
     monkeypatch.setenv("BDSAFETY_CACHE", str(tmp_path))
-    assert _assets.default_cache_dir() == tmp_path
+    assert store.asset_cache_dir() == tmp_path
 
 
 def test_tests_never_write_to_the_home_cache():
-    assert _assets.default_cache_dir() != _assets.Path.home() / ".cache" / "bdsafety"
+    assert store.asset_cache_dir() != Path.home() / ".cache" / "bdsafety"
 
 
 def test_attacks_without_a_fit_pass_through(data, tmp_path):
-    badnets = create_attack("badnets")
+    badnets = ATTACKS.create("badnets")
     assert fit_attack(badnets, data.train, TARGET, tmp_path) is badnets
     assert _assets.fit_report(badnets) == {} and not list(tmp_path.iterdir())
 
 
 @pytest.mark.parametrize("name", ["ssba", "lc"])
 def test_cpu_profile_scales_lengths_only(name):
-    cls = type(create_attack(name))
-    overrides = profile_overrides(name, "cpu")
-    assert overrides and profile_overrides(name, "paper") == {}
+    cls = type(ATTACKS.create(name))
+    overrides = ATTACKS.profile_params(name, "cpu")
+    assert overrides and ATTACKS.profile_params(name, "paper") == {}
     length_fields = {"ssba": {"epochs", "l2_wait", "l2_ramp", "fit_images"},
                      "lc": {"steps", "at_epochs", "at_images"}}[name]
     assert set(overrides) <= length_fields
-    assert create_attack(name, "cpu") == cls(**overrides)
-    assert create_attack(name, "cpu", **{next(iter(overrides)): 1}) != cls(**overrides)  # the user's value wins
+    assert ATTACKS.create(name, "cpu") == cls(**overrides)
+    assert ATTACKS.create(name, "cpu", **{next(iter(overrides)): 1}) != cls(**overrides)  # the user's value wins

@@ -4,9 +4,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from bdsafety.bench import (conventional_batches, conventional_dataset, default_workload, forward_flops, fit_batches,
+from benchmarks.speed import (conventional_batches, conventional_dataset, default_workload, forward_flops, fit_batches,
                             make_setup, paired_speedup, profile_train, run_benchmark)
-from bdsafety.bench_table import format_table
+from benchmarks.speed_table import format_table
 from bdsafety.data import to_float
 
 SHAPE = (1, 16, 16)
@@ -106,11 +106,12 @@ def test_profile_lists_top_ops_by_self_time():
 def test_cli_bench_prints_the_table_and_writes_bench_json(tmp_path, capsys, monkeypatch):
     import functools
 
+    import benchmarks.speed as speed
     import bdsafety.cli as cli
 
     small = functools.partial(run_benchmark, batch_size=16, shape=SHAPE, n_train=256, n_test=40, steps_per_call=2,
                               min_calls=2, workers=(0,), matmul_sizes=(64,), lmc_points=3)
-    monkeypatch.setattr(cli, "run_benchmark", small)
+    monkeypatch.setattr(speed, "run_benchmark", small)
     assert cli.main(["bench", "--out", str(tmp_path), "--seconds", "0", "--device", "cpu", "--threads", "1"]) == 0
     record = json.loads((tmp_path / "bench.json").read_text())
     assert record["environment"]["threads"] == 1 and record["speedup"] > 0

@@ -6,10 +6,11 @@ import pytest
 import torch
 
 import bdsafety.defenses.bti_dbf  # noqa: F401  (registers "bti_dbf")
-from bdsafety.defenses import DEFENSES, create_defense, summary
-from bdsafety.defenses._bti import (TriggerGenerator, generator_loss, mask_from_logits, mix_generated, padded_size,
-                                    pretrain_loss)
-from bdsafety.experiment import defender_data, evaluate_setup, purify
+from bdsafety.defenses import DEFENSES, summary
+from bdsafety.defenses._bti import TriggerGenerator, generated, generator_loss, mask_from_logits, padded_size, pretrain_loss
+from bdsafety.defenses._tuning import replace_fraction
+from bdsafety.pipeline import evaluate_setup
+from bdsafety.pipeline.stages import purify_with_trajectory
 
 
 @pytest.mark.parametrize("shape", [(1, 28, 28), (3, 32, 32), (3, 64, 64), (1, 16, 16)])
@@ -34,10 +35,10 @@ def test_generator_image_loss_is_measured_in_normalised_space():
     assert generator.image_loss(x, x + 0.25).item() == pytest.approx(1.0)
 
 
-def test_mix_generated_replaces_k_samples_and_keeps_true_labels():
+def test_mixing_generated_images_replaces_k_samples_and_keeps_true_labels():
     generator = TriggerGenerator(1, torch.tensor([0.5]), torch.tensor([0.25]))
     x, y = torch.rand(10, 1, 16, 16), torch.arange(10)
-    mixed, labels = mix_generated(x, y, generator, torch.Generator().manual_seed(0))
+    mixed, labels = replace_fraction(generated(generator), 0.2)(x, y, torch.Generator().manual_seed(0))
     changed = (mixed != x).flatten(1).any(1)
     assert int(changed.sum()) == int(0.2 * 10 + 1)
     assert torch.equal(labels, y) and torch.equal(mixed[~changed], x[~changed])
@@ -87,7 +88,7 @@ FAST_BTI = dict(generator_width=8, batch_size=16, preround=2, mround=2, uround=2
 def test_bti_dbf_runs_every_stage_and_leaves_input_unchanged(badnets_setup, backdoored):
     model, record = backdoored
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    purified, result = purify(create_defense("bti_dbf", **FAST_BTI), model, badnets_setup, seed=0)
+    purified, result, _ = purify_with_trajectory(DEFENSES.create("bti_dbf", **FAST_BTI), model, badnets_setup, seed=0)
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
     history = result["history"]
     assert sum(history["target_votes"]) == len(badnets_setup.reserve)
@@ -102,8 +103,8 @@ def test_bti_unlearning_of_the_true_trigger_removes_the_backdoor(badnets_setup, 
     simple for the inversion itself, which picks natural class features there; Fashion-MNIST runs show it)."""
     model, record = backdoored
     model = copy.deepcopy(model)
-    defense = create_defense("bti_dbf", ul_round=10, batch_size=16, crop_pad=1, flip=False)
-    result = defense.unlearner(model, defender_data(badnets_setup))(0, TrueTrigger(badnets_setup.attack), 0)
+    defense = DEFENSES.create("bti_dbf", ul_round=10, batch_size=16, crop_pad=1, flip=False)
+    result = defense.unlearner(model, badnets_setup.defender_data())(0, TrueTrigger(badnets_setup.attack), 0)
     assert result["steps"] == 10 * 7
     metrics = evaluate_setup(model, badnets_setup)
     assert metrics["asr"] <= 0.2 < record["metrics"]["asr"]

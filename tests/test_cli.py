@@ -28,8 +28,8 @@ def test_train_then_eval(tmp_path, capsys):
 
 @pytest.mark.parametrize("extra, message", [
     (["--attack", "nope"], "unknown attack 'nope'"),
-    (["--poison-rate", "1.5"], "poison rate must be in (0, 1)"),
-    (["--poison-rate", "0"], "poison rate must be in (0, 1)"),
+    (["--poison-rate", "1.5"], "poison_rate must be in (0, 1)"),
+    (["--poison-rate", "0"], "poison_rate must be in (0, 1)"),
     (["--target", "11"], "target class must be in 0..3"),
     (["--model", "alexnet"], "unknown model 'alexnet'"),
     (["--set", "alpha=0.3"], "no parameter alpha"),
@@ -78,3 +78,15 @@ def test_entry_leaves_at_once_after_ctrl_c_and_normally_otherwise(monkeypatch, s
     with pytest.raises(Exited):
         cli.entry()
     assert calls == [(exit_call, status)]
+
+
+def test_help_imports_neither_pil_nor_the_benchmark():
+    import subprocess
+    import sys
+
+    probe = ("import sys\nfrom bdsafety.cli import build_parser\n"
+             "try:\n    build_parser().parse_args(['--help'])\nexcept SystemExit:\n    pass\n"
+             "loaded = [m for m in sys.modules if m.split('.')[0] in ('PIL', 'matplotlib', 'benchmarks')]\n"
+             "print('LOADED', loaded)")
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True).stdout
+    assert "LOADED []" in out and "usage: bdsafety" in out

@@ -11,10 +11,10 @@ from torch import nn
 
 import bdsafety.defenses.anp  # noqa: F401  (registration)
 import bdsafety.defenses.i_bau  # noqa: F401  (registration)
-from bdsafety.defenses import DEFENSES, create_defense, run_defense
-from bdsafety.defenses.anp import Anp, add_neuron_noise, prune, pruned_channels, set_perturbed
-from bdsafety.defenses.i_bau import IBau, fixed_point_hypergradient, gradient_step_map, perturb
-from bdsafety.experiment import defender_data, evaluate_setup
+from bdsafety.defenses import DEFENSES, trace_defense
+from bdsafety.defenses.anp import ANP, add_neuron_noise, prune, pruned_channels, set_perturbed
+from bdsafety.defenses.i_bau import IBAU, fixed_point_hypergradient, gradient_step_map, perturb
+from bdsafety.pipeline import evaluate_setup
 from bdsafety.models import MODELS, ModelSpec, batchnorm_layers, create_model
 
 
@@ -86,7 +86,7 @@ def test_pruning_zeroes_exactly_the_chosen_gammas():
 
 
 def test_defense_classes_follow_the_contract():
-    for name, cls in (("anp", Anp), ("i_bau", IBau)):
+    for name, cls in (("anp", ANP), ("i_bau", IBAU)):
         assert DEFENSES.get(name) is cls
         assert "NeurIPS 2021" in cls.__doc__.splitlines()[0] or "ICLR 2022" in cls.__doc__.splitlines()[0]
         fields = {f.name for f in dataclasses.fields(cls)}
@@ -94,20 +94,20 @@ def test_defense_classes_follow_the_contract():
         assert set(cls.cpu_overrides) <= fields & {"iterations", "n_rounds", "mask_lr", "prune_threshold", "lr",
                                                    "perturbation_norm"}
         assert "strength grid" in sys.modules[cls.__module__].__doc__
-        assert create_defense(name, "cpu") == cls(**cls.cpu_overrides)
+        assert DEFENSES.create(name, "cpu") == cls(**cls.cpu_overrides)
     # the paper profile is the paper repository's BackdoorBench configuration
-    assert (Anp().mask_lr, Anp().iterations) == (0.01, 2000)
-    assert (IBau().lr, IBau().perturbation_norm) == (1e-4, None)
+    assert (ANP().mask_lr, ANP().iterations) == (0.01, 2000)
+    assert (IBAU().lr, IBAU().perturbation_norm) == (1e-4, None)
     with pytest.raises(dataclasses.FrozenInstanceError):
-        Anp().eps = 0.1
+        ANP().eps = 0.1
 
 
 def test_anp_prunes_the_backdoor_and_leaves_the_input_alone(badnets_setup, backdoored):
     model, record = backdoored
     original = copy.deepcopy(model)
     # The fixture was trained without flips and with 1-pixel crops; the ANP paper's mask lr 0.2 converges in 100 steps.
-    anp = Anp(iterations=100, batch_size=128, mask_lr=0.2, crop_pad=1, flip=False)
-    purified, history = anp.purify(model, defender_data(badnets_setup), seed=0)
+    anp = ANP(iterations=100, batch_size=128, mask_lr=0.2, crop_pad=1, flip=False)
+    purified, history = anp.purify(model, badnets_setup.defender_data(), seed=0)
     assert same_state(model, original)
     assert history["num_pruned"] == history["mask_summary"]["below_threshold"] > 0
     for name, idx in history["pruned_channels"].items():
@@ -184,8 +184,8 @@ def test_i_bau_unlearns_the_backdoor(badnets_setup, backdoored):
     model, record = backdoored
     original = copy.deepcopy(model)
     # 100 reserve images: batches of 50 with 10% perturbed give the outer loss some perturbed samples at all.
-    ibau = IBau(n_rounds=5, batch_size=50, lr=1e-3, perturbed_fraction=0.1, crop_pad=1, flip=False)
-    purified, history = run_defense(ibau, model, defender_data(badnets_setup), seed=0)
+    ibau = IBAU(n_rounds=5, batch_size=50, lr=1e-3, perturbed_fraction=0.1, crop_pad=1, flip=False)
+    purified, history = trace_defense(ibau, model, badnets_setup.defender_data(), seed=0, keep_snapshots=False)[:2]
     assert same_state(model, original)
     assert len(history["rounds"]) == 5 and history["rounds"][0]["delta_norm"] > 0
     metrics = evaluate_setup(purified, badnets_setup)

@@ -11,10 +11,10 @@ import bdsafety.defenses.fst  # noqa: F401
 import bdsafety.defenses.ft  # noqa: F401
 import bdsafety.defenses.ft_sam  # noqa: F401
 from bdsafety.data import to_float
-from bdsafety.defenses import DEFENSES, create_defense, run_defense
+from bdsafety.defenses import DEFENSES, trace_defense
 from bdsafety.defenses._tuning import class_balanced_indices, mixed_count, project_norm, replace_fraction
 from bdsafety.errors import UsageError
-from bdsafety.experiment import defender_data, purify
+from bdsafety.pipeline.stages import purify_with_trajectory
 from bdsafety.models import create_model
 from bdsafety.optim import SAM, sam_perturbation
 from bdsafety.optim.sam import batch_norms
@@ -36,8 +36,8 @@ def purified(backdoored, badnets_setup):
     before = state_copy(model)
     results = {}
     for name in FINETUNE:
-        defense = create_defense(name, **TINY, epochs=TINY_EPOCHS[name])
-        results[name] = purify(defense, model, badnets_setup, seed=0)
+        defense = DEFENSES.create(name, **TINY, epochs=TINY_EPOCHS[name])
+        results[name] = purify_with_trajectory(defense, model, badnets_setup, seed=0)[:2]
     results["input_unchanged"] = all(torch.equal(before[k], v) for k, v in model.state_dict().items())
     return results
 
@@ -78,22 +78,22 @@ def test_only_ep_receives_the_attack(backdoored, badnets_setup, monkeypatch):
     for name in FINETUNE:
         cls = DEFENSES.get(name)
         monkeypatch.setattr(cls, "purify", lambda self, model, data, seed, name=name: (model, seen.setdefault(name, data)))
-        run_defense(create_defense(name), backdoored[0], defender_data(badnets_setup), seed=0)
+        trace_defense(DEFENSES.create(name), backdoored[0], badnets_setup.defender_data(), seed=0, keep_snapshots=False)[:2]
     assert seen["ep"].attack is badnets_setup.attack and seen["ep"].target == badnets_setup.target
     assert all(seen[name].attack is None and seen[name].target is None for name in ("ft", "fst", "ft_sam"))
 
 
 def test_ep_without_the_trigger_is_a_clear_error(backdoored, badnets_setup):
-    data = defender_data(badnets_setup).without_attack()
+    data = badnets_setup.defender_data().without_attack()
     with pytest.raises(UsageError, match="trigger"):
-        create_defense("ep", epochs=1).purify(copy.deepcopy(backdoored[0]), data, seed=0)
+        DEFENSES.create("ep", epochs=1).purify(copy.deepcopy(backdoored[0]), data, seed=0)
 
 
 def test_cpu_profile_scales_epochs_only():
     for name in FINETUNE:
         cls = DEFENSES.get(name)
         assert set(cls.cpu_overrides) <= {"epochs"}
-        assert create_defense(name, "cpu").epochs == cls.cpu_overrides.get("epochs", cls.epochs)
+        assert DEFENSES.create(name, "cpu").epochs == cls.cpu_overrides.get("epochs", cls.epochs)
 
 
 # --- (A)SAM --------------------------------------------------------------------------------------------------

@@ -8,8 +8,9 @@ import torch.nn.functional as F
 from torch import nn
 
 import bdsafety.defenses.pam  # noqa: F401  (registers "pam")
-from bdsafety.defenses import create_defense
-from bdsafety.experiment import defender_data, evaluate_setup, purify
+from bdsafety.defenses import DEFENSES
+from bdsafety.pipeline import evaluate_setup
+from bdsafety.pipeline.stages import purify_with_trajectory
 from bdsafety.optim.pam import PAM
 from bdsafety.train import TrainConfig, fit
 
@@ -107,7 +108,7 @@ def test_moves_away_from_the_backdoored_weights_faster_than_sgd(badnets_setup, b
 def test_pam_defense_runs_every_stage_and_leaves_input_unchanged(badnets_setup, backdoored):
     model, record = backdoored
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    purified, result = purify(create_defense("pam", **FAST_BTI), model, badnets_setup, seed=0)
+    purified, result, _ = purify_with_trajectory(DEFENSES.create("pam", **FAST_BTI), model, badnets_setup, seed=0)
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
     history = result["history"]
     assert history["steps"] == 2 * 2 * 7 and len(history["rounds"]) == 2
@@ -118,8 +119,8 @@ def test_pam_defense_runs_every_stage_and_leaves_input_unchanged(badnets_setup, 
 def test_pam_unlearning_of_the_true_trigger_removes_the_backdoor(badnets_setup, backdoored):
     model, record = backdoored
     model = copy.deepcopy(model)
-    defense = create_defense("pam", ul_round=10, batch_size=16, crop_pad=1, flip=False)
-    unlearn, optimizer = defense.unlearner(model, defender_data(badnets_setup))
+    defense = DEFENSES.create("pam", ul_round=10, batch_size=16, crop_pad=1, flip=False)
+    unlearn, optimizer = defense.unlearner(model, badnets_setup.defender_data())
     assert unlearn(0, TrueTrigger(badnets_setup.attack), 0)["steps"] == 10 * 7
     metrics = evaluate_setup(model, badnets_setup)
     assert metrics["asr"] <= 0.2 < record["metrics"]["asr"]
@@ -134,14 +135,14 @@ def test_pam_after_bti_reuses_the_first_round_and_gets_the_same_model(badnets_se
 
     model, _ = backdoored
     _bti._first_rounds.clear()
-    alone, alone_result = purify(create_defense("pam", **FAST_BTI), model, badnets_setup, seed=0)
+    alone, alone_result, _ = purify_with_trajectory(DEFENSES.create("pam", **FAST_BTI), model, badnets_setup, seed=0)
     assert alone_result["history"]["first_round_reused"] is False
     _bti._first_rounds.clear()
-    _, bti_result = purify(create_defense("bti_dbf", **FAST_BTI), model, badnets_setup, seed=0)
-    shared, shared_result = purify(create_defense("pam", **FAST_BTI), model, badnets_setup, seed=0)
+    _, bti_result, _ = purify_with_trajectory(DEFENSES.create("bti_dbf", **FAST_BTI), model, badnets_setup, seed=0)
+    shared, shared_result, _ = purify_with_trajectory(DEFENSES.create("pam", **FAST_BTI), model, badnets_setup, seed=0)
     assert bti_result["history"]["first_round_reused"] is False and shared_result["history"]["first_round_reused"]
     assert shared_result["history"]["target_votes"] == alone_result["history"]["target_votes"]
     assert all(torch.equal(a, b) for a, b in zip(alone.state_dict().values(), shared.state_dict().values()))
     # another inversion setting is another first round
-    _, other = purify(create_defense("pam", **{**FAST_BTI, "uround": 1}), model, badnets_setup, seed=0)
+    _, other, _ = purify_with_trajectory(DEFENSES.create("pam", **{**FAST_BTI, "uround": 1}), model, badnets_setup, seed=0)
     assert other["history"]["first_round_reused"] is False

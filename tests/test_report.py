@@ -230,15 +230,6 @@ def test_claims_are_unknown_without_their_data_and_say_so():
     assert held(results)[1] is False
 
 
-def test_single_attack_run_without_attacks_list():
-    results = fake_results()
-    del results["attacks"]
-    results["attack"] = "badnets"
-    lines = [line for line in to_markdown(robustness_table(results)).splitlines() if line.startswith("|")]
-    assert lines[0] == "| Defense | Evaluation | BadNets C-Acc ↑ | BadNets ASR ↓ |" and len(lines) == 2 + 26
-    assert held(results) == [True] * 5
-
-
 def test_blocks_of_the_same_attack_are_told_apart_by_seed():
     results = fake_results()
     seeds = [dict(copy.deepcopy(block), attack="ssba", seed=seed) for seed, block in enumerate(results["attacks"])]

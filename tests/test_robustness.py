@@ -14,9 +14,8 @@ from hypothesis import strategies as st
 from bdsafety import store
 from bdsafety.data import ImageSet
 from bdsafety.data.formats import read_cifar_batch, read_idx
-from bdsafety.defenses import DEFENSES, create_defense, run_defense
+from bdsafety.defenses import DEFENSES, trace_defense
 from bdsafety.errors import UsageError
-from bdsafety.experiment import defender_data
 
 SETTINGS = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 
@@ -91,7 +90,8 @@ def test_defenses_never_read_test_data_or_poison_indices(badnets_setup, backdoor
     guarded = replace(badnets_setup, bundle=replace(badnets_setup.bundle, test=Tripwire(test.images, test.labels)),
                       triggered_test=Tripwire(test.images[:2], test.labels[:2]), poisoned=None)
     model, _ = backdoored
-    purified, record = run_defense(create_defense(name, "cpu", **TINY[name]), model, defender_data(guarded), seed=0)
+    defense = DEFENSES.create(name, "cpu", **TINY[name])
+    purified, record, _ = trace_defense(defense, model, guarded.defender_data(), seed=0, keep_snapshots=False)
     assert isinstance(record, dict)
     assert all(torch.isfinite(p).all() for p in purified.parameters())
 

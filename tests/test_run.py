@@ -68,7 +68,7 @@ def test_defenses_and_ra_augment_like_the_backdoored_model(finished):
     """The spec trains with crop_pad 1 and no flip; every defense and RA inherit that, not the paper's pad 4 + flip."""
     _, out = finished
     records = [json.loads((p / "record.json").read_text()) for p in (out / "stages").iterdir()]
-    tuned = [r["params"] for r in records if r["stage"] in ("purify", "ra")]
+    tuned = [r["params"] for r in records if r["stage"] == "purify" or r["name"] == "ra"]
     assert len(tuned) == 2 + 3 and all((p["crop_pad"], p["flip"]) == (1, False) for p in tuned)
 
 

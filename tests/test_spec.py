@@ -5,7 +5,7 @@ from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from bdsafety.errors import UsageError
-from bdsafety.spec import ExperimentSpec, load_spec, parse_spec
+from bdsafety.pipeline.specs import ExperimentSpec, load_spec, parse_spec
 
 
 def test_defaults_and_hash_are_stable(tmp_path):
@@ -103,9 +103,43 @@ def test_poison_rate_list_expands_into_one_attack_per_rate():
 def test_full_demo_spec_holds_the_four_paper_attacks_and_every_defense():
     from importlib import resources
 
-    from bdsafety.spec import CHECKS, PAPER_DEFENSES
+    from bdsafety.pipeline.specs import CHECKS, PAPER_DEFENSES
     spec = load_spec(resources.files("bdsafety") / "configs" / "full.yaml")
     assert [(a.name, a.poison_rate, a.target) for a in spec.attacks] == [
         ("badnets", 0.05, 0), ("blended", 0.05, 0), ("ssba", 0.05, 0), ("lc", 0.09, 0)]  # LC: see full.yaml
     assert spec.defenses == PAPER_DEFENSES and spec.checks == CHECKS and spec.resolved_profile == "cpu"
     assert spec.calibration_fraction == 0.02
+
+
+@pytest.mark.parametrize("text, message", [
+    ("defenses: [ft]\ndefense_params: {ft: {epochz: 3}}", "defense 'ft' has no parameter epochz"),
+    ("attacks: [{name: blended, params: {alpah: 0.1}}]", "attack 'blended' has no parameter alpah"),
+    ("checks: [ra]\naudit_params: {ra: {poison_cnt: 3}}", "audit 'ra' has no parameter poison_cnt"),
+    ("checks: [qra]", "qra needs ra in the checks too"),
+    ("train: {epoch: 3}", "spec 'train'"),
+])
+def test_a_misspelt_method_parameter_fails_before_any_work(tmp_path, capsys, text, message):
+    """The plan builds every method at load: a typo stops the run in seconds, with nothing written."""
+    import time
+
+    from bdsafety.cli import main
+
+    spec = tmp_path / "typo.yaml"
+    spec.write_text(f"dataset: synthetic\n{text}\n")
+    started = time.perf_counter()
+    assert main(["run", str(spec), "--out", str(tmp_path / "out"), "--device", "cpu", "-q"]) == 2
+    assert time.perf_counter() - started < 5
+    err = capsys.readouterr().err
+    assert message in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "out").exists()
+
+
+def test_the_plan_builds_each_method_for_the_profile():
+    from bdsafety.pipeline.specs import build_plan
+
+    plan = build_plan(parse_spec({"dataset": "fashion-mnist", "defenses": ["fst"], "checks": ["ra", "trajectory"],
+                                  "audit_params": {"ra": {"epochs": 2}}}))
+    assert plan.profile == "cpu" and plan.model == "preact_small"
+    assert plan.defenses["fst"].crop_pad == plan.train_config.crop_pad == 2  # the model's own augmentation
+    assert list(plan.audits) == ["ra", "trajectory"] and plan.audits["trajectory"].ra == plan.audits["ra"]
+    assert plan.audits["ra"].epochs == 2

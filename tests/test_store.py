@@ -6,6 +6,7 @@ from bdsafety.errors import UsageError
 from bdsafety.models import ModelSpec, create_model
 
 SPEC = ModelSpec("preact_small", 1, 4, (0.5,), (0.25,))
+RECORD = store.Record("train", "badnets", {"epochs": 1}, {"asr": 0.5}, seed=3)
 
 
 def trained_like_model():
@@ -19,12 +20,13 @@ def trained_like_model():
 
 def test_checkpoint_round_trips_exactly(tmp_path):
     model = trained_like_model()
-    store.save_stage(tmp_path / "run", model, SPEC, {"metrics": {"asr": 0.5}}, {"idx": torch.arange(5)})
+    store.save_stage(tmp_path / "run", model, SPEC, RECORD, {"idx": torch.arange(5)})
     loaded, spec, record = store.load_stage(tmp_path / "run")
-    assert spec == SPEC and record["metrics"]["asr"] == 0.5 and "torch" in record["versions"]
+    assert spec == SPEC and record == RECORD
+    assert "torch" in store.read_json(tmp_path / "run" / "record.json")["versions"]
     for key, value in model.state_dict().items():
         assert torch.equal(value, loaded.state_dict()[key]), key
-    assert torch.equal(store.load_tensors(tmp_path / "run")["idx"], torch.arange(5))
+    assert torch.equal(store.read_safetensors(tmp_path / "run" / "tensors.safetensors")["idx"], torch.arange(5))
     assert sorted(p.name for p in (tmp_path / "run").iterdir()) == [
         "model.json", "model.safetensors", "record.json", "tensors.safetensors"]
 
@@ -35,18 +37,18 @@ def test_failed_save_leaves_nothing(tmp_path):
             raise RuntimeError("boom")
 
     with pytest.raises(RuntimeError):
-        store.save_stage(tmp_path / "run", trained_like_model(), SPEC, {}, Boom(x=1))
+        store.save_stage(tmp_path / "run", trained_like_model(), SPEC, RECORD, Boom(x=1))
     assert list(tmp_path.iterdir()) == []
 
 
 def test_refuses_to_overwrite(tmp_path):
-    store.save_stage(tmp_path / "run", trained_like_model(), SPEC, {})
+    store.save_stage(tmp_path / "run", trained_like_model(), SPEC, RECORD)
     with pytest.raises(UsageError, match="already exists"):
-        store.save_stage(tmp_path / "run", trained_like_model(), SPEC, {})
+        store.save_stage(tmp_path / "run", trained_like_model(), SPEC, RECORD)
 
 
 def test_corrupt_weights_and_wrong_shapes_are_named(tmp_path):
-    store.save_stage(tmp_path / "run", trained_like_model(), SPEC, {})
+    store.save_stage(tmp_path / "run", trained_like_model(), SPEC, RECORD)
     weights = tmp_path / "run" / "model.safetensors"
     weights.write_bytes(weights.read_bytes()[:100])
     with pytest.raises(UsageError, match="not a valid safetensors"):
@@ -59,3 +61,10 @@ def test_corrupt_weights_and_wrong_shapes_are_named(tmp_path):
     del state["linear.bias"]
     with pytest.raises(UsageError, match="missing key 'linear.bias'"):
         store.load_weights_into(model, state, tmp_path / "x")
+
+
+def test_a_record_from_an_older_version_is_named(tmp_path):
+    store.save_stage(tmp_path / "run", trained_like_model(), SPEC, RECORD)
+    store.write_json(tmp_path / "run" / "record.json", {"stage": "train", "metrics": {}})
+    with pytest.raises(UsageError, match="older bdsafety"):
+        store.load_stage(tmp_path / "run")

@@ -1,7 +1,8 @@
 import torch
 
 from bdsafety.data import to_float
-from bdsafety.experiment import evaluate_setup, train_model
+from bdsafety.pipeline import evaluate_setup
+from bdsafety.pipeline.stages import train_model
 from bdsafety.metrics import attack_success_rate, clean_accuracy
 from bdsafety.train import TrainConfig, fit
 
@@ -27,7 +28,7 @@ def test_same_seed_same_numbers(badnets_setup, backdoored):
 def test_clean_model_has_low_asr(badnets_setup, backdoored):
     from dataclasses import replace
 
-    from bdsafety.experiment import Setup
+    from bdsafety.pipeline import Setup
 
     clean_setup = Setup(badnets_setup.bundle, badnets_setup.split, None, badnets_setup.attack_spec, None, None)
     model, _ = train_model(clean_setup, "preact_small", TINY_TRAIN, seed=0, device=torch.device("cpu"))

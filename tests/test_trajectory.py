@@ -7,10 +7,11 @@ import torch
 from torch import nn
 
 from bdsafety.data import split_reserve
-from bdsafety.defenses import create_defense, trajectory_fractions
+from bdsafety.defenses import DEFENSES, trajectory_fractions
 from bdsafety.defenses._bti import vote_margin
 from bdsafety.defenses._trajectory import StepSnapshots
-from bdsafety.experiment import defender_data, purify_with_trajectory, weight_distance
+from bdsafety.metrics import weight_distance
+from bdsafety.pipeline.stages import purify_with_trajectory
 from bdsafety.metrics import relative_weight_distance
 from bdsafety.optim import SAM
 from bdsafety.optim.pam import PAM
@@ -94,7 +95,7 @@ def test_calibration_split_is_held_out_of_training_and_reserve():
 
 
 def test_purify_records_strength_and_a_trajectory(badnets_setup, backdoored):
-    defense = create_defense("ft", epochs=2, batch_size=32, crop_pad=1, flip=False)
+    defense = DEFENSES.create("ft", epochs=2, batch_size=32, crop_pad=1, flip=False)
     purified, record, states = purify_with_trajectory(defense, backdoored[0], badnets_setup, seed=0, points=4)
     steps = record["strength"]["optimizer_steps"]
     assert steps == 2 * -(-len(badnets_setup.reserve) // 32)
@@ -104,7 +105,7 @@ def test_purify_records_strength_and_a_trajectory(badnets_setup, backdoored):
 
 
 def test_anp_trajectory_prunes_along_its_threshold(badnets_setup, backdoored):
-    defense = create_defense("anp", iterations=20, batch_size=32, crop_pad=1, flip=False, mask_lr=0.2)
+    defense = DEFENSES.create("anp", iterations=20, batch_size=32, crop_pad=1, flip=False, mask_lr=0.2)
     purified, record, states = purify_with_trajectory(defense, backdoored[0], badnets_setup, seed=0, points=2)
     assert record["strength"]["optimizer_steps"] == 0  # ANP never steps the weights: it only prunes
     ((info, state),) = states
@@ -123,22 +124,24 @@ def test_fixed_sample_is_the_same_draw_for_every_call_and_all_when_larger(badnet
     sample = test.fixed_sample(20)
     assert len(sample) == 20 and torch.equal(sample.images, test.fixed_sample(20).images)
     assert test.fixed_sample(0) is test and test.fixed_sample(len(test)) is test
-    measured = badnets_setup.with_test_sample(20)
-    assert len(measured.bundle.test) == 20 and len(measured.triggered_test) == 20
-    assert torch.equal(measured.bundle.train.images, badnets_setup.bundle.train.images)  # RA's attacker data unchanged
+    data = badnets_setup.audit_data()
+    measured = data.with_test_sample(20)
+    assert len(measured.test) == 20 and len(measured.triggered_test) == 20
+    assert measured.attacker_pool is data.attacker_pool and measured.poisons is data.poisons  # RA's data unchanged
 
 
 def test_trajectory_points_on_a_test_sample(badnets_setup, backdoored):
     from bdsafety.audits import Retuning
     from bdsafety.audits.trajectory import DefenseTrajectory
 
-    defense = create_defense("ft", epochs=2, batch_size=32, crop_pad=1, flip=False)
+    defense = DEFENSES.create("ft", epochs=2, batch_size=32, crop_pad=1, flip=False)
     _, _, states = purify_with_trajectory(defense, backdoored[0], badnets_setup, seed=0, points=2)
     ra = Retuning(epochs=1, repeats=3, crop_pad=1, flip=False)
-    result = DefenseTrajectory(points=2, test_images=25).run(backdoored[0], states, ra, badnets_setup, seed=0)
+    models, data = {"backdoored": backdoored[0], "defense_run": states}, badnets_setup.audit_data()
+    result = DefenseTrajectory(points=2, test_images=25, ra=ra).run(models, data, seed=0).metrics
     (point,) = result["points"]
     assert result["test_images"] == 25
     for key in ("clean_acc", "asr", "p_asr"):  # fractions of 25 images
         assert point[key] * 25 == pytest.approx(round(point[key] * 25), abs=1e-4)
-    full = DefenseTrajectory(points=2).run(backdoored[0], states, ra, badnets_setup, seed=0)
+    full = DefenseTrajectory(points=2, ra=ra).run(models, data, seed=0).metrics
     assert full["test_images"] == len(badnets_setup.bundle.test)

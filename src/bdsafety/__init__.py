@@ -1,3 +1,3 @@
 """bdsafety: backdoor attacks, purification defenses and superficial-safety audits for image classifiers."""
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"

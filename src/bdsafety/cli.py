@@ -1,9 +1,12 @@
-"""The `bdsafety` command: parses, calls the Python API, prints. Bad input: one line on stderr, exit 2."""
+"""The `bdsafety` command: parses, calls the pipeline's stages, prints. Bad input: one line on stderr, exit 2.
+
+`bdsafety run` and `demo` run a whole spec; `train`, `purify` and `audit` run one stage each, with the
+same stage functions (`pipeline.stages`), and write one directory.
+"""
 
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import logging
 import os
 import sys
@@ -11,22 +14,18 @@ from importlib import resources
 from pathlib import Path
 
 import torch
-import yaml
 
-from . import __version__, interop, store
-from .bench import profile_train, run_benchmark
-from .bench_table import format_table
+from . import __version__, store
+from .audits import AUDITS, create_audits, with_dependencies
 from .data import DATASET_NAMES
+from .defenses import DEFENSES, summary
 from .errors import UsageError
-from .defenses import DEFENSES, create_defense, defense_params, summary
-from .experiment import AttackSpec, DataSpec, evaluate_setup, prepare, purify, setup_from_record, setup_record, \
-    setup_tensors, train_model
-from .models import MODELS, create_model
-from .report import write_report
-from .run import Context, audit_purified, run_experiment
-from .spec import ExperimentSpec, load_spec
-from .profiles import MODEL_FOR_PROFILE, TRAIN_PROFILES, default_profile
-from .train import PRECISIONS, resolve_device, training_augmentation
+from .models import MODELS
+from .pipeline import stages
+from .pipeline.setup import evaluate_setup, prepare
+from .pipeline.specs import AttackSpec, ExperimentSpec, build_plan, load_plan, parse_assignment, validate
+from .registry import PROFILES
+from .train import PRECISIONS, resolve_device
 
 log = logging.getLogger("bdsafety")
 
@@ -40,130 +39,102 @@ class Parser(argparse.ArgumentParser):
 
 def parse_assignments(items: list[str] | None) -> dict:
     """`key=value` pairs; values are parsed as YAML scalars (numbers, booleans, strings)."""
-    result = {}
-    for item in items or []:
-        key, sep, value = item.partition("=")
-        if not sep or not key:
-            raise UsageError(f"--set expects key=value, got '{item}'")
-        try:
-            result[key.strip()] = yaml.safe_load(value)
-        except yaml.YAMLError:
-            raise UsageError(f"--set {key}: cannot parse value '{value}'") from None
-    return result
+    return dict(parse_assignment(item) for item in items or [])
 
 
 def available_cores() -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
 
 
-def check_out_free(out: Path) -> None:
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):
-        raise UsageError(f"{out} already exists; choose another --out or remove it")
+def free_out(out: str) -> Path:
+    """`--out` as a path that does not exist yet (or is an empty directory)."""
+    path = Path(out)
+    if path.exists() and (not path.is_dir() or any(path.iterdir())):
+        raise UsageError(f"{path} already exists; choose another --out or remove it")
+    return path
+
+
+def attack_of(args) -> AttackSpec:
+    return AttackSpec(args.attack, args.poison_rate, args.target, parse_assignments(args.set))
 
 
 def cmd_train(args) -> int:
-    out = Path(args.out)
-    check_out_free(out)
-    profile = args.profile or default_profile(args.dataset)
-    config = TRAIN_PROFILES[profile]
+    out, attack = free_out(args.out), attack_of(args)
+    if args.model:
+        MODELS.get(args.model)
     overrides = {key: value for key, value in (("epochs", args.epochs), ("precision", args.precision))
                  if value is not None}
-    config = dataclasses.replace(config, **overrides)
-    model_name = args.model or MODEL_FOR_PROFILE[profile]
-    MODELS.get(model_name)
-    device = resolve_device(args.device)
-    data = DataSpec(args.dataset, args.data_dir, args.reserve_fraction)
-    attack = AttackSpec(args.attack, parse_assignments(args.set), args.poison_rate, args.target)
-    setup = prepare(data, attack, args.seed, profile=profile, device=device)
-    log.info("training %s on %s (%s, %d epochs, %s)", model_name, args.dataset, args.attack, config.epochs, device)
-    model, result = train_model(setup, model_name, config, args.seed, device, progress=True)
-    record = {"stage": "train", "model": model_name, "profile": profile, "train_config": config.to_json(),
-              **setup_record(data, attack, args.seed, setup), **result}
-    store.save_stage(out, model, setup.model_spec(model_name), record, setup_tensors(setup))
-    print(format_metrics(result["metrics"]))
+    spec = ExperimentSpec(dataset=args.dataset, data_dir=args.data_dir, model=args.model, profile=args.profile,
+                          seed=args.seed, reserve_fraction=args.reserve_fraction,
+                          attacks=(attack,) if attack.name != "none" else (), train=overrides, defenses=(), checks=())
+    validate(spec)
+    plan, device = build_plan(spec), resolve_device(args.device)
+    setup = prepare(spec.data, attack, args.seed, profile=plan.profile, device=device)
+    log.info("training %s on %s (%s, %d epochs, %s)", plan.model, args.dataset, args.attack, plan.train_config.epochs,
+             device)
+    model, record, tensors = stages.train(setup, spec.data, plan.model, plan.train_config, plan.profile, args.seed,
+                                          device)
+    store.save_stage(out, model, setup.model_spec(plan.model), record, tensors)
+    return saved(out, record.metrics)
+
+
+def saved(out: Path, metrics: dict) -> int:
+    print(format_metrics(metrics))
     print(f"saved {out}")
     return 0
 
 
 def cmd_eval(args) -> int:
     model, _, record = store.load_stage(Path(args.dir), resolve_device(args.device))
-    _, _, setup = setup_from_record(record, args.data_dir)
-    print(format_metrics(evaluate_setup(model, setup)))
+    print(format_metrics(evaluate_setup(model, stages.setup_of(record, args.data_dir))))
     return 0
 
 
 def cmd_purify(args) -> int:
-    out = Path(args.out)
-    check_out_free(out)
-    device = resolve_device(args.device)
-    backdoored, spec, parent = store.load_stage(Path(args.source), device)
-    profile = args.profile or parent.get("profile", "paper")
-    defense = create_defense(args.defense, profile, parent_augmentation(parent), **parse_assignments(args.set))
-    _, _, setup = setup_from_record(parent, args.data_dir)
-    purified, result = purify(defense, backdoored, setup, parent["seed"])
-    record = {"stage": "purify", "defense": args.defense, "profile": profile, "params": defense_params(defense),
-              "parent": str(Path(args.source).resolve()), "parent_metrics": parent.get("metrics", {}),
-              **{k: parent[k] for k in ("data", "attack", "seed", "model")}, **result}
-    store.save_stage(out, purified, spec, record)
-    print(format_metrics(result["metrics"]))
-    print(f"saved {out}")
-    return 0
+    out, device = free_out(args.out), resolve_device(args.device)
+    backdoored, spec = stages.load_model_stage(args.source, device)
+    record, profile = backdoored.record, stages.profile_of(args.profile, backdoored.record)
+    defense = DEFENSES.create(args.defense, profile, stages.augmentation_of(record), **parse_assignments(args.set))
+    setup = stages.setup_of(record, args.data_dir)
+    model, purified, tensors = stages.purify(args.defense, defense, backdoored, setup, record.seed, profile)
+    store.save_stage(out, model, spec, purified, tensors)
+    return saved(out, purified.metrics)
 
 
-def parent_augmentation(record: dict) -> dict | None:
-    """The backdoored model's training augmentation from its record (imported models have none)."""
-    return training_augmentation(record["train_config"]) if "train_config" in record else None
-
-
-def load_purified(path: Path, spec, device) -> torch.nn.Module:
-    """A purified model: a bdsafety run directory, or a weights file of the backdoored model's architecture."""
-    if path.is_dir():
-        model, other, _ = store.load_stage(path, device)
-        if other != spec:
-            raise UsageError(f"{path} is a {other.name} with {other.num_classes} classes, the backdoored model is "
-                             f"a {spec.name} with {spec.num_classes}; audit models of the same architecture")
-        return model
-    model = create_model(spec)
-    store.load_weights_into(model, store.read_state_dict(path), path)
-    return model.to(device)
-
-
-AUDIT_CHECKS = ("ra", "qra", "lmc")  # of one purified model; a trajectory needs its defense run
+def audit_names(text: str) -> list[str]:
+    """The checks asked for, in run order with the audits they take a model from (QRA: RA)."""
+    checks = [c.strip() for c in text.split(",") if c.strip()]
+    one_shot = [name for name in AUDITS.names() if "defense_run" not in AUDITS.get(name).needs]
+    for check in checks:
+        if check not in one_shot:
+            raise UsageError(f"unknown check '{check}'; choose from: {', '.join(one_shot)} (trajectories need "
+                             f"the defense run: use 'bdsafety run')")
+    return with_dependencies(checks)
 
 
 def cmd_audit(args) -> int:
-    out = Path(args.out)
-    check_out_free(out)
-    checks = tuple(c.strip() for c in args.checks.split(",") if c.strip())
-    for check in checks:
-        if check not in AUDIT_CHECKS:
-            raise UsageError(f"unknown check '{check}'; choose from: {', '.join(AUDIT_CHECKS)} (trajectories need "
-                             f"the defense run: use 'bdsafety run')")
-    device = resolve_device(args.device)
-    backdoored, spec, record = store.load_stage(Path(args.backdoored), device)
-    purified = load_purified(Path(args.purified), spec, device)
-    clean = load_purified(Path(args.clean), spec, device) if args.clean else None
-    _, _, setup = setup_from_record(record, args.data_dir)
-    ctx = Context.of(ExperimentSpec(dataset=record["data"]["name"], model=spec.name, seed=record["seed"],
-                                    profile=args.profile or record.get("profile"),
-                                    train=parent_augmentation(record) or {}))
-    result = audit_purified(backdoored, purified, clean, setup, checks, ctx)
-    with store.publishing(out) as tmp:
-        store.write_json(tmp / "audit.json", {"checks": list(checks), "backdoored_dir": args.backdoored,
-                                              "purified": args.purified, **result, "versions": store.versions()})
-    summary_line = {"purified_asr": result["purified"]["asr"]}
-    if "ra" in result:
-        summary_line["ra_asr"] = result["ra"]["asr"]
-    if "qra" in result:
-        summary_line["qra_asr_purified"] = result["qra"]["asr_purified"]
-    print(format_metrics(summary_line))
-    print(f"saved {out / 'audit.json'}")
+    out, device, names = free_out(args.out), resolve_device(args.device), audit_names(args.checks)
+    backdoored, spec = stages.load_model_stage(args.backdoored, device)
+    subjects = {"backdoored": backdoored, "purified": stages.load_model_file(Path(args.purified), spec, device)}
+    if args.clean:
+        subjects["clean"] = stages.load_model_file(Path(args.clean), spec, device)
+    record = backdoored.record
+    methods = create_audits(names, stages.profile_of(args.profile, record), stages.augmentation_of(record))
+    setup = stages.setup_of(record, args.data_dir)
+    result = {"purified": evaluate_setup(subjects["purified"].model, setup),
+              "backdoored": evaluate_setup(backdoored.model, setup),
+              **stages.audit_models(methods, subjects, setup, record.seed)}
+    store.publish_json(out, store.AUDIT_FILE, {"checks": names, "backdoored_dir": args.backdoored,
+                                               "purified_path": args.purified, **result})
+    print(format_metrics({"purified_asr": result["purified"]["asr"],
+                          **{f"{name}_{key}": result[name][key] for name in names for key in ("asr", "asr_purified")
+                             if key in result[name]}}))
+    print(f"saved {out / store.AUDIT_FILE}")
     return 0
 
 
 def cmd_run(args) -> int:
-    spec = load_spec(args.spec, args.set)
-    return run_and_report(spec, Path(args.out), args.device)
+    return run_and_report(load_plan(args.spec, args.set), Path(args.out), args.device)
 
 
 DEMO_SPECS = {"quick": "quick.yaml", "full": "full.yaml", "default": "demo.yaml"}
@@ -173,74 +144,55 @@ def cmd_demo(args) -> int:
     if args.quick and args.full:
         raise UsageError("choose one of --quick and --full")
     name = DEMO_SPECS["quick" if args.quick else "full" if args.full else "default"]
-    spec = load_spec(resources.files("bdsafety") / "configs" / name, args.set)
-    return run_and_report(spec, Path(args.out), args.device)
+    return run_and_report(load_plan(resources.files("bdsafety") / "configs" / name, args.set), Path(args.out),
+                          args.device)
 
 
-def run_and_report(spec, out: Path, device_name: str) -> int:
-    results = run_experiment(spec, out, resolve_device(device_name))
+def run_and_report(plan, out: Path, device_name: str) -> int:
+    from .pipeline.run import run_experiment
+    from .report import write_report  # matplotlib: only when a report is written
+    from .report.tables import console_table
+
+    results = run_experiment(plan, out, resolve_device(device_name))
     paths = write_report(out)
-    print(results_table(results))
-    print(f"results: {out / 'results.json'}; report: {', '.join(str(p) for p in paths if p.suffix in ('.md', '.html'))}")
+    print(console_table(results))
+    print(f"results: {out / store.RESULTS_FILE}; report: "
+          f"{', '.join(str(p) for p in paths if p.suffix in ('.md', '.html'))}")
     return 0
 
 
-def results_table(results: dict) -> str:
-    """One small text table per results block (attack, poison rate, target, seed)."""
-    blocks = results.get("attacks") or [results]
-    return "\n".join(block_table(block, len(blocks) > 1) for block in blocks)
-
-
-def block_table(block: dict, titled: bool) -> str:
-    title = f"{block.get('attack')} {block.get('poison_rate')} t={block.get('target')} seed {block.get('seed')}: "
-    lines = [f"{title if titled else ''}backdoored: {format_metrics(block['backdoored'])}",
-             "defense   o_acc  o_asr  p_acc  p_asr  qra_asr"]
-    for row in block["rows"]:
-        cells = [row.get(k) for k in ("o_clean_acc", "o_asr", "p_clean_acc", "p_asr", "qra_asr_purified")]
-        lines.append(f"{row['defense']:9s} " + "  ".join("  -  " if v is None else f"{v:.3f}" for v in cells))
-    return "\n".join(lines)
-
-
 def cmd_report(args) -> int:
+    from .report import write_report
+
     for path in write_report(Path(args.dir)):
         print(path)
     return 0
 
 
 def cmd_import(args) -> int:
-    out = Path(args.out)
-    check_out_free(out)
+    from . import interop
+
+    out, device, attack = free_out(args.out), resolve_device(args.device), attack_of(args)
     MODELS.get(args.model)
-    data = DataSpec(args.dataset, args.data_dir, args.reserve_fraction)
-    attack = AttackSpec(args.attack, parse_assignments(args.set), args.poison_rate, args.target)
-    setup = prepare(data, attack, args.seed, device=resolve_device(args.device))
-    spec = setup.model_spec(args.model)
-    model = create_model(spec)
+    data = ExperimentSpec(dataset=args.dataset, data_dir=args.data_dir, reserve_fraction=args.reserve_fraction).data
+    setup = prepare(data, attack, args.seed, device=device)
     source = Path(args.file)
-    store.load_weights_into(model, interop.read_any(source, args.format, args.model, args.trust_pickle), source)
-    model = model.to(resolve_device(args.device))
-    metrics = evaluate_setup(model, setup)
-    record = {"stage": "import", "source": str(source.resolve()), "format": args.format, "model": args.model,
-              **setup_record(data, attack, args.seed, setup), "metrics": metrics}
-    store.save_stage(out, model, spec, record, setup_tensors(setup))
-    print(format_metrics(metrics))
-    print(f"saved {out}")
-    return 0
+    state = interop.read_any(source, args.format, args.model, args.trust_pickle)
+    model, record, tensors = stages.imported(state, source, args.format, args.model, setup, data, args.seed, device)
+    store.save_stage(out, model, setup.model_spec(args.model), record, tensors)
+    return saved(out, record.metrics)
 
 
 def cmd_bench(args) -> int:
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    device = resolve_device(args.device)
-    result = run_benchmark(device, seconds_per_case=args.seconds)
-    if args.profile:
-        result["profile"] = profile_train(device)
-    store.write_json(Path(args.out) / "bench.json", result)
-    print(format_table(result))
-    for row in result.get("profile", []):
-        print(f"{row['self_cpu_ms']:8.2f} ms/step {100 * row['share']:5.1f} %  {row['op']}")
-    print(f"written to {Path(args.out) / 'bench.json'} ({result['total_s']:.0f} s)")
-    return 0
+    """The speed benchmark lives in the source tree's benchmarks/ (it is not part of the library)."""
+    root = Path(__file__).resolve().parents[2]
+    if not (root / "benchmarks" / "speed.py").is_file():
+        raise UsageError("bdsafety bench runs from a source checkout (its code is in benchmarks/, which is not "
+                         "installed); clone the repository and run it there")
+    sys.path.insert(0, str(root))
+    from benchmarks.bench import main as bench_main
+
+    return bench_main(args.bench_args)
 
 
 def cmd_defenses(args) -> int:
@@ -259,50 +211,33 @@ def add_common(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--data-dir", help="folder holding the dataset files (else $BDSAFETY_DATA, then system paths)")
 
 
-def add_train_command(sub) -> None:
+def add_data_and_attack(parser: argparse.ArgumentParser, attack_help: str) -> None:
+    parser.add_argument("--out", required=True, help="run directory to create")
+    parser.add_argument("--dataset", default="fashion-mnist", choices=DATASET_NAMES, metavar="NAME",
+                        help=f"one of {', '.join(DATASET_NAMES)}")
+    parser.add_argument("--attack", default="badnets", help=attack_help)
+    parser.add_argument("--poison-rate", type=float, default=0.05)
+    parser.add_argument("--target", type=int, default=0)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--reserve-fraction", type=float, default=0.05, help="defender's clean split (held out)")
+    parser.add_argument("--set", action="append", metavar="KEY=VALUE", help="attack parameter, e.g. alpha=0.1")
+    add_common(parser)
+
+
+def add_stage_commands(sub) -> None:
     train = sub.add_parser("train", help="train a backdoored (or clean) model and save it")
-    train.add_argument("--dataset", default="fashion-mnist", choices=DATASET_NAMES, metavar="NAME",
-                       help=f"one of {', '.join(DATASET_NAMES)}")
-    train.add_argument("--attack", default="badnets", help="attack name, or 'none' for a clean model")
-    train.add_argument("--out", required=True, help="run directory to create")
+    add_data_and_attack(train, "attack name, or 'none' for a clean model")
     train.add_argument("--model", help=f"one of {', '.join(MODELS.names())} (default: the profile's)")
-    train.add_argument("--profile", choices=sorted(TRAIN_PROFILES), help="cpu (small datasets) or paper")
+    train.add_argument("--profile", choices=PROFILES, help="cpu (small datasets) or paper")
     train.add_argument("--epochs", type=int, help="override the profile's epoch count")
     train.add_argument("--precision", choices=PRECISIONS,
                        help="fp32 (the profiles' default), bf16 autocast, or auto (bf16 where the hardware has it)")
-    train.add_argument("--poison-rate", type=float, default=0.05)
-    train.add_argument("--target", type=int, default=0)
-    train.add_argument("--seed", type=int, default=0)
-    train.add_argument("--reserve-fraction", type=float, default=0.05, help="defender's clean split (held out)")
-    train.add_argument("--set", action="append", metavar="KEY=VALUE", help="attack parameter, e.g. alpha=0.1")
-    add_common(train)
-    train.set_defaults(handler=cmd_train)
-
-
-def add_eval_command(sub) -> None:
-    evaluate = sub.add_parser("eval", help="print clean accuracy and ASR of a saved model")
-    evaluate.add_argument("dir", help="run directory (from 'bdsafety train' or 'purify')")
-    add_common(evaluate)
-    evaluate.set_defaults(handler=cmd_eval)
-
-
-def add_purify_command(sub) -> None:
-    purify_cmd = sub.add_parser("purify", help="run a defense on a backdoored model and save the purified model")
-    purify_cmd.add_argument("--from", dest="source", required=True, metavar="DIR", help="backdoored run directory")
-    purify_cmd.add_argument("--defense", required=True, help="defense name (see 'bdsafety defenses')")
-    purify_cmd.add_argument("--out", required=True, help="run directory to create")
-    purify_cmd.add_argument("--profile", choices=("paper", "cpu"), help="default: the backdoored run's profile")
-    purify_cmd.add_argument("--set", action="append", metavar="KEY=VALUE", help="hyperparameter, e.g. epochs=5")
-    add_common(purify_cmd)
-    purify_cmd.set_defaults(handler=cmd_purify)
-
-
-def add_defenses_command(sub) -> None:
-    defenses = sub.add_parser("defenses", help="list the defenses")
-    defenses.set_defaults(handler=cmd_defenses)
-
-
-def add_audit_command(sub) -> None:
+    purify = sub.add_parser("purify", help="run a defense on a backdoored model and save the purified model")
+    purify.add_argument("--from", dest="source", required=True, metavar="DIR", help="backdoored run directory")
+    purify.add_argument("--defense", required=True, help="defense name (see 'bdsafety defenses')")
+    purify.add_argument("--out", required=True, help="run directory to create")
+    purify.add_argument("--profile", choices=PROFILES, help="default: the backdoored run's profile")
+    purify.add_argument("--set", action="append", metavar="KEY=VALUE", help="hyperparameter, e.g. epochs=5")
     audit = sub.add_parser("audit", help="superficial-safety audit of a purified model (RA, QRA, LMC)")
     audit.add_argument("--backdoored", required=True, metavar="DIR", help="backdoored run directory")
     audit.add_argument("--purified", required=True, metavar="PATH",
@@ -310,75 +245,56 @@ def add_audit_command(sub) -> None:
     audit.add_argument("--clean", metavar="PATH", help="clean reference model (needed by qra)")
     audit.add_argument("--out", required=True, help="directory to create, holding audit.json")
     audit.add_argument("--checks", default="ra,qra,lmc", help="comma-separated subset of ra,qra,lmc")
-    audit.add_argument("--profile", choices=("paper", "cpu"), help="audit lengths (default: the backdoored run's)")
-    add_common(audit)
-    audit.set_defaults(handler=cmd_audit)
+    audit.add_argument("--profile", choices=PROFILES, help="audit lengths (default: the backdoored run's)")
+    for parser, handler in ((train, cmd_train), (purify, cmd_purify), (audit, cmd_audit)):
+        if parser is not train:
+            add_common(parser)
+        parser.set_defaults(handler=handler)
 
 
-def add_import_command(sub) -> None:
+def add_model_commands(sub) -> None:
+    evaluate = sub.add_parser("eval", help="print clean accuracy and ASR of a saved model")
+    evaluate.add_argument("dir", help="run directory (from 'bdsafety train' or 'purify')")
+    add_common(evaluate)
+    evaluate.set_defaults(handler=cmd_eval)
     imp = sub.add_parser("import", help="turn a weights file trained elsewhere into a bdsafety run directory")
     imp.add_argument("file", help=".safetensors, weights-only .pt/.pth state dict, or BackdoorBench result file")
-    imp.add_argument("--out", required=True, help="run directory to create")
+    add_data_and_attack(imp, "the attack the model is suspected of (for ASR)")
     imp.add_argument("--model", required=True, help=f"architecture: one of {', '.join(MODELS.names())}")
     imp.add_argument("--format", choices=("state_dict", "backdoorbench"), default="state_dict")
-    imp.add_argument("--dataset", default="fashion-mnist", choices=DATASET_NAMES, metavar="NAME")
-    imp.add_argument("--attack", default="badnets", help="the attack the model is suspected of (for ASR)")
-    imp.add_argument("--poison-rate", type=float, default=0.05)
-    imp.add_argument("--target", type=int, default=0)
-    imp.add_argument("--seed", type=int, default=0)
-    imp.add_argument("--reserve-fraction", type=float, default=0.05)
-    imp.add_argument("--set", action="append", metavar="KEY=VALUE", help="attack parameter")
     imp.add_argument("--trust-pickle", action="store_true",
                      help="allow full unpickling of BackdoorBench files (runs code from the file: trusted sources only)")
-    add_common(imp)
     imp.set_defaults(handler=cmd_import)
+    sub.add_parser("defenses", help="list the defenses").set_defaults(handler=cmd_defenses)
 
 
-def add_run_command(sub) -> None:
+def add_experiment_commands(sub) -> None:
     run = sub.add_parser("run", help="run a whole experiment from a YAML spec (resumable)")
     run.add_argument("spec", help="YAML spec file")
     run.add_argument("--out", required=True, help="experiment directory (reused on rerun: finished stages skip)")
     run.add_argument("--set", action="append", metavar="KEY=VALUE", help="spec override, e.g. train.epochs=4")
-    add_common(run)
-    run.set_defaults(handler=cmd_run)
-
-
-def add_demo_command(sub) -> None:
     demo = sub.add_parser("demo", help="the built-in Fashion-MNIST experiment (BadNets 5%%, all defenses)")
     demo.add_argument("--out", required=True, help="experiment directory (reused on rerun)")
     demo.add_argument("--quick", action="store_true", help="a shorter first look (about 5 minutes)")
     demo.add_argument("--full", action="store_true",
                       help="the paper's four attacks (BadNets, Blended, SSBA, LC) with every defense: Table 1 in full")
     demo.add_argument("--set", action="append", metavar="KEY=VALUE", help="spec override")
-    add_common(demo)
-    demo.set_defaults(handler=cmd_demo)
-
-
-def add_bench_command(sub) -> None:
-    bench = sub.add_parser("bench", help="speed benchmark: training loop vs a PIL/DataLoader pipeline, MFU, PAM, eval")
-    bench.add_argument("--out", default=".", help="directory for bench.json (default: the current one)")
-    bench.add_argument("--seconds", type=float, default=12.0, help="timed seconds per case (default 12)")
-    bench.add_argument("--threads", type=int, help="torch intra-op threads (default: every available core)")
-    bench.add_argument("--profile", action="store_true", help="also profile a few training steps (top ops)")
-    add_common(bench)
-    bench.set_defaults(handler=cmd_bench)
-
-
-def add_report_command(sub) -> None:
     report = sub.add_parser("report", help="(re)write report.md / report.html from DIR/results.json")
     report.add_argument("dir", help="experiment directory")
-    add_common(report)
-    report.set_defaults(handler=cmd_report)
+    for parser, handler in ((run, cmd_run), (demo, cmd_demo), (report, cmd_report)):
+        add_common(parser)
+        parser.set_defaults(handler=handler)
+    bench = sub.add_parser("bench", add_help=False, help="speed benchmark (source checkout only; "
+                                                         "'bdsafety bench --help' for its options)")
+    bench.set_defaults(handler=cmd_bench)  # its own options are parsed by benchmarks/bench.py
 
 
 def build_parser() -> Parser:
     parser = Parser(prog="bdsafety", description="Backdoor attacks, defenses and superficial-safety audits.")
     parser.add_argument("--version", action="version", version=f"bdsafety {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=Parser)
-    for add_command in (add_train_command, add_eval_command, add_purify_command, add_defenses_command,
-                        add_audit_command, add_import_command, add_run_command, add_demo_command,
-                        add_bench_command, add_report_command):
-        add_command(sub)
+    for add_commands in (add_stage_commands, add_model_commands, add_experiment_commands):
+        add_commands(sub)
     return parser
 
 
@@ -399,7 +315,12 @@ INTERRUPTED = 130  # the shell's status for a process ended by Ctrl-C (128 + SIG
 
 def main(argv: list[str] | None = None) -> int:
     try:
-        args = build_parser().parse_args(argv)
+        parser = build_parser()
+        args, rest = parser.parse_known_args(argv)
+        if args.command == "bench":
+            args.bench_args = rest
+        elif rest:
+            parser.error(f"unrecognized arguments: {' '.join(rest)}")
         configure(getattr(args, "quiet", False))
         return args.handler(args)
     except UsageError as exc:
@@ -413,10 +334,8 @@ def main(argv: list[str] | None = None) -> int:
 def entry() -> None:
     """The `bdsafety` command and `python -m bdsafety`: exit with main()'s status.
 
-    After Ctrl-C the process leaves at once with 130. Through the interpreter's shutdown it sometimes died of
-    SIGINT instead, although main() had handled the interrupt: about 1 run in 7 on Python 3.11, when the
-    interrupt landed in one of the imports that the first training step still makes. Finished stages are on disk;
-    an unfinished stage's hidden temp files are removed by the next run."""
+    After Ctrl-C the process leaves at once with 130: through the interpreter's shutdown it sometimes died of
+    SIGINT instead (about 1 run in 7 on Python 3.11), although main() had handled the interrupt."""
     status = main()
     if status == INTERRUPTED:
         sys.stdout.flush()

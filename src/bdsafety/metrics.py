@@ -20,3 +20,8 @@ def relative_weight_distance(params: list[Tensor], reference: list[Tensor]) -> f
     diff = sum(float((p.detach().float() - r.detach().float().to(p.device)).pow(2).sum()) for p, r in zip(params, reference))
     norm = sum(float(r.detach().float().pow(2).sum()) for r in reference)
     return (diff / norm) ** 0.5 if norm > 0 else 0.0
+
+
+def weight_distance(model, reference) -> float:
+    """‖θ − θ_ref‖ / ‖θ_ref‖ of two modules over their parameters (BN buffers excluded, as PAM's path)."""
+    return relative_weight_distance(list(model.parameters()), list(reference.parameters()))

@@ -1,4 +1,9 @@
-"""A small name -> constructor registry shared by every method family."""
+"""The name -> constructor registry of every method family (models, attacks, defenses, audits).
+
+`create(name, profile, shared, **params)` is the one way a method is built: the profile's settings first
+(a class's `cpu_overrides` on the CPU profile), then shared settings the constructor takes (e.g. the
+backdoored model's training augmentation), then the user's parameters, which must all be known.
+"""
 
 from __future__ import annotations
 
@@ -7,6 +12,14 @@ import inspect
 from typing import Any, Callable
 
 from .errors import UsageError
+
+PROFILES = ("paper", "cpu")  # paper: the authors' defaults; cpu: lengths scaled for 2 cores (ALGORITHMS §11.4)
+
+
+def check_profile(profile: str) -> str:
+    if profile not in PROFILES:
+        raise UsageError(f"unknown profile '{profile}'; choose one of: {', '.join(PROFILES)}")
+    return profile
 
 
 class Registry:
@@ -32,8 +45,14 @@ class Registry:
             )
         return self._entries[name]
 
-    def create(self, name: str, **params: Any) -> Any:
-        """Build `name` with `params`; an unknown parameter is a UsageError naming the valid ones."""
+    def profile_params(self, name: str, profile: str = "paper") -> dict:
+        """The parameters profile `profile` sets for `name` (the CPU profile's `cpu_overrides`; else none)."""
+        check_profile(profile)
+        return dict(getattr(self.get(name), "cpu_overrides", {})) if profile == "cpu" else {}
+
+    def create(self, name: str, profile: str = "paper", shared: dict | None = None, **params: Any) -> Any:
+        """Build `name` for `profile` with `shared` settings it takes, then `params`; an unknown parameter is a
+        UsageError naming the valid ones."""
         constructor = self.get(name)
         valid = parameter_names(constructor)
         unknown = sorted(set(params) - set(valid))
@@ -42,7 +61,8 @@ class Registry:
                 f"{self.family} '{name}' has no parameter {', '.join(unknown)}; "
                 f"valid: {', '.join(valid) or '(none)'}"
             )
-        return constructor(**params)
+        base = {**self.profile_params(name, profile), **known_parameters(constructor, shared)}
+        return constructor(**{**base, **params})
 
     def names(self) -> list[str]:
         return sorted(self._entries)

@@ -1,20 +1,26 @@
-"""The only module that knows the run-directory layout. Every write is atomic (temp file + rename).
+"""The only module that knows where things are written: run directories, their stages and records, the
+CLI's outputs and the fitted-asset cache. Every write is atomic (temp file + rename).
 
-A stage directory holds `model.safetensors`, `model.json` (constructor arguments), optional
-`tensors.safetensors` (indices such as splits and poison masks) and `record.json`, written last.
+A run directory holds `spec.yaml`, `results.json`, `timings.json`, the report and `stages/`, one
+directory per stage named `<stage>-<label>-<key>` (the key hashes the stage's inputs and its parents'
+keys). A stage directory holds `model.safetensors`, `model.json` (constructor arguments), optional
+`tensors.safetensors` (indices such as splits and poison masks, a defense's trajectory states) and
+`record.json` (a `Record`), written last: a stage with a record is finished.
 """
 
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
 import platform
 import shutil
 import sys
 import tempfile
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator
 
 import torch
 from safetensors import SafetensorError
@@ -27,6 +33,48 @@ from .errors import UsageError
 from .models import ModelSpec, create_model
 
 MODEL_FILE, SPEC_FILE, RECORD_FILE, TENSORS_FILE = "model.safetensors", "model.json", "record.json", "tensors.safetensors"
+SPEC_YAML, RESULTS_FILE, TIMINGS_FILE, STAGES_DIR = "spec.yaml", "results.json", "timings.json", "stages"
+AUDIT_FILE, BENCH_FILE = "audit.json", "bench.json"
+MARKDOWN_FILE, HTML_FILE = "report.md", "report.html"
+CACHE_ENV = "BDSAFETY_CACHE"
+
+
+def asset_cache_dir() -> Path:
+    """Where fitted attack assets are cached: `$BDSAFETY_CACHE`, else `~/.cache/bdsafety` (shared by every run)."""
+    return Path(os.environ.get(CACHE_ENV) or Path.home() / ".cache" / "bdsafety")
+
+
+@dataclass
+class Record:
+    """What every stage writes as record.json. Metrics are fractions in [0, 1] (and losses, timings).
+
+    `stage` is train, purify, audit or import; `name` the trained attack ("none": a clean model), the
+    defense or the audit; `parents` maps a role ("backdoored", "purified", ...) to the parent stage's key
+    (single-shot commands: its directory); `details` holds what only this stage kind has (history, data
+    and attack of a trained model, a defense's strength and trajectory, ...).
+    """
+
+    stage: str
+    name: str
+    params: dict
+    metrics: dict
+    seed: int
+    parents: dict = field(default_factory=dict)
+    duration_s: float = 0.0
+    details: dict = field(default_factory=dict)
+
+    FIELDS = ("stage", "name", "params", "metrics", "seed", "parents", "duration_s")
+
+    def to_json(self) -> dict:
+        return {**self.details, **{key: getattr(self, key) for key in self.FIELDS}, "versions": versions()}
+
+    @classmethod
+    def from_json(cls, data: dict) -> "Record":
+        missing = [key for key in cls.FIELDS if key not in data]
+        if missing:
+            raise UsageError(f"record.json has no '{missing[0]}': it was written by an older bdsafety; rerun that stage")
+        details = {k: v for k, v in data.items() if k not in cls.FIELDS and k != "versions"}
+        return cls(**{key: data[key] for key in cls.FIELDS}, details=details)
 
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:
@@ -66,6 +114,12 @@ def read_json(path: Path) -> dict:
         raise UsageError(f"{path} is not valid JSON ({exc}); the run directory is damaged, rerun that stage") from None
 
 
+def canonical_hash(obj) -> str:
+    """The key of a spec or a stage: sha256 of its canonical JSON (sorted keys), 16 hex digits."""
+    text = json.dumps(obj, sort_keys=True, separators=(",", ":"), default=list)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
 def versions() -> dict:
     return {"bdsafety": __version__, "torch": torch.__version__, "python": sys.version.split()[0],
             "platform": platform.platform()}
@@ -97,31 +151,38 @@ def publishing(directory: Path) -> Iterator[Path]:
         raise
 
 
-def save_stage(directory: Path, model: nn.Module, spec: ModelSpec, record: dict,
-               tensors: dict[str, Tensor] | None = None) -> None:
-    """Write one finished stage (model + record) atomically as a directory."""
+def publish_json(directory: Path, name: str, content: dict) -> None:
+    """A new directory holding one JSON file `name` (with the versions), published atomically."""
     with publishing(directory) as tmp:
-        atomic_write_bytes(tmp / MODEL_FILE, save_safetensors_bytes(cpu_state_dict(model)))
-        write_json(tmp / SPEC_FILE, spec.to_json())
+        write_json(tmp / name, {**content, "versions": versions()})
+
+
+def save_stage(directory: Path, model: nn.Module | None, spec: ModelSpec | None, record: Record,
+               tensors: dict[str, Tensor] | None = None) -> None:
+    """Write one finished stage (its model, if any, and its record) atomically as a directory."""
+    with publishing(directory) as tmp:
+        if model is not None:
+            atomic_write_bytes(tmp / MODEL_FILE, save_safetensors_bytes(cpu_state_dict(model)))
+            write_json(tmp / SPEC_FILE, spec.to_json())
         if tensors:
             atomic_write_bytes(tmp / TENSORS_FILE, save_safetensors_bytes({k: v.contiguous() for k, v in tensors.items()}))
-        write_json(tmp / RECORD_FILE, {**record, "versions": versions()})
+        write_json(tmp / RECORD_FILE, record.to_json())
 
 
-def load_stage(directory: Path, device: torch.device | str = "cpu") -> tuple[nn.Module, ModelSpec, dict]:
+def load_stage(directory: Path, device: torch.device | str = "cpu") -> tuple[nn.Module, ModelSpec, Record]:
     """Rebuild a stage's model from its directory (never unpickles)."""
     directory = Path(directory)
     if not directory.is_dir():
         raise UsageError(f"{directory} is not a directory; pass a bdsafety run directory (made by 'bdsafety train')")
-    record = read_json(directory / RECORD_FILE)
+    record = load_record(directory)
     spec = ModelSpec.from_json(read_json(directory / SPEC_FILE))
     model = create_model(spec)
     load_weights_into(model, read_safetensors(directory / MODEL_FILE), directory / MODEL_FILE)
     return model.to(device), spec, record
 
 
-def load_tensors(directory: Path) -> dict[str, Tensor]:
-    return read_safetensors(Path(directory) / TENSORS_FILE)
+def load_record(directory: Path) -> Record:
+    return Record.from_json(read_json(Path(directory) / RECORD_FILE))
 
 
 TRAJECTORY_PREFIX = "trajectory"
@@ -139,7 +200,7 @@ def load_trajectory_states(directory: Path, count: int) -> list[dict[str, Tensor
     if count == 0:
         return []
     states: list[dict[str, Tensor]] = [{} for _ in range(count)]
-    for name, value in load_tensors(directory).items():
+    for name, value in read_safetensors(Path(directory) / TENSORS_FILE).items():
         prefix, index, key = name.split(".", 2)
         if prefix == TRAJECTORY_PREFIX and int(index) < count:
             states[int(index)][key] = value
@@ -196,3 +257,50 @@ def load_weights_into(model: nn.Module, state: dict[str, Tensor], source: Path) 
         if value.dtype.is_floating_point != expected[key].dtype.is_floating_point:
             raise UsageError(f"{source}: key '{key}' has dtype {value.dtype}, expected {expected[key].dtype}")
     model.load_state_dict(state)
+
+
+@dataclass
+class Stage:
+    """A loaded or freshly computed stage: its key, model (None for record-only stages), record and directory."""
+
+    key: str
+    model: nn.Module | None
+    record: Record
+    path: Path | None = None
+
+
+class RunStore:
+    """The stages of one run directory: a finished stage is loaded, never recomputed."""
+
+    def __init__(self, root: Path, device: torch.device):
+        self.root, self.device = Path(root), device
+        self.stages = self.root / STAGES_DIR
+        self.stages.mkdir(parents=True, exist_ok=True)
+        remove_partial_writes(self.root)
+        remove_partial_writes(self.stages)
+        self.computed: list[str] = []
+        self.reused: list[str] = []
+
+    def stage(self, kind: str, label: str, key: str, spec: ModelSpec | None,
+              build: Callable[[], tuple[nn.Module | None, Record, dict | None]]) -> Stage:
+        """The stage `<kind>-<label>-<key>`: loaded when finished, else `build()` (model, record, tensors) and saved."""
+        path = self.stages / f"{kind}-{label}-{key}"
+        if is_finished(path):
+            self.reused.append(path.name)
+            if not (path / MODEL_FILE).is_file():
+                return Stage(key, None, load_record(path), path)
+            model, _, record = load_stage(path, self.device)
+            return Stage(key, model.to(memory_format=torch.channels_last), record, path)
+        model, record, tensors = build()
+        save_stage(path, model, spec, record, tensors)
+        self.computed.append(path.name)
+        return Stage(key, model, record, path)
+
+
+def remove_partial_writes(folder: Path) -> None:
+    """Delete the hidden temp files/directories that a killed run leaves behind (never finished stages)."""
+    for leftover in folder.glob(".*.tmp"):
+        if leftover.is_dir():
+            shutil.rmtree(leftover, ignore_errors=True)
+        else:
+            leftover.unlink(missing_ok=True)

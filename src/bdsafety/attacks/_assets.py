@@ -5,8 +5,8 @@ implements the `Fittable` protocol: `fit_assets` computes a flat dict of tensors
 training set, and `with_assets` returns a frozen copy of the attack that holds them. `fit_attack`
 puts a content-addressed cache in between: the key hashes the training images and labels, the attack's
 name and parameters (its seed included) and the target, so the same inputs never refit and any change
-refits. Files are safetensors, written atomically; nothing is ever unpickled. The cache lives in
-`$BDSAFETY_CACHE`, else `~/.cache/bdsafety`, and is shared by every run and stage on the machine.
+refits. Files are safetensors, written atomically; nothing is ever unpickled. The caller names the cache
+directory (the pipeline: `store.asset_cache_dir()`, shared by every run and stage on the machine).
 """
 
 from __future__ import annotations
@@ -15,7 +15,6 @@ import dataclasses
 import hashlib
 import json
 import logging
-import os
 import time
 from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
@@ -31,7 +30,6 @@ from ._common import Attack
 
 log = logging.getLogger(__name__)
 
-CACHE_ENV = "BDSAFETY_CACHE"
 FORMAT_VERSION = 1  # bump when an attack's asset layout or fitting algorithm changes
 FIT_TIME = "stat.fit_s"
 
@@ -47,11 +45,6 @@ class Fittable(Protocol):
     def with_assets(self, assets: dict[str, Tensor], target: int) -> Attack: ...
 
 
-def default_cache_dir() -> Path:
-    """`$BDSAFETY_CACHE`, else `~/.cache/bdsafety`."""
-    return Path(os.environ.get(CACHE_ENV) or Path.home() / ".cache" / "bdsafety")
-
-
 def asset_key(attack: Fittable, train: ImageSet, target: int) -> str:
     """sha256 over the training set's bytes, the attack's name and parameters, the target and the format."""
     digest = hashlib.sha256()
@@ -63,11 +56,11 @@ def asset_key(attack: Fittable, train: ImageSet, target: int) -> str:
     return digest.hexdigest()
 
 
-def asset_path(attack: Fittable, train: ImageSet, target: int, cache_dir: Path | None = None) -> Path:
-    return Path(cache_dir or default_cache_dir()) / f"{attack.name}-{asset_key(attack, train, target)[:40]}.safetensors"
+def asset_path(attack: Fittable, train: ImageSet, target: int, cache_dir: Path) -> Path:
+    return Path(cache_dir) / f"{attack.name}-{asset_key(attack, train, target)[:40]}.safetensors"
 
 
-def load_or_fit(attack: Fittable, train: ImageSet, target: int, cache_dir: Path | None,
+def load_or_fit(attack: Fittable, train: ImageSet, target: int, cache_dir: Path,
                 device: torch.device) -> tuple[dict[str, Tensor], bool]:
     """The attack's assets from the cache, or fitted now and written to it (atomically); also whether it was a hit."""
     path = asset_path(attack, train, target, cache_dir)
@@ -86,7 +79,7 @@ def load_or_fit(attack: Fittable, train: ImageSet, target: int, cache_dir: Path 
     return assets, False
 
 
-def fit_attack(attack: Attack, train: ImageSet, target: int, cache_dir: Path | str | None = None,
+def fit_attack(attack: Attack, train: ImageSet, target: int, cache_dir: Path | str,
                device: torch.device | str = "cpu") -> Attack:
     """Fit `attack` on the attacker's training set (through the cache); attacks without a fit pass through.
 
@@ -94,7 +87,7 @@ def fit_attack(attack: Attack, train: ImageSet, target: int, cache_dir: Path | s
         attack: a created attack (its `seed` field seeds the fit).
         train: the attacker's training set (uint8), before poisoning.
         target: the attack's target class.
-        cache_dir: where fitted assets live (default `default_cache_dir()`).
+        cache_dir: where fitted assets live.
         device: where a fit computes (assets are stored on the CPU).
 
     Returns:
@@ -103,7 +96,7 @@ def fit_attack(attack: Attack, train: ImageSet, target: int, cache_dir: Path | s
     """
     if not isinstance(attack, Fittable):
         return attack
-    assets, hit = load_or_fit(attack, train, target, Path(cache_dir) if cache_dir else None, torch.device(device))
+    assets, hit = load_or_fit(attack, train, target, Path(cache_dir), torch.device(device))
     fitted = attack.with_assets(assets, target)
     object.__setattr__(fitted, "fit_report", {**stats(assets), "cache_hit": hit})
     return fitted

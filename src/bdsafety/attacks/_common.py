@@ -1,8 +1,14 @@
 """What every attack shares: the Attack contract and the one generic poisoning function.
 
-Attack contract: `apply(images) -> images` maps float [0,1] NCHW to the same shape, purely and
-deterministically (trigger randomness comes from the attack's own seed). `clean_label` says whether
-poisoned training samples keep their labels (and are drawn from the target class only).
+Attack contract (`Attack`, with the defaults of `AttackBase`): a frozen dataclass whose fields are its
+parameters, registered with `@ATTACKS.register(name)`, with
+
+    apply(images) -> images        the test trigger: float [0,1] NCHW to the same shape, purely and
+                                   deterministically (trigger randomness comes from the attack's own seed)
+    apply_train(images) -> images  the training-time trigger (default: `apply`; LC differs)
+    clean_label                    whether poisoned samples keep their labels (drawn from the target class)
+    cross_ratio, apply_noise       noise-mode samples per poisoned sample (WaNet), warped with random
+                                   noise and label kept; 0 for other attacks
 """
 
 from __future__ import annotations
@@ -25,8 +31,29 @@ CHUNK = 4096
 
 class Attack(Protocol):
     clean_label: bool
+    cross_ratio: float
 
     def apply(self, images: Tensor) -> Tensor: ...
+
+    def apply_train(self, images: Tensor) -> Tensor: ...
+
+    def apply_noise(self, images: Tensor, gen: torch.Generator) -> Tensor: ...
+
+
+class AttackBase:
+    """Defaults of the attack contract (mixed into each attack dataclass)."""
+
+    clean_label = False
+    cross_ratio = 0.0
+
+    def apply(self, images: Tensor) -> Tensor:
+        raise NotImplementedError
+
+    def apply_train(self, images: Tensor) -> Tensor:
+        return self.apply(images)
+
+    def apply_noise(self, images: Tensor, gen: torch.Generator) -> Tensor:
+        raise NotImplementedError(f"{type(self).__name__} has no noise mode (cross_ratio 0)")
 
 
 @dataclass(frozen=True)
@@ -51,11 +78,6 @@ def map_uint8(fn: Callable[[Tensor], Tensor], images: Tensor) -> Tensor:
     for start in range(0, len(images), CHUNK):
         out[start:start + CHUNK] = to_uint8(fn(to_float(images[start:start + CHUNK])))
     return out
-
-
-def train_trigger(attack: Attack) -> Callable[[Tensor], Tensor]:
-    """The training-time poisoning function (LC differs from its test trigger; others do not)."""
-    return getattr(attack, "apply_train", attack.apply)
 
 
 def check_rate_and_target(rate: float, target: int, num_classes: int) -> None:
@@ -101,14 +123,13 @@ def poison(train: ImageSet, attack: Attack, rate: float, target: int, num_classe
     check_poisoning(train.labels, attack.clean_label, rate, target, num_classes)
     indices = choose_poison_indices(train.labels, attack, rate, target, seed)
     images, labels = train.images.clone(), train.labels.clone()
-    images[indices] = map_uint8(train_trigger(attack), images[indices])
+    images[indices] = map_uint8(attack.apply_train, images[indices])
     labels[indices] = target
     poison_mask = torch.zeros(len(labels), dtype=torch.bool)
     poison_mask[indices] = True
     cross_mask = torch.zeros_like(poison_mask)
-    cross_ratio = getattr(attack, "cross_ratio", 0)
-    if cross_ratio:
-        cross = choose_cross_indices(poison_mask, round(cross_ratio * len(indices)), seed)
+    if attack.cross_ratio:
+        cross = choose_cross_indices(poison_mask, round(attack.cross_ratio * len(indices)), seed)
         gen = torch.Generator().manual_seed(seed + 1)
         images[cross] = map_uint8(lambda x: attack.apply_noise(x, gen), images[cross])
         cross_mask[cross] = True

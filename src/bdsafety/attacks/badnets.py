@@ -6,12 +6,12 @@ from dataclasses import dataclass
 
 from torch import Tensor
 
-from ._common import ATTACKS
+from ._common import ATTACKS, AttackBase
 
 
 @ATTACKS.register("badnets")
 @dataclass(frozen=True)
-class BadNets:
+class BadNets(AttackBase):
     """Hard-replace a `patch`x`patch` white square (on a 32x32 canvas; scaled with the image) at the corner."""
 
     patch: int = 3  # BackdoorBench's trigger_image.png: rows/cols 29-31 of 32x32

@@ -10,12 +10,12 @@ import torch
 from torch import Tensor
 
 from ..errors import UsageError
-from ._common import ATTACKS
+from ._common import ATTACKS, AttackBase
 
 
 @ATTACKS.register("blended")
 @dataclass(frozen=True)
-class Blended:
+class Blended(AttackBase):
     """K is seeded uniform noise (the Blended paper's random pattern) or a user image file, resized."""
 
     alpha: float = 0.2  # BackdoorBench cfg, train and test

@@ -28,9 +28,9 @@ from torch import Tensor, nn
 from ..data import ImageSet, to_float, to_uint8
 from ..errors import UsageError
 from ..models import ModelSpec, create_model
-from ..train import TrainConfig, fit, predict
+from ..train import TrainConfig, eval_mode, fit, predict
 from ._assets import attach, fitted_state, prefixed, stat_tensors, unprefixed
-from ._common import ATTACKS, check_numeric_fields, resize_mask
+from ._common import ATTACKS, AttackBase, check_numeric_fields, resize_mask
 
 log = logging.getLogger(__name__)
 
@@ -75,22 +75,19 @@ def pgd(model: nn.Module, x: Tensor, y: Tensor, eps: float, step_size: float, st
 def craft(model: nn.Module, images: Tensor, label: int, eps: float, step_size: float, steps: int,
           batch_size: int = 512) -> Tensor:
     """uint8 adversarial versions of uint8 `images` (all of true class `label`), with the model in eval mode."""
-    was_training, device = model.training, next(model.parameters()).device
-    model.eval()
+    device = next(model.parameters()).device
     out = torch.empty_like(images)
-    try:
+    with eval_mode(model):
         for start in range(0, len(images), batch_size):
             x = to_float(images[start:start + batch_size].to(device))
             y = torch.full((len(x),), label, dtype=torch.int64, device=device)
             out[start:start + batch_size] = to_uint8(pgd(model, x, y, eps, step_size, steps)).cpu()
-    finally:
-        model.train(was_training)
     return out
 
 
 @ATTACKS.register("lc")
 @dataclass(frozen=True)
-class LC:
+class LC(AttackBase):
     """Label-consistent: train poison = trigger(PGD_adv(x)), test poison = trigger(x); must be fitted (`fit_attack`).
 
     Paper values from BackdoorBench's `craft_adv_dataset.py` and label_consistent config (ALGORITHMS §2.6).

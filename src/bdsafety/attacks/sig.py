@@ -8,12 +8,12 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from ._common import ATTACKS
+from ._common import ATTACKS, AttackBase
 
 
 @ATTACKS.register("sig")
 @dataclass(frozen=True)
-class SIG:
+class SIG(AttackBase):
     """v[r, c] = delta * sin(2 pi c f / W), the same for every row and channel; x' = clip(x + v)."""
 
     delta: float = 40 / 255  # BackdoorBench cfg: delta 40 on the 0..255 scale

@@ -31,7 +31,7 @@ from torch import Tensor, nn
 from ..data import ImageSet, to_float, to_uint8
 from ..errors import UsageError
 from ._assets import attach, fitted_state, prefixed, stat_tensors, unprefixed
-from ._common import ATTACKS, check_numeric_fields
+from ._common import ATTACKS, AttackBase, check_numeric_fields
 
 log = logging.getLogger(__name__)
 
@@ -127,7 +127,7 @@ def psnr(clean: Tensor, encoded: Tensor) -> Tensor:
 
 @ATTACKS.register("ssba")
 @dataclass(frozen=True)
-class SSBA:
+class SSBA(AttackBase):
     """Sample-specific invisible trigger: x' = E(x, s) for one fixed secret s; must be fitted (`fit_attack`).
 
     Paper/BackdoorBench values from ALGORITHMS §2.5 (ArtificialGANFingerprints `train.py` defaults).

@@ -14,12 +14,12 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ._common import ATTACKS
+from ._common import ATTACKS, AttackBase
 
 
 @ATTACKS.register("wanet")
 @dataclass(frozen=True)
-class WaNet:
+class WaNet(AttackBase):
     k: int = 4  # control-grid size
     s: float = 0.5  # warp strength
     grid_rescale: float = 1.0

@@ -17,7 +17,7 @@ import copy
 import logging
 import time
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, ClassVar
+from typing import Any, ClassVar, Mapping
 
 import torch
 import torch.nn.functional as F
@@ -28,10 +28,7 @@ from ..errors import UsageError
 from ..metrics import attack_success_rate, clean_accuracy
 from ..models import batchnorm_layers
 from ..train import eval_batch_size, iter_logits, model_device
-from . import AUDITS
-
-if TYPE_CHECKING:
-    from ..experiment import Setup
+from ._common import AUDITS, AuditBase, AuditData, AuditResult
 
 log = logging.getLogger(__name__)
 
@@ -97,7 +94,7 @@ def reestimate_batchnorm(model: nn.Module, data: ImageSet, batch_size: int) -> N
 def predictions_and_loss(model: nn.Module, data: ImageSet, batch_size: int | None = None) -> tuple[Tensor, float]:
     """(class predictions, mean cross-entropy) of `model` on `data` in one eval-mode pass.
 
-    Same batching and arithmetic as `train.predict` / `train.mean_loss`, so the metrics agree exactly.
+    Same batching and arithmetic as `train.predict`, so the metrics agree exactly.
     """
     batch_size = batch_size or eval_batch_size(model_device(model))
     predictions, loss = [], 0.0
@@ -111,7 +108,7 @@ def predictions_and_loss(model: nn.Module, data: ImageSet, batch_size: int | Non
 
 @AUDITS.register("lmc")
 @dataclass(frozen=True)
-class LinearModeConnectivity:
+class LinearModeConnectivity(AuditBase):
     """Linear mode connectivity: C-Acc, ASR, clean and backdoor loss along θ_bd → θ_pur."""
 
     points: int = 21  # ALGORITHMS §7 recommendation: t in {0, 0.05, ..., 1} (paper grid not published)
@@ -122,6 +119,7 @@ class LinearModeConnectivity:
     # 0.5 / sqrt(N) in each fraction (1.6 points for N = 1,000).
     test_images: int = 0
     cpu_overrides: ClassVar[dict] = {}
+    needs: ClassVar[tuple[str, ...]] = ("backdoored", "purified")
 
     def __post_init__(self):
         if self.points < 2:
@@ -134,30 +132,35 @@ class LinearModeConnectivity:
     def grid(self) -> list[float]:
         return [i / (self.points - 1) for i in range(self.points)]
 
-    def run(self, backdoored: nn.Module, purified: nn.Module, setup: Setup, seed: int = 0) -> dict:
+    def run(self, models: Mapping[str, Any], data: AuditData, seed: int = 0) -> AuditResult:
         """Evaluate θ(t) on the test set at every grid point; `seed` is unused (every step is deterministic)."""
-        if setup.triggered_test is None:
+        if data.triggered_test is None:
             raise UsageError("lmc needs an attack; pass the setup of a backdoored run")
+        backdoored, purified = models["backdoored"], models["purified"]
         started = time.perf_counter()
         state_bd = {k: v.detach().clone() for k, v in backdoored.state_dict().items()}
         state_pur = {k: v.detach() for k, v in purified.state_dict().items()}
         # One instance, reloaded at every point; channels_last is the fast path of train.iter_logits' inputs.
         model = copy.deepcopy(backdoored).to(memory_format=torch.channels_last).eval()
-        clean, triggered = setup.bundle.test.fixed_sample(self.test_images), \
-            setup.triggered_test.fixed_sample(self.test_images)
-        points = [self.evaluate_point(model, interpolate_state(state_bd, state_pur, t), setup, clean, triggered, t)
-                  for t in self.grid()]
+        measured = data.eval_sets.with_test_sample(self.test_images)
+        points = [self.evaluate_point(model, interpolate_state(state_bd, state_pur, t), data, measured.test,
+                                      measured.triggered_test, t) for t in self.grid()]
         log.info("lmc (%s): asr %s", self.bn_mode, " ".join(f"{p['asr']:.2f}" for p in points))
-        return {"bn_mode": self.bn_mode, "points": points, "backdoor_error_span": backdoor_error_span(points),
-                "duration_s": time.perf_counter() - started}
+        return AuditResult({"bn_mode": self.bn_mode, "points": points,
+                            "backdoor_error_span": backdoor_error_span(points), "duration_s": time.perf_counter() - started})
 
-    def evaluate_point(self, model: nn.Module, state: dict[str, Tensor], setup: Setup, clean: ImageSet,
+    def row_fields(self, metrics: dict, row: dict) -> dict:
+        """The scan without its timing (results.json holds none), and its span as a strength unit."""
+        return {"lmc": {k: v for k, v in metrics.items() if k != "duration_s"},
+                "strength": {**row["strength"], "lmc_span": metrics["backdoor_error_span"]}}
+
+    def evaluate_point(self, model: nn.Module, state: dict[str, Tensor], data: AuditData, clean: ImageSet,
                        triggered: ImageSet, t: float) -> dict:
         model.load_state_dict(state)
         if self.bn_mode == "reset":
-            reestimate_batchnorm(model, setup.reserve, self.bn_batch_size)
+            reestimate_batchnorm(model, data.reserve, self.bn_batch_size)
         clean_predictions, clean_loss = predictions_and_loss(model, clean)
         triggered_predictions, backdoor_loss = predictions_and_loss(model, triggered)  # labelled t
         return {"t": t, "clean_acc": clean_accuracy(clean_predictions, clean.labels),
-                "asr": attack_success_rate(triggered_predictions, setup.target),
+                "asr": attack_success_rate(triggered_predictions, data.target),
                 "clean_loss": clean_loss, "backdoor_loss": backdoor_loss}

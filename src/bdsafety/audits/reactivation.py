@@ -17,7 +17,7 @@ import contextlib
 import logging
 import time
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, ClassVar, Iterator
+from typing import Any, ClassVar, Iterator, Mapping
 
 import torch
 import torch.nn.functional as F
@@ -27,10 +27,7 @@ from ..attacks import map_uint8
 from ..data import ImageSet, seed_for, to_float
 from ..errors import UsageError
 from ..train import check_finite, eval_batch_size, model_device
-from . import AUDITS
-
-if TYPE_CHECKING:
-    from ..experiment import Setup
+from ._common import AUDITS, AuditBase, AuditData, AuditResult
 
 log = logging.getLogger(__name__)
 
@@ -88,7 +85,7 @@ def frozen(*models: nn.Module) -> Iterator[None]:
 
 @AUDITS.register("qra")
 @dataclass(frozen=True)
-class QueryReactivation:
+class QueryReactivation(AuditBase):
     """Query-based Reactivation Attack: learn δ(x) that makes the purified model act like its RA version."""
 
     epsilon: float = 16 / 255  # qra.py [argdef], pixel units
@@ -103,25 +100,25 @@ class QueryReactivation:
     # The official 50 epochs on the CPU profile too (~1 s per epoch on Fashion-MNIST, 2 cores): cut to 10, QRA
     # reached only 27 % / 15 % on purified models that RA revived to 76 % / 80 %.
     cpu_overrides: ClassVar[dict] = {}
+    needs: ClassVar[tuple[str, ...]] = ("purified", "ra", "clean")
 
     def __post_init__(self):
         if self.epsilon < 0 or self.epochs < 0 or self.batch_size < 1 or self.clean_count < 0 or self.poison_count < 0:
             raise UsageError(f"qra needs epsilon, epochs, counts >= 0 and batch_size >= 1, got {self}")
 
-    def optimisation_set(self, setup: Setup, seed: int) -> tuple[ImageSet, Tensor]:
+    def optimisation_set(self, data: AuditData, seed: int) -> tuple[ImageSet, Tensor]:
         """(images labelled with their TRUE class, poisoned flags): reserve clean images, then triggered training images."""
-        clean = setup.reserve.subset(torch.arange(min(self.clean_count, len(setup.reserve))))
-        poisons = triggered_training_images(setup, self.poison_count, seed_for(seed, "qra-data"))
+        clean = data.reserve.subset(torch.arange(min(self.clean_count, len(data.reserve))))
+        poisons = triggered_training_images(data, self.poison_count, seed_for(seed, "qra-data"))
         images = torch.cat([clean.images, poisons.images])
         is_poison = torch.cat([torch.zeros(len(clean), dtype=torch.bool), torch.ones(len(poisons), dtype=torch.bool)])
         return ImageSet(images, torch.cat([clean.labels, poisons.labels])), is_poison
 
-    def new_generator(self, setup: Setup, seed: int, device: torch.device) -> PerturbationGenerator:
+    def new_generator(self, data: AuditData, seed: int, device: torch.device) -> PerturbationGenerator:
         """A freshly initialised generator (seeded without touching the global RNG)."""
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed_for(seed, "qra-init"))
-            generator = PerturbationGenerator(setup.bundle.shape, setup.bundle.mean, setup.bundle.std, self.epsilon,
-                                              self.hidden)
+            generator = PerturbationGenerator(data.image_shape, data.mean, data.std, self.epsilon, self.hidden)
         return generator.to(device)
 
     def fit_generator(self, generator: PerturbationGenerator, purified: nn.Module, retuned: nn.Module,
@@ -153,16 +150,17 @@ class QueryReactivation:
             losses.append(check_finite(total / max(steps, 1), epoch))
         return losses
 
-    def run(self, purified: nn.Module, retuned: nn.Module, clean_model: nn.Module, setup: Setup, seed: int) -> dict:
-        """QRA against `purified` (teacher: its RA version `retuned`; reference: `clean_model`), evaluated on the test set."""
-        if setup.attack is None or setup.triggered_test is None:
-            raise UsageError("qra needs an attack; pass the setup of a backdoored run")
+    def run(self, models: Mapping[str, Any], data: AuditData, seed: int) -> AuditResult:
+        """QRA against `models["purified"]` (teacher: its RA version `models["ra"]`; reference: `models["clean"]`),
+        evaluated on the test set."""
+        data.require_attack("qra")
+        purified, clean_model = models["purified"], models["clean"]
         started = time.perf_counter()
-        data, is_poison = self.optimisation_set(setup, seed)
-        generator = self.new_generator(setup, seed, model_device(purified))
-        losses = self.fit_generator(generator, purified, retuned, clean_model, data, seed)
-        on_triggered = target_rates((purified, clean_model), generator, setup.triggered_test.images, setup.target)
-        on_clean = target_rates((purified, clean_model), generator, setup.bundle.test.images, setup.target)
+        mixed, is_poison = self.optimisation_set(data, seed)
+        generator = self.new_generator(data, seed, model_device(purified))
+        losses = self.fit_generator(generator, purified, models["ra"], clean_model, mixed, seed)
+        on_triggered = target_rates((purified, clean_model), generator, data.triggered_test.images, data.target)
+        on_clean = target_rates((purified, clean_model), generator, data.test.images, data.target)
         result = {
             "asr_purified": on_triggered[0], "asr_clean_model": on_triggered[1],
             "target_rate_clean_purified": on_clean[0], "target_rate_clean_clean_model": on_clean[1],
@@ -171,21 +169,27 @@ class QueryReactivation:
         }
         log.info("qra: asr_purified=%.4f asr_clean_model=%.4f (%.1fs)", result["asr_purified"],
                  result["asr_clean_model"], result["duration_s"])
-        return result
+        return AuditResult(result)
+
+    def row_fields(self, metrics: dict, row: dict) -> dict:
+        return {f"qra_{key}": metrics[key] for key in ROW_METRICS}
 
 
-def triggered_training_images(setup: Setup, count: int, seed: int) -> ImageSet:
+ROW_METRICS = ("asr_purified", "asr_clean_model", "target_rate_clean_purified", "target_rate_clean_clean_model")
+
+
+def triggered_training_images(data: AuditData, count: int, seed: int) -> ImageSet:
     """The test trigger on `count` clean attacker-training images of non-target classes, labelled with their TRUE class.
 
     Training images, never test images, so QRA's ASR is measured on unseen inputs; this also works for
     clean-label attacks, whose poisoned training samples are all target-class images.
     """
-    pool = setup.bundle.train.subset(setup.split.train)
-    candidates = (pool.labels != setup.target).nonzero().flatten()
+    pool = data.attacker_pool
+    candidates = (pool.labels != data.target).nonzero().flatten()
     if count > len(candidates):
         raise UsageError(f"qra poison_count={count} but only {len(candidates)} non-target training images exist")
     chosen = candidates[torch.randperm(len(candidates), generator=torch.Generator().manual_seed(seed))[:count]]
-    return ImageSet(map_uint8(setup.attack.apply, pool.images[chosen]), pool.labels[chosen])
+    return ImageSet(map_uint8(data.trigger, pool.images[chosen]), pool.labels[chosen])
 
 
 @torch.inference_mode()

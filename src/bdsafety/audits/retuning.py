@@ -18,7 +18,7 @@ import copy
 import logging
 import time
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, ClassVar
+from typing import Any, ClassVar, Mapping
 
 import torch
 from torch import Tensor, nn
@@ -26,22 +26,19 @@ from torch import Tensor, nn
 from ..aggregate import spread
 from ..data import ImageSet, seed_for
 from ..errors import UsageError
-from ..train import TrainConfig, evaluate, fit
-from . import AUDITS
-
-if TYPE_CHECKING:
-    from ..experiment import Setup
+from ..train import TrainConfig, fit
+from ._common import AUDITS, AuditBase, AuditData, AuditResult
 
 log = logging.getLogger(__name__)
 
 
 @AUDITS.register("ra")
 @dataclass(frozen=True)
-class Retuning:
+class Retuning(AuditBase):
     """Retuning Attack: fine-tune the purified model on attacker clean data plus a few target-labelled poisons.
 
     `crop_pad`/`flip` augment the clean images only; the pipeline and `bdsafety audit` set them to the
-    backdoored model's own training augmentation from its record (`create_audit(..., augmentation)`).
+    backdoored model's own training augmentation from its record (`AUDITS.create(..., shared=augmentation)`).
     """
 
     clean_fraction: float = 0.02  # ft_poison.py split_ratio [argdef]: 2% of the training set (1,000 on CIFAR-10)
@@ -55,6 +52,7 @@ class Retuning:
     crop_pad: int = 4  # CIFAR-10 train transform, RandomCrop padding 4 (ALGORITHMS §1.1)
     flip: bool = True  # CIFAR-10 train transform, RandomHorizontalFlip
     cpu_overrides: ClassVar[dict] = {}  # 5 epochs on ~1,200 Fashion-MNIST images already take a few seconds
+    on_clean: ClassVar[bool] = True  # the clean model's P-ASR is the reference a purified model is judged by
 
     def __post_init__(self):
         if not 0 < self.clean_fraction < 1 or self.poison_count < 0 or self.repeats < 1:
@@ -65,39 +63,49 @@ class Retuning:
                            weight_decay=self.weight_decay, schedule="constant", crop_pad=self.crop_pad,
                            flip=self.flip, drop_last=False)
 
-    def retuning_set(self, setup: Setup, seed: int) -> tuple[ImageSet, Tensor]:
+    def retuning_set(self, data: AuditData, seed: int) -> tuple[ImageSet, Tensor]:
         """The attacker's clean images followed by `poison_count` poisoned training samples labelled with the
         target, and the mask of the poisons (which are never augmented)."""
         gen = torch.Generator().manual_seed(seed_for(seed, "ra-data"))
-        clean = attacker_clean_images(setup, round(self.clean_fraction * len(setup.bundle.train)), gen)
-        poisons = poisoned_samples(setup, self.poison_count, gen)
-        data = ImageSet(torch.cat([clean.images, poisons.images]), torch.cat([clean.labels, poisons.labels]))
+        clean = attacker_clean_images(data.attacker_pool, round(self.clean_fraction * data.num_train), gen)
+        poisons = poisoned_samples(data.poisons, self.poison_count, gen)
+        if poisons is None:
+            return clean, torch.zeros(len(clean), dtype=torch.bool)
+        mixed = ImageSet(torch.cat([clean.images, poisons.images]), torch.cat([clean.labels, poisons.labels]))
         is_poison = torch.cat([torch.zeros(len(clean), dtype=torch.bool), torch.ones(len(poisons), dtype=torch.bool)])
-        return data, is_poison
+        return mixed, is_poison
 
     def repeat_seeds(self, seed: int) -> list[int]:
         """One seed per attacker draw; the first is the run's seed itself."""
         return [seed] + [seed_for(seed, f"ra-repeat{i}") for i in range(1, self.repeats)]
 
-    def run(self, purified: nn.Module, setup: Setup, seed: int) -> tuple[nn.Module, dict]:
-        """RA on `purified`, `repeats` times; returns the first retuned model and the test-set C-Acc / ASR
-        (the P-ASR) of every repeat with their mean, standard deviation and range."""
+    def run(self, models: Mapping[str, Any], data: AuditData, seed: int) -> AuditResult:
+        """RA on `models["purified"]`, `repeats` times: the test-set C-Acc / ASR (the P-ASR) of every repeat with
+        their mean, standard deviation and range; the result's model is the first repeat's retuned model."""
         started = time.perf_counter()
         returned, repeats = None, []
         for repeat_seed in self.repeat_seeds(seed):
-            data, is_poison = self.retuning_set(setup, repeat_seed)
-            retuned, history = self._retune(purified, data, is_poison, repeat_seed)
-            metrics = evaluate(retuned, setup.bundle.test, setup.triggered_test, setup.target)
+            mixed, is_poison = self.retuning_set(data, repeat_seed)
+            retuned, history = self._retune(models["purified"], mixed, is_poison, repeat_seed)
+            metrics = data.eval_sets.evaluate_test(retuned)
             repeats.append({**metrics, "seed": repeat_seed, "epoch_losses": history["epoch_losses"]})
             returned = retuned if returned is None else returned
         num_poison = int(is_poison.sum())
         means = {**spread("clean_acc", [r["clean_acc"] for r in repeats]), **spread("asr", [r["asr"] for r in repeats])}
-        result = {**means, "num_clean": len(data) - num_poison,
+        result = {**means, "num_clean": len(mixed) - num_poison,
                   "num_poison": num_poison, "repeats": repeats, "duration_s": time.perf_counter() - started}
         log.info("ra: clean_acc=%.4f asr=%.4f ± %.4f over %d repeats (%d clean + %d poisons, %.1fs)",
                  result["clean_acc"], result["asr"], result["asr_sd"], len(repeats), result["num_clean"],
                  num_poison, result["duration_s"])
-        return returned, result
+        return AuditResult(result, returned)
+
+    def row_fields(self, metrics: dict, row: dict) -> dict:
+        """`p_clean_acc`, `p_asr` (means over the repeats), their `_sd`, `_min`, `_max` and `_repeats`."""
+        return {f"p_{key}": value for key, value in summary_values(metrics).items()}
+
+    def reference_fields(self, metrics: dict) -> dict:
+        """The clean model's `clean_acc_after_ra`, `asr_after_ra` and their spread."""
+        return {f"{metric}_after_ra{suffix}": value for metric, suffix, value in suffixed_values(metrics)}
 
     def _retune(self, model: nn.Module, data: ImageSet, is_poison: Tensor, seed: int) -> tuple[nn.Module, dict]:
         retuned = copy.deepcopy(model).to(memory_format=torch.channels_last)  # train.fit's fast path
@@ -106,25 +114,36 @@ class Retuning:
         return retuned, history
 
 
-def attacker_clean_images(setup: Setup, count: int, gen: torch.Generator) -> ImageSet:
+def suffixed_values(metrics: dict) -> list[tuple[str, str, object]]:
+    """(metric, suffix, value) of an RA record: the mean over repeats (suffix ""), its spread and each repeat."""
+    values = []
+    for key in ("clean_acc", "asr"):
+        values += [(key, suffix, metrics[key + suffix]) for suffix in ("", "_sd", "_min", "_max")]
+        values.append((key, "_repeats", [r[key] for r in metrics["repeats"]]))
+    return values
+
+
+def summary_values(metrics: dict) -> dict:
+    return {metric + suffix: value for metric, suffix, value in suffixed_values(metrics)}
+
+
+def attacker_clean_images(pool: ImageSet, count: int, gen: torch.Generator) -> ImageSet:
     """`count` clean images from the attacker's training split (his own data, not the defender's reserve)."""
-    pool = setup.bundle.train.subset(setup.split.train)
     if count > len(pool):
         raise UsageError(f"ra needs {count} clean images but the training split has {len(pool)}")
     return pool.subset(torch.randperm(len(pool), generator=gen)[:count])
 
 
-def poisoned_samples(setup: Setup, count: int, gen: torch.Generator) -> ImageSet:
-    """`count` of the attack's poisoned training samples, labelled with the target (WaNet noise-mode excluded)."""
+def poisoned_samples(poisons: ImageSet | None, count: int, gen: torch.Generator) -> ImageSet | None:
+    """`count` of the attack's poisoned training samples, labelled with the target (WaNet noise-mode excluded);
+    None for none."""
     if count == 0:
-        return ImageSet(setup.bundle.train.images[:0], setup.bundle.train.labels[:0])
-    if setup.poisoned is None:
+        return None
+    if poisons is None:
         raise UsageError("ra needs the attack's poisoned samples; pass the setup of a backdoored run")
-    candidates = poison_candidates(setup.poisoned.poison_mask, setup.poisoned.cross_mask)
-    if count > len(candidates):
-        raise UsageError(f"ra poison_count={count} but the attack poisoned only {len(candidates)} training samples")
-    chosen = candidates[torch.randperm(len(candidates), generator=gen)[:count]]
-    return ImageSet(setup.poisoned.data.images[chosen], torch.full((count,), setup.target, dtype=torch.int64))
+    if count > len(poisons):
+        raise UsageError(f"ra poison_count={count} but the attack poisoned only {len(poisons)} training samples")
+    return poisons.subset(torch.randperm(len(poisons), generator=gen)[:count])
 
 
 def poison_candidates(poison_mask: Tensor, cross_mask: Tensor) -> Tensor:

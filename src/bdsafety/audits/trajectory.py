@@ -14,13 +14,11 @@ import dataclasses
 import logging
 import time
 from dataclasses import dataclass
-from typing import ClassVar
-
-from torch import Tensor, nn
+from typing import Any, ClassVar, Mapping
 
 from ..errors import UsageError
-from ..experiment import Setup, evaluate_setup, weight_distance
-from . import AUDITS
+from ..metrics import weight_distance
+from ._common import AUDITS, AuditBase, AuditData, AuditResult
 from .retuning import Retuning
 
 log = logging.getLogger(__name__)
@@ -28,7 +26,7 @@ log = logging.getLogger(__name__)
 
 @AUDITS.register("trajectory")
 @dataclass(frozen=True)
-class DefenseTrajectory:
+class DefenseTrajectory(AuditBase):
     """O-ASR, C-Acc, weight distance and RA P-ASR at evenly spaced points of a defense run."""
 
     points: int = 5  # after 1/5, 2/5, ..., 5/5 of the run (the last is the purified model itself)
@@ -37,26 +35,47 @@ class DefenseTrajectory:
     # N of the triggered test images, as `lmc test_images` (sampling error at most 0.5 / sqrt(N) per fraction;
     # the final point keeps the purify and RA stages' full test set).
     test_images: int = 0
+    ra: Retuning = dataclasses.field(default_factory=Retuning)  # the run's RA (set from its `ra` settings)
     cpu_overrides: ClassVar[dict] = {}
+    needs: ClassVar[tuple[str, ...]] = ("backdoored", "defense_run")
+    uses: ClassVar[tuple[str, ...]] = ("ra",)
 
     def __post_init__(self):
         if self.points < 1 or self.ra_repeats < 1 or self.test_images < 0:
             raise UsageError(f"trajectory needs points >= 1, ra_repeats >= 1 and test_images >= 0, got {self}")
+        if not isinstance(self.ra, Retuning):
+            raise UsageError("trajectory takes its RA settings from the spec's audit_params.ra, not its own 'ra'")
 
-    def run(self, backdoored: nn.Module, states: list[tuple[dict, dict[str, Tensor]]], ra: Retuning,
-            setup: Setup, seed: int) -> dict:
-        """Evaluate each (info, state) of `states` (info: its `fraction`, `step` or `threshold`)."""
+    def run(self, models: Mapping[str, Any], data: AuditData, seed: int) -> AuditResult:
+        """Evaluate each (info, state) of `models["defense_run"]` (info: its `fraction`, `step` or `threshold`)."""
         started = time.perf_counter()
-        ra = dataclasses.replace(ra, repeats=self.ra_repeats)
-        measured = setup.with_test_sample(self.test_images)
+        backdoored = models["backdoored"]
+        ra = dataclasses.replace(self.ra, repeats=self.ra_repeats)
+        measured = data.with_test_sample(self.test_images)
         model = copy.deepcopy(backdoored)
         points = []
-        for info, state in states:
+        for info, state in models["defense_run"]:
             model.load_state_dict(state)
             model.eval()
-            _, retuned = ra.run(model, measured, seed)
-            points.append({**info, **evaluate_setup(model, measured),
+            retuned = ra.run({"purified": model}, measured, seed).metrics
+            points.append({**info, **measured.eval_sets.evaluate(model),
                            "relative_distance": weight_distance(model, backdoored),
                            "p_clean_acc": retuned["clean_acc"], "p_asr": retuned["asr"]})
         log.info("trajectory: p_asr %s", " ".join(f"{p['fraction']:.2f}:{p['p_asr']:.2f}" for p in points))
-        return {"points": points, "test_images": len(measured.bundle.test), "duration_s": time.perf_counter() - started}
+        return AuditResult({"points": points, "test_images": len(measured.test),
+                            "duration_s": time.perf_counter() - started})
+
+    def row_fields(self, metrics: dict, row: dict) -> dict:
+        """The points before the end, then the purified model itself (its purify and RA numbers) at fraction 1."""
+        return {"trajectory": metrics["points"] + [final_point(row)]}
+
+
+def final_point(row: dict) -> dict:
+    """The purified model as the last point of its trajectory (fraction 1), from its results row."""
+    point = {"fraction": 1.0, "clean_acc": row["o_clean_acc"], "asr": row["o_asr"],
+             "relative_distance": row["strength"]["relative_distance"], "p_clean_acc": row["p_clean_acc"],
+             "p_asr": row["p_asr"]}
+    for key in ("calibration_clean_acc", "calibration_asr"):
+        if f"o_{key}" in row:
+            point[key] = row[f"o_{key}"]
+    return point

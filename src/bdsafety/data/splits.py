@@ -39,3 +39,9 @@ def split_reserve(n: int, reserve_fraction: float, seed: int, calibration_fracti
 def seed_for(seed: int, name: str) -> int:
     """A stable sub-seed for the stage `name` (same across runs and platforms)."""
     return (seed * 1_000_003 + zlib.crc32(name.encode())) % (2**31 - 1)
+
+
+def defender_split(num_train: int, reserve_fraction: float, seed: int, calibration_fraction: float = 0.0) -> Split:
+    """A run's split of its `num_train` training images: the seeded reserve (the defender's clean data), the
+    calibration split and the rest (the attacker's training set)."""
+    return split_reserve(num_train, reserve_fraction, seed_for(seed, "reserve"), calibration_fraction)

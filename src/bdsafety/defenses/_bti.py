@@ -34,8 +34,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..data import ImageSet, augment, seed_for, to_float
-from ..train import batch_indices, model_device
-from ._common import DefenderData
+from ..train import batch_indices, eval_mode, model_device
+from ._common import DefenderData, DefenseBase
 
 log = logging.getLogger(__name__)
 
@@ -132,18 +132,16 @@ def create_generator(model: nn.Module, channels: int, seed: int, base: int = 32)
     return generator.to(model_device(model))
 
 
-@torch.no_grad()
-def mix_generated(x: Tensor, y: Tensor, generator: TriggerGenerator, gen: torch.Generator,
-                  ratio: float = 0.2) -> tuple[Tensor, Tensor]:
-    """Batch hook: replace k = int(ratio*|B| + 1) random samples by G(x), keeping their TRUE labels (§4.7 B4)."""
-    k = min(int(ratio * len(x) + 1), len(x))
-    idx = torch.randperm(len(x), generator=gen)[:k].to(x.device)
-    was_training = generator.training
-    generator.eval()
-    mixed = x.clone()
-    mixed[idx] = generator(x[idx]).to(mixed.dtype)
-    generator.train(was_training)
-    return mixed, y
+def generated(generator: TriggerGenerator) -> Callable[[Tensor], Tensor]:
+    """x -> G(x) with G in eval mode, without gradients, in the batch's dtype: the images B4 mixes into its
+    batches with their TRUE labels (§4.7 B4; `_tuning.replace_fraction` picks k = int(ratio*|B| + 1))."""
+
+    @torch.no_grad()
+    def transform(x: Tensor) -> Tensor:
+        with eval_mode(generator):
+            return generator(x).to(x.dtype)
+
+    return transform
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -201,7 +199,7 @@ CPU_OVERRIDES = {"preround": 2, "mround": 5, "uround": 1, "nround": 2, "ul_round
 
 
 @dataclass(frozen=True)
-class BTIStages:
+class BTIStages(DefenseBase):
     """The trigger-inversion hyperparameters shared by BTI-DBF(U) and PAM (§4.7; paper defaults)."""
 
     preround: int = 50  # stage A epochs [argdef pretrain.py]
@@ -318,15 +316,13 @@ def detect_target(generator: TriggerGenerator, model: nn.Module, data: ImageSet,
                   num_classes: int, gen: torch.Generator) -> tuple[int, list[int]]:
     """B3: the class most often predicted for G(x + noise) over one pass of augmented reserve batches, as
     the official vote over its training loader (classifier and G in eval mode)."""
-    was_training = model.training
-    model.eval()
-    generator.eval()
+    generator.eval()  # and it stays so: the next round's stage A sets its own mode
     votes = torch.zeros(num_classes, dtype=torch.long)
-    for x, _ in reserve_batches(data, stages, gen):
-        z = generator.normalize(x)
-        noisy = z + stages.noise_std * torch.randn(z.shape, generator=gen).to(z.device)
-        votes += torch.bincount(model(generator.from_normalized(noisy)).argmax(1).cpu(), minlength=num_classes)
-    model.train(was_training)
+    with eval_mode(model):
+        for x, _ in reserve_batches(data, stages, gen):
+            z = generator.normalize(x)
+            noisy = z + stages.noise_std * torch.randn(z.shape, generator=gen).to(z.device)
+            votes += torch.bincount(model(generator.from_normalized(noisy)).argmax(1).cpu(), minlength=num_classes)
     return int(votes.argmax()), votes.tolist()
 
 

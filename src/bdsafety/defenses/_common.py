@@ -1,14 +1,16 @@
 """What every defense shares: the registry, the defender's data and the purify contract.
 
-Defense contract: a frozen dataclass whose fields are its hyperparameters (paper defaults, with the
-source in a comment) and a method
+Defense contract (`Defense`, with the defaults of `DefenseBase`): a frozen dataclass whose fields are its
+hyperparameters (paper defaults, with the source in a comment), registered with
+`@DEFENSES.register(name)`, and a method
 
     purify(model, data: DefenderData, seed: int) -> (purified model, record dict)
 
 that returns the purified model (on the input model's device; it may modify the model it is given,
-since `run_defense` hands it a copy) and a JSON-able record of what it did (history, steps, timings). A defense sees only `DefenderData`: the
-reserved clean split, never the test set or the poison indices. Only EP reads `data.attack`, the true
-trigger, which it is given by definition.
+since `trace_defense` hands it a copy) and a JSON-able record of what it did (history, steps,
+timings). A defense sees only `DefenderData`: the reserved clean split, never the test set or the
+poison indices. Only EP (`uses_attack`) reads `data.attack`, the true trigger, which it is given by
+definition. `trajectory_states` may define the defense's own trajectory (ANP: its pruning threshold).
 
 `cpu_overrides` (a ClassVar dict) holds the Fashion-MNIST CPU profile's settings: shorter lengths, and a
 stronger setting only where the official one was measured not to purify (README, "Defense strength").
@@ -19,7 +21,6 @@ A defense's `crop_pad`/`flip` fields default to the paper's CIFAR-10 transform; 
 from __future__ import annotations
 
 import copy
-import dataclasses
 from dataclasses import dataclass
 from typing import ClassVar, Protocol
 
@@ -27,12 +28,10 @@ from torch import nn
 
 from ..attacks import Attack
 from ..data import ImageSet
-from ..errors import UsageError
-from ..registry import Registry, known_parameters
+from ..registry import Registry
 from ._trajectory import StepSnapshots
 
 DEFENSES = Registry("defense")
-PROFILES = ("paper", "cpu")
 
 
 @dataclass(frozen=True)
@@ -54,32 +53,29 @@ class Defense(Protocol):
 
     def purify(self, model: nn.Module, data: DefenderData, seed: int) -> tuple[nn.Module, dict]: ...
 
-
-def create_defense(name: str, profile: str = "paper", augmentation: dict | None = None, **overrides) -> Defense:
-    """Build defense `name` with the profile's lengths, the backdoored model's training augmentation
-    (`crop_pad`, `flip`: `train.training_augmentation` of its record), then user overrides (`--set key=value`)."""
-    if profile not in PROFILES:
-        raise UsageError(f"unknown profile '{profile}'; choose one of: {', '.join(PROFILES)}")
-    cls = DEFENSES.get(name)
-    params = {**(cls.cpu_overrides if profile == "cpu" else {}), **known_parameters(cls, augmentation), **overrides}
-    return DEFENSES.create(name, **params)
+    def trajectory_states(self, backdoored: nn.Module, record: dict,
+                          fractions: list[float]) -> list[tuple[dict, dict]] | None: ...
 
 
-def defense_params(defense: Defense) -> dict:
-    return dataclasses.asdict(defense)
+class DefenseBase:
+    """Defaults of the defense contract (mixed into each defense dataclass)."""
 
+    cpu_overrides: ClassVar[dict] = {}
+    uses_attack: ClassVar[bool] = False  # only EP, which is given the true trigger by definition
 
-def run_defense(defense: Defense, model: nn.Module, data: DefenderData, seed: int) -> tuple[nn.Module, dict]:
-    """Purify a copy of `model`; only defenses that declare `uses_attack` (EP) see the attack."""
-    purified, record, _ = trace_defense(defense, model, data, seed, keep_snapshots=False)
-    return purified, record
+    def trajectory_states(self, backdoored: nn.Module, record: dict,
+                          fractions: list[float]) -> list[tuple[dict, dict]] | None:
+        """The model's states at `fractions` of the run, when the defense defines its own trajectory (ANP: along
+        its pruning threshold); None: the states after those fractions of its optimizer steps."""
+        return None
 
 
 def trace_defense(defense: Defense, model: nn.Module, data: DefenderData, seed: int,
                   keep_snapshots: bool = True) -> tuple[nn.Module, dict, StepSnapshots]:
-    """`run_defense`, also counting the optimizer steps that update the model (and keeping spaced copies of
-    its state when `keep_snapshots`, for the defense's trajectory)."""
-    visible = data if getattr(defense, "uses_attack", False) else data.without_attack()
+    """Purify a copy of `model` (only a defense that declares `uses_attack`, EP, sees the attack), counting the
+    optimizer steps that update it (and keeping spaced copies of its state when `keep_snapshots`, for the
+    defense's trajectory)."""
+    visible = data if defense.uses_attack else data.without_attack()
     working = copy.deepcopy(model)
     with StepSnapshots(working, keep=keep_snapshots) as steps:
         purified, record = defense.purify(working, visible, seed)

@@ -31,7 +31,7 @@ from ..data import ImageSet, augment, to_float
 from ..errors import UsageError
 from ..metrics import clean_accuracy
 from ..train import model_device, predict
-from ._common import DEFENSES, DefenderData
+from ._common import DEFENSES, DefenderData, DefenseBase
 
 log = logging.getLogger(__name__)
 
@@ -126,7 +126,7 @@ def mask_summary(masks: dict[str, Tensor], threshold: float) -> dict:
 
 @DEFENSES.register("anp")
 @dataclass(frozen=True)
-class Anp:
+class ANP(DefenseBase):
     """ANP: Adversarial Neuron Pruning (Wu & Wang, NeurIPS 2021); prunes BN channels by learned masks.
 
     Args of `purify`: the backdoored model (never modified), the defender's data and a seed.

@@ -11,8 +11,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..train import TrainConfig, fit
-from ._bti import CPU_OVERRIDES, BTIStages, TriggerGenerator, Unlearn, keep_full_batches, mix_generated, run_bti
+from ._bti import CPU_OVERRIDES, BTIStages, TriggerGenerator, Unlearn, generated, keep_full_batches, run_bti
 from ._common import DEFENSES, DefenderData
+from ._tuning import replace_fraction
 
 log = logging.getLogger(__name__)
 
@@ -21,11 +22,11 @@ class PairedBatch:
     """Batch hook + loss for B4: the hook mixes in G(x) and keeps the clean batch for the feature term."""
 
     def __init__(self, generator: TriggerGenerator, ratio: float):
-        self.generator, self.ratio, self.clean = generator, ratio, None
+        self.mix, self.clean = replace_fraction(generated(generator), ratio), None
 
     def hook(self, x: Tensor, y: Tensor, gen: torch.Generator) -> tuple[Tensor, Tensor]:
         self.clean = x.contiguous(memory_format=torch.channels_last)
-        return mix_generated(x, y, self.generator, gen, self.ratio)
+        return self.mix(x, y, gen)
 
     def loss(self, model: nn.Module, x_mixed: Tensor, y: Tensor) -> Tensor:
         """CE(h(φ(x̃)), y) + MSE(φ(x), φ(x̃)): classify mixed batches right, keep their features clean."""
@@ -36,7 +37,7 @@ class PairedBatch:
 
 @DEFENSES.register("bti_dbf")
 @dataclass(frozen=True)
-class BtiDbf(BTIStages):
+class BTIDBF(BTIStages):
     """BTI-DBF(U) (Xu et al., ICLR 2024): invert the trigger with a U-Net, unlearn it with true labels.
 
     Stage A and rounds of B1-B3 (`BTIStages`), each round ending with B4: `ul_round` epochs of Adam

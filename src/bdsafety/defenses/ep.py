@@ -9,13 +9,13 @@ from torch import nn
 
 from ..errors import UsageError
 from ..train import fit
-from ._common import DEFENSES, DefenderData
+from ._common import DEFENSES, DefenderData, DefenseBase
 from ._tuning import mixed_count, replace_fraction, tuning_config, tuning_record
 
 
 @DEFENSES.register("ep")
 @dataclass(frozen=True)
-class EP:
+class EP(DefenseBase):
     """Exact Purification: fine-tune with true-trigger images keeping correct labels (Min et al., NeurIPS 2024).
 
     The oracle reference of arXiv 2410.09838: it knows the real trigger, so it is the only defense that

@@ -11,7 +11,7 @@ from torch import Tensor, nn
 
 from ..data import seed_for
 from ..train import fit
-from ._common import DEFENSES, DefenderData
+from ._common import DEFENSES, DefenderData, DefenseBase
 from ._tuning import cosine_similarity, project_norm, reinit_linear, tuning_config, tuning_record
 
 
@@ -22,7 +22,7 @@ def fst_penalty(weight: Tensor, weight_bd: Tensor) -> Tensor:
 
 @DEFENSES.register("fst")
 @dataclass(frozen=True)
-class FST:
+class FST(DefenseBase):
     """Feature Shift Tuning (Min et al., NeurIPS 2023, arXiv 2310.01875): new head, CE + α⟨W,W_bd⟩, fixed ‖W‖.
 
     ALGORITHMS §4.3 (`fine_tune/ft.py --ft_mode fst`): save W_bd and c = ‖W_bd‖_F, re-initialise the

@@ -8,13 +8,13 @@ from typing import ClassVar
 from torch import nn
 
 from ..train import fit
-from ._common import DEFENSES, DefenderData
+from ._common import DEFENSES, DefenderData, DefenseBase
 from ._tuning import tuning_config, tuning_record
 
 
 @DEFENSES.register("ft")
 @dataclass(frozen=True)
-class FT:
+class FT(DefenseBase):
     """Fine-tuning on clean data (baseline in Min et al., NeurIPS 2024, arXiv 2410.09838); no head renorm.
 
     Deviation from the official `fine_tune/ft.py` (ALGORITHMS §9.5, §11.2): the classifier's weight norm

@@ -11,13 +11,13 @@ from torch import nn
 from ..data import seed_for
 from ..optim import SAM
 from ..train import fit
-from ._common import DEFENSES, DefenderData
+from ._common import DEFENSES, DefenderData, DefenseBase
 from ._tuning import class_balanced_indices, tuning_config, tuning_record
 
 
 @DEFENSES.register("ft_sam")
 @dataclass(frozen=True)
-class FTSAM:
+class FTSAM(DefenseBase):
     """FT-SAM (Zhu et al., ICCV 2023, arXiv 2304.11823): ASAM (ρ=2) fine-tuning with label smoothing.
 
     ALGORITHMS §4.4 with §11.2: adaptive SAM over SGD, BN running statistics updated in the first pass

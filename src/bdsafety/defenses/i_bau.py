@@ -36,10 +36,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..data import ImageSet, augment, to_float
+from ..data import ImageSet
 from ..errors import UsageError
-from ..train import batch_indices, model_device
-from ._common import DEFENSES, DefenderData
+from ..train import DeviceBatches, TrainConfig, eval_mode, model_device
+from ._common import DEFENSES, DefenderData, DefenseBase
 
 log = logging.getLogger(__name__)
 
@@ -110,13 +110,8 @@ def input_scale(model: nn.Module) -> Tensor | float:
 def augmented_pass(reserve: ImageSet, batch_size: int, crop_pad: int, flip: bool, gen: torch.Generator,
                    device: torch.device) -> list[Batch]:
     """One shuffled, augmented pass over the reserve (last partial batch kept, like a default DataLoader)."""
-    images, labels = reserve.images.to(device), reserve.labels.to(device)
-    batches = []
-    for idx in batch_indices(len(labels), batch_size, gen, drop_last=False):
-        idx = idx.to(device)
-        x = augment(to_float(images[idx]), crop_pad, flip, gen).contiguous(memory_format=torch.channels_last)
-        batches.append((x, labels[idx]))
-    return batches
+    config = TrainConfig(batch_size=batch_size, crop_pad=crop_pad, flip=flip, drop_last=False)
+    return list(DeviceBatches(reserve.images.to(device), reserve.labels.to(device), config).epoch(gen))
 
 
 def universal_perturbation(model: nn.Module, batches: list[Batch], scale, lr: float, penalty: float,
@@ -140,7 +135,7 @@ def project_l2(delta: Tensor, radius: float) -> Tensor:
 
 @DEFENSES.register("i_bau")
 @dataclass(frozen=True)
-class IBau:
+class IBAU(DefenseBase):
     """I-BAU: Implicit Backdoor Adversarial Unlearning (Zeng et al., ICLR 2022) of a universal perturbation.
 
     Args of `purify`: the model (trained in place, BatchNorm statistics frozen), the defender's data, a seed.
@@ -169,25 +164,27 @@ class IBau:
             raise UsageError("I-BAU needs perturbed_fraction in [0, 1]")
 
     def purify(self, model: nn.Module, data: DefenderData, seed: int) -> tuple[nn.Module, dict]:
-        started, was_training = time.perf_counter(), model.training
+        started = time.perf_counter()
         gen = torch.Generator().manual_seed(seed)
         device, scale = model_device(model), input_scale(model)
         params = [p for p in model.parameters() if p.requires_grad]
         optimizer = torch.optim.Adam(params, lr=self.lr, amsgrad=self.amsgrad)
-        model.eval()  # BatchNorm running statistics stay frozen throughout (official code)
         rounds = []
-        for r in range(self.n_rounds):
-            fresh = augmented_pass(data.reserve, self.batch_size, self.crop_pad, self.flip, gen, device)
-            delta = universal_perturbation(model, fresh, scale, self.perturbation_lr, self.penalty,
-                                           self.perturbation_norm)
-            outer = augmented_pass(data.reserve, self.batch_size, self.crop_pad, self.flip, gen, device)
-            losses = [self.unlearn_step(model, params, optimizer, batch, delta, scale, gen) for batch in outer]
-            rounds.append({"delta_norm": float(delta.norm()), "outer_loss": sum(losses) / len(losses),
-                           "steps": len(losses)})
-            log.info("I-BAU round %d: |delta| %.3f, outer loss %.4f", r + 1, rounds[-1]["delta_norm"],
-                     rounds[-1]["outer_loss"])
-        model.train(was_training)
+        with eval_mode(model):  # BatchNorm running statistics stay frozen throughout (official code)
+            for r in range(self.n_rounds):
+                rounds.append(self.round(model, params, optimizer, data.reserve, scale, gen, device))
+                log.info("I-BAU round %d: |delta| %.3f, outer loss %.4f", r + 1, rounds[-1]["delta_norm"],
+                         rounds[-1]["outer_loss"])
         return model, {"rounds": rounds, "duration_s": time.perf_counter() - started}
+
+    def round(self, model: nn.Module, params: list[Tensor], optimizer: torch.optim.Optimizer, reserve: ImageSet,
+              scale, gen: torch.Generator, device: torch.device) -> dict:
+        """One round: the universal perturbation on a fresh pass, then the unlearning steps on another."""
+        fresh = augmented_pass(reserve, self.batch_size, self.crop_pad, self.flip, gen, device)
+        delta = universal_perturbation(model, fresh, scale, self.perturbation_lr, self.penalty, self.perturbation_norm)
+        outer = augmented_pass(reserve, self.batch_size, self.crop_pad, self.flip, gen, device)
+        losses = [self.unlearn_step(model, params, optimizer, batch, delta, scale, gen) for batch in outer]
+        return {"delta_norm": float(delta.norm()), "outer_loss": sum(losses) / len(losses), "steps": len(losses)}
 
     def unlearn_step(self, model: nn.Module, params: list[Tensor], optimizer: torch.optim.Optimizer, batch: Batch,
                      delta: Tensor, scale, gen: torch.Generator) -> float:

@@ -6,20 +6,20 @@ import logging
 from dataclasses import dataclass
 from typing import ClassVar
 
-import torch
 from torch import nn
 
 from ..optim.pam import PAM
 from ..train import TrainConfig, fit
-from ._bti import CPU_OVERRIDES, BTIStages, TriggerGenerator, Unlearn, keep_full_batches, mix_generated, run_bti
+from ._bti import CPU_OVERRIDES, BTIStages, TriggerGenerator, Unlearn, generated, keep_full_batches, run_bti
 from ._common import DEFENSES, DefenderData
+from ._tuning import replace_fraction
 
 log = logging.getLogger(__name__)
 
 
 @DEFENSES.register("pam")
 @dataclass(frozen=True)
-class Pam(BTIStages):
+class PAMDefense(BTIStages):
     """PAM (Min et al., NeurIPS 2024): BTI-DBF's inverted trigger, unlearned by path-aware minimisation.
 
     Stage A and rounds of B1-B3 as in BTI-DBF(U); each round's B4 is `ul_round` epochs of PAM updates
@@ -60,7 +60,7 @@ class Pam(BTIStages):
         def unlearn(round_: int, generator: TriggerGenerator, round_seed: int) -> dict:
             if config.epochs == 0:
                 return {"epoch_losses": [], "steps": 0}
-            hook = lambda x, y, gen: mix_generated(x, y, generator, gen, self.gen_ratio)  # noqa: E731
+            hook = replace_fraction(generated(generator), self.gen_ratio)
             history = fit(model, data.reserve, config, round_seed, optimizer=optimizer, batch_hook=hook)
             return {"epoch_losses": history["epoch_losses"], "steps": history["steps_per_epoch"] * config.epochs}
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ._common import Classifier, Normalize
+from ._common import MODELS, Classifier, Normalize
 
 
 class PreActBlock(nn.Module):
@@ -51,11 +51,13 @@ class PreActResNet(Classifier):
         self.linear = nn.Linear(self.body.out_channels, num_classes)
 
 
+@MODELS.register("preact_small")
 def preact_small(in_channels: int, num_classes: int, mean, std) -> PreActResNet:
     """0.31 M parameters; a stride-2 stem keeps it at ~2,500 train img/s on 2 CPU cores for 28x28 inputs."""
     return PreActResNet(in_channels, num_classes, mean, std, (32, 64, 128), (1, 1, 1), stem_stride=2)
 
 
+@MODELS.register("preact_resnet18")
 def preact_resnet18(in_channels: int, num_classes: int, mean, std) -> PreActResNet:
     """PreAct-ResNet-18 (BackdoorBench's CIFAR default): widths 64-512, [2,2,2,2] blocks, 3x3 stride-1 stem."""
     return PreActResNet(in_channels, num_classes, mean, std, (64, 128, 256, 512), (2, 2, 2, 2), stem_stride=1)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ._common import Classifier, Normalize
+from ._common import MODELS, Classifier, Normalize
 
 
 def projection(in_planes: int, planes: int, stride: int) -> nn.Module:
@@ -74,9 +74,11 @@ class ResNet(Classifier):
         self.linear = nn.Linear(self.body.out_channels, num_classes)
 
 
+@MODELS.register("resnet18")
 def resnet18(in_channels: int, num_classes: int, mean, std) -> ResNet:
     return ResNet(BasicBlock, (2, 2, 2, 2), in_channels, num_classes, mean, std)
 
 
+@MODELS.register("resnet50")
 def resnet50(in_channels: int, num_classes: int, mean, std) -> ResNet:
     return ResNet(Bottleneck, (3, 4, 6, 3), in_channels, num_classes, mean, std)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from torch import nn
 
-from ._common import Classifier, Normalize
+from ._common import MODELS, Classifier, Normalize
 
 VGG19 = (64, 64, "M", 128, 128, "M", 256, 256, 256, 256, "M", 512, 512, 512, 512, "M", 512, 512, 512, 512, "M")
 
@@ -25,5 +25,6 @@ class VGG(Classifier):
         self.linear = nn.Linear(channels, num_classes)
 
 
+@MODELS.register("vgg19_bn")
 def vgg19_bn(in_channels: int, num_classes: int, mean, std) -> VGG:
     return VGG(VGG19, in_channels, num_classes, mean, std)

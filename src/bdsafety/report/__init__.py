@@ -9,15 +9,13 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-from ..store import atomic_write_bytes, read_json
+from ..store import HTML_FILE, MARKDOWN_FILE, RESULTS_FILE, TIMINGS_FILE, atomic_write_bytes, read_json
 from .claims import evaluate_claims
 from .figures import attack_figures
 from .html import ReportContent, render_html, render_markdown
 from .tables import qra_table, robustness_table, runtime_table, setup_table, strength_table, trigger_table
 
 log = logging.getLogger(__name__)
-
-RESULTS_FILE, TIMINGS_FILE, MARKDOWN_FILE, HTML_FILE = "results.json", "timings.json", "report.md", "report.html"
 
 
 def build_content(results: dict) -> ReportContent:

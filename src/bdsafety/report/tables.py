@@ -45,11 +45,8 @@ class Table:
 
 def attack_blocks(results: dict) -> list[dict]:
     """One block per attack: the seed summary of a several-seed run (means with spread), else
-    `results["attacks"]`, or the top level itself for a single-attack run."""
-    blocks = results.get("summary") or results.get("attacks") or [{
-        "attack": results.get("attack", "backdoor"), "poison_rate": results.get("poison_rate"),
-        "target": results.get("target"), "backdoored": results.get("backdoored") or {},
-        "clean": results.get("clean") or {}, "rows": results.get("rows") or []}]
+    `results["attacks"]`."""
+    blocks = results.get("summary") or results["attacks"]
     return [{**b, "backdoored": b.get("backdoored") or {}, "clean": b.get("clean") or {},
              "rows": b.get("rows") or []} for b in blocks]
 
@@ -295,3 +292,19 @@ def _html_row(rows: list[list[Cell]], i: int, lead: int, merge: bool) -> str:
     cells += [f'<td class="num">{html.escape(cell_text(c))}</td>' for c in row[lead:]]
     css = ' class="group-start"' if merge and starts_group and i > 0 else ""
     return f"<tr{css}>" + "".join(cells) + "</tr>"
+
+
+def console_table(results: dict) -> str:
+    """The console summary of a run: one small text table per results block (attack, poison rate, target, seed)."""
+    blocks = results["attacks"]
+    return "\n".join(block_table(block, len(blocks) > 1) for block in blocks)
+
+
+def block_table(block: dict, titled: bool) -> str:
+    title = f"{block.get('attack')} {block.get('poison_rate')} t={block.get('target')} seed {block.get('seed')}: "
+    lines = [f"{title if titled else ''}backdoored: {' '.join(f'{k}={v:.4f}' for k, v in block['backdoored'].items())}",
+             "defense   o_acc  o_asr  p_acc  p_asr  qra_asr"]
+    for row in block["rows"]:
+        cells = [row.get(k) for k in ("o_clean_acc", "o_asr", "p_clean_acc", "p_asr", "qra_asr_purified")]
+        lines.append(f"{row['defense']:9s} " + "  ".join("  -  " if v is None else f"{v:.3f}" for v in cells))
+    return "\n".join(lines)

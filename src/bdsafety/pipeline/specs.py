@@ -1,38 +1,67 @@
-"""Experiment specs: YAML (+ dotted --set overrides) -> one frozen, validated ExperimentSpec; canonical hash.
+"""Every spec type of the pipeline and the plan built from them.
 
-Validation happens here, once, at the edge: an unknown key, a wrong type or an impossible value is a
-UsageError naming the field and what is allowed.
+A YAML spec (+ dotted --set overrides) becomes one frozen, validated `ExperimentSpec`, and then a `Plan`:
+the spec with its attacks, defenses and audits built for its profile. Validation happens here, once, at
+the edge and before any work: an unknown key, name or method parameter, a wrong type or an impossible
+value is a UsageError naming the field and what is allowed.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import yaml
 
-from .attacks import ATTACKS
-from .attacks._common import check_clean_label_rate
-from .data import DATASET_NAMES, DataBundle
-from .defenses import DEFENSES
-from .errors import UsageError
-from .experiment import defender_split
-from .models import MODELS
-from .profiles import TRAIN_PROFILES, default_profile
+from ..attacks import ATTACKS, Attack
+from ..attacks._common import check_clean_label_rate
+from ..audits import AUDITS, Audit, create_audits, missing_dependencies
+from ..data import DATASET_NAMES, DataBundle, defender_split, seed_for
+from ..defenses import DEFENSES, Defense
+from ..errors import UsageError
+from ..models import MODELS
+from ..profiles import MODEL_FOR_PROFILE, TRAIN_PROFILES, default_profile
+from ..registry import parameter_names
+from ..store import canonical_hash
+from ..train import TrainConfig, training_augmentation
 
 CHECKS = ("ra", "qra", "lmc", "trajectory")
 PAPER_DEFENSES = ("ep", "ft", "fst", "ft_sam", "anp", "i_bau", "bti_dbf", "pam")
 
 
 @dataclass(frozen=True)
-class AttackEntry:
+class DataSpec:
+    name: str = "fashion-mnist"
+    data_dir: str | None = None
+    reserve_fraction: float = 0.05  # the defender's clean split (ALGORITHMS §11.1)
+    # held-out training images on which defense settings are calibrated (ALGORITHMS §11.4), never the test set
+    calibration_fraction: float = 0.0
+
+
+@dataclass(frozen=True)
+class AttackSpec:
+    """One attack of an experiment; "none" trains the clean model."""
+
     name: str = "badnets"
     poison_rate: float = 0.05
     target: int = 0
     params: dict = field(default_factory=dict)
+
+    @property
+    def label(self) -> str:
+        return f"{self.name}-{self.poison_rate:g}-t{self.target}"
+
+    def build(self, seed: int, profile: str = "paper") -> Attack:
+        """The (unfitted) attack: the profile's lengths, then the spec's parameters; its seed derives from `seed`."""
+        params = dict(self.params)
+        if "seed" in parameter_names(ATTACKS.get(self.name)) and "seed" not in params:
+            params["seed"] = seed_for(seed, "trigger")
+        return ATTACKS.create(self.name, profile, **params)
+
+
+CLEAN = AttackSpec("none")
 
 
 @dataclass(frozen=True)
@@ -47,12 +76,12 @@ class ExperimentSpec:
     seeds: tuple[int, ...] = ()  # several seeds: one block per (attack, seed); empty: just `seed`
     reserve_fraction: float = 0.05
     calibration_fraction: float = 0.0  # held-out training images for choosing settings (never the test set)
-    attacks: tuple[AttackEntry, ...] = (AttackEntry(),)
+    attacks: tuple[AttackSpec, ...] = (AttackSpec(),)
     train: dict = field(default_factory=dict)  # TrainConfig overrides, e.g. {epochs: 4}
     defenses: tuple[str, ...] = PAPER_DEFENSES
     defense_params: dict = field(default_factory=dict)  # {defense: {param: value}}
     checks: tuple[str, ...] = CHECKS
-    audit_params: dict = field(default_factory=dict)  # {ra|qra|lmc: {param: value}}
+    audit_params: dict = field(default_factory=dict)  # {ra|qra|lmc|trajectory: {param: value}}
 
     @property
     def resolved_profile(self) -> str:
@@ -61,6 +90,10 @@ class ExperimentSpec:
     @property
     def resolved_seeds(self) -> tuple[int, ...]:
         return self.seeds or (self.seed,)
+
+    @property
+    def data(self) -> DataSpec:
+        return DataSpec(self.dataset, self.data_dir, self.reserve_fraction, self.calibration_fraction)
 
     def to_json(self) -> dict:
         """The spec as plain data; `seeds` only when given, so single-seed specs keep their earlier hash."""
@@ -73,9 +106,37 @@ class ExperimentSpec:
         return canonical_hash(self.to_json())
 
 
-def canonical_hash(obj) -> str:
-    text = json.dumps(obj, sort_keys=True, separators=(",", ":"), default=list)
-    return hashlib.sha256(text.encode()).hexdigest()[:16]
+@dataclass(frozen=True)
+class Plan:
+    """A validated spec with its methods built for its profile: what a run needs, checked before any work."""
+
+    spec: ExperimentSpec
+    profile: str
+    model: str
+    train_config: TrainConfig
+    defenses: dict[str, Defense]
+    audits: dict[str, Audit]  # in run order: an audit after those whose model or settings it takes
+
+
+def build_plan(spec: ExperimentSpec) -> Plan:
+    """Build every method of `spec` for its profile; any unknown or invalid parameter fails here."""
+    profile = spec.resolved_profile
+    try:
+        config = TrainConfig(**{**TRAIN_PROFILES[profile].to_json(), **spec.train})
+    except TypeError as exc:
+        raise UsageError(f"spec 'train': {exc}") from None
+    augmentation = training_augmentation(config)  # every defense and RA fine-tune like the backdoored model
+    for attack in spec.attacks:
+        for seed in spec.resolved_seeds:
+            attack.build(seed, profile)
+    defenses = {name: DEFENSES.create(name, profile, augmentation, **spec.defense_params.get(name, {}))
+                for name in spec.defenses}
+    audits = create_audits(spec.checks, profile, augmentation, spec.audit_params)
+    return Plan(spec, profile, spec.model or MODEL_FOR_PROFILE[profile], config, defenses, audits)
+
+
+def load_plan(path: str | Path | None, overrides: list[str] | None = None) -> Plan:
+    return build_plan(load_spec(path, overrides))
 
 
 def load_spec(path: str | Path | None, overrides: list[str] | None = None) -> ExperimentSpec:
@@ -100,14 +161,19 @@ def read_yaml(path: Path) -> dict:
     return data
 
 
-def apply_override(raw: dict, item: str) -> None:
+def parse_assignment(item: str) -> tuple[str, object]:
+    """`key=value` with the value parsed as YAML (numbers, booleans, strings, lists)."""
     key, sep, value = item.partition("=")
     if not sep or not key:
         raise UsageError(f"--set expects key=value, got '{item}'")
     try:
-        parsed = yaml.safe_load(value)
+        return key.strip(), yaml.safe_load(value)
     except yaml.YAMLError:
         raise UsageError(f"--set {key}: cannot parse value '{value}'") from None
+
+
+def apply_override(raw: dict, item: str) -> None:
+    key, parsed = parse_assignment(item)
     node, parts = raw, key.split(".")
     for part in parts[:-1]:
         node = node.setdefault(part, {})
@@ -169,21 +235,21 @@ def parse_lists(raw: dict) -> dict:
     return out
 
 
-def parse_attack(entry) -> list[AttackEntry]:
+def parse_attack(entry) -> list[AttackSpec]:
     """One attack entry; `poison_rate: [0.05, 0.1]` expands into one entry per rate."""
     if isinstance(entry, str):
-        return [AttackEntry(name=entry)]
+        return [AttackSpec(name=entry)]
     if not isinstance(entry, dict):
         raise UsageError(f"each attack must be a name or a mapping, got {entry!r}")
-    known = {f.name for f in dataclasses.fields(AttackEntry)}
+    known = {f.name for f in dataclasses.fields(AttackSpec)}
     unknown = sorted(str(k) for k in set(entry) - known)
     if unknown:
         raise UsageError(f"unknown attack key {unknown[0]!r}; valid keys: {', '.join(sorted(known))}")
-    rates = entry.get("poison_rate", AttackEntry.poison_rate)
+    rates = entry.get("poison_rate", AttackSpec.poison_rate)
     if not isinstance(rates, list):
-        return [AttackEntry(**entry)]
+        return [AttackSpec(**entry)]
     expect(bool(rates), f"attack '{entry.get('name')}': poison_rate list must not be empty")
-    return [AttackEntry(**{**entry, "poison_rate": rate}) for rate in rates]
+    return [AttackSpec(**{**entry, "poison_rate": rate}) for rate in rates]
 
 
 def expect(condition: bool, message: str) -> None:
@@ -222,18 +288,18 @@ def validate(spec: ExperimentSpec) -> None:
     for name in spec.defenses:
         expect(name in DEFENSES, f"unknown defense {name!r} in spec; choose from: {', '.join(DEFENSES.names())}")
     for name in spec.checks:
-        expect(name in CHECKS, f"unknown check {name!r} in spec; choose from: {', '.join(CHECKS)}")
-    expect("trajectory" not in spec.checks or "ra" in spec.checks,
-           "spec 'checks': trajectory measures RA along each defense run and needs ra in the checks too")
+        expect(name in AUDITS, f"unknown check {name!r} in spec; choose from: {', '.join(AUDITS.names())}")
+    for name, dependency in missing_dependencies(spec.checks):
+        expect(False, f"spec 'checks': {name} needs {dependency} in the checks too")
     for key in ("train", "defense_params", "audit_params"):
         expect(isinstance(getattr(spec, key), dict), f"spec '{key}' must be a mapping")
     for name in spec.defense_params:
         expect(name in DEFENSES, f"spec 'defense_params' names unknown defense {name!r}")
     for name in spec.audit_params:
-        expect(name in CHECKS, f"spec 'audit_params' names unknown check {name!r}")
+        expect(name in AUDITS, f"spec 'audit_params' names unknown check {name!r}")
 
 
-def validate_attack(entry: AttackEntry) -> None:
+def validate_attack(entry: AttackSpec) -> None:
     expect(is_name_in(entry.name, ATTACKS),
            f"unknown attack {entry.name!r} in spec; choose from: {', '.join(ATTACKS.names())}")
     expect(is_number(entry.poison_rate) and 0 < entry.poison_rate < 1,
@@ -252,7 +318,7 @@ def check_against_data(spec: ExperimentSpec, bundle: DataBundle) -> None:
         expect(entry.target < bundle.num_classes, f"attack '{entry.name}': target must be a class of {spec.dataset} "
                                                   f"(0..{bundle.num_classes - 1}), got {entry.target}")
     for seed in spec.resolved_seeds:
-        train_labels = bundle.train.labels[defender_split(bundle, spec.reserve_fraction, seed,
+        train_labels = bundle.train.labels[defender_split(len(bundle.train), spec.reserve_fraction, seed,
                                                           spec.calibration_fraction).train]
         for entry in spec.attacks:
             if ATTACKS.get(entry.name).clean_label:

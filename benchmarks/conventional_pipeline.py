@@ -14,8 +14,8 @@ import torch
 from PIL import Image, ImageOps
 from torch import Tensor
 
-from .attacks.badnets import BadNets
-from .experiment import Setup
+from bdsafety.attacks.badnets import BadNets
+from bdsafety.pipeline import Setup
 
 CROP_PAD = 2  # the CPU profile's RandomCrop padding
 PREFETCH = 2  # DataLoader's default prefetch_factor, made explicit

@@ -43,14 +43,14 @@ from torch import Tensor, nn
 
 from .conventional_pipeline import (CROP_PAD, PREFETCH, ConventionalDataset, conventional_dataset, conventional_loader,
                                    endless)
-from .audits.connectivity import LinearModeConnectivity
-from .data import ImageSet, augment, to_float
-from .data.synthetic import synthetic_bundle
-from .experiment import AttackSpec, DataSpec, Setup, prepare
-from .models import ModelSpec, create_model
-from .optim.pam import PAM
-from .profiles import TRAIN_PROFILES
-from .train import (LossFn, TrainConfig, batch_indices, cross_entropy, fit, optimizer_step, predict,
+from bdsafety.audits.connectivity import LinearModeConnectivity
+from bdsafety.data import ImageSet, augment, to_float
+from bdsafety.data.synthetic import synthetic_bundle
+from bdsafety.pipeline import AttackSpec, DataSpec, Setup, prepare
+from bdsafety.models import ModelSpec, create_model
+from bdsafety.optim.pam import PAM
+from bdsafety.profiles import TRAIN_PROFILES
+from bdsafety.train import (LossFn, TrainConfig, batch_indices, cross_entropy, fit, optimizer_step, predict,
                     native_bf16, resolve_precision, with_precision)
 
 log = logging.getLogger(__name__)
@@ -121,7 +121,7 @@ def make_setup(shape: tuple[int, int, int], n_train: int, n_test: int, seed: int
     if height != width:
         raise ValueError(f"the synthetic data is square; got {height}x{width}")
     bundle = synthetic_bundle(seed, NUM_CLASSES, channels, height, n_train, n_test)
-    return prepare(DataSpec("synthetic"), AttackSpec("badnets", {}, POISON_RATE, TARGET), seed, bundle=bundle)
+    return prepare(DataSpec("synthetic"), AttackSpec("badnets", POISON_RATE, TARGET), seed, bundle=bundle)
 
 
 def workload_and_data(work: Workload, n_train: int, n_test: int, seed: int = 0) -> tuple[Workload, Setup]:
@@ -148,10 +148,6 @@ def round_robin(cases: dict[str, Callable[[], float]], seconds: float, min_calls
         for name, case in cases.items():
             durations[name].append(case())
     return durations
-
-
-def repeat_timed(case: Callable[[], float], seconds: float, min_calls: int) -> list[float]:
-    return round_robin({"case": case}, seconds, min_calls)["case"]
 
 
 def rate_summary(items_per_call: int, durations: list[float]) -> dict:
@@ -357,7 +353,7 @@ def lmc_scan(work: Workload, backdoored: nn.Module, purified: nn.Module, setup: 
     """Wall time of one `LinearModeConnectivity` scan (BN statistics interpolated, the default)."""
     images = len(setup.bundle.test) + len(setup.triggered_test)
     started = time.perf_counter()
-    LinearModeConnectivity(points=points).run(backdoored, purified, setup)
+    LinearModeConnectivity(points=points).run({"backdoored": backdoored, "purified": purified}, setup.audit_data(), 0)
     synchronize(work.device)
     seconds = time.perf_counter() - started
     return {"seconds": seconds, "points": points, "images_per_point": images,

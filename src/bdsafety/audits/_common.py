@@ -1,0 +1,144 @@
+"""What every audit shares: the registry, the attacker's view of the data, the result and the contract.
+
+Audit contract: a frozen dataclass whose fields are its hyperparameters (paper defaults, with the
+source in a comment), registered with `@AUDITS.register(name)`, and
+
+    needs: ClassVar[tuple[str, ...]]   the models it takes: "backdoored", "purified", "clean",
+                                       "defense_run" (the states its defense run kept) or the name of an
+                                       audit whose result holds a model ("ra": RA's retuned model)
+    uses: ClassVar[tuple[str, ...]]    audits whose settings it is built with (passed as fields)
+    on_clean: ClassVar[bool]           whether it also runs on the clean model, as the reference
+    run(models, data: AuditData, seed) -> AuditResult   never modifies the models
+    row_fields(metrics, row) -> dict   what it adds to a purified model's results row
+    reference_fields(metrics) -> dict  what it adds to the clean model's entry (when `on_clean`)
+
+`cpu_overrides` (a ClassVar dict) scales lengths (epochs) for the CPU profile; the algorithm never
+changes. Audits measure on the test set; they are never defenses.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any, Callable, ClassVar, Mapping, Protocol
+
+from torch import Tensor, nn
+
+from ..data import ImageSet
+from ..errors import UsageError
+from ..registry import Registry
+from ..train import EvalSets
+
+AUDITS = Registry("audit")
+
+
+@dataclass(frozen=True)
+class AuditData:
+    """What the audits know of one backdoored run: the attacker's data, the defender's reserve and the test sets."""
+
+    attacker_pool: ImageSet  # the attacker's clean training images (RA's clean data, QRA's trigger carriers)
+    poisons: ImageSet | None  # the attack's backdoor-carrying poisoned training samples, labelled with the target
+    reserve: ImageSet  # the defender's clean split (QRA's clean images, LMC's BN re-estimation)
+    eval_sets: EvalSets
+    trigger: Callable[[Tensor], Tensor] | None  # the attack's test trigger on float [0, 1] images
+    num_train: int  # images in the whole training set (RA's clean_fraction is a share of it)
+    image_shape: tuple[int, int, int]
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+
+    @property
+    def target(self) -> int | None:
+        return self.eval_sets.target
+
+    @property
+    def test(self) -> ImageSet:
+        return self.eval_sets.test
+
+    @property
+    def triggered_test(self) -> ImageSet | None:
+        return self.eval_sets.triggered_test
+
+    def with_test_sample(self, count: int) -> "AuditData":
+        """The same data measured on a fixed random `count` of the clean and of the triggered test images."""
+        return dataclasses.replace(self, eval_sets=self.eval_sets.with_test_sample(count))
+
+    def require_attack(self, audit: str) -> None:
+        if self.trigger is None or self.triggered_test is None:
+            raise UsageError(f"{audit} needs an attack; pass the setup of a backdoored run")
+
+
+@dataclass
+class AuditResult:
+    """An audit's JSON-able metrics (fractions in [0, 1], losses, timings) and, for RA, the model it made."""
+
+    metrics: dict
+    model: nn.Module | None = None  # taken by later audits under this audit's name (RA's retuned model)
+
+
+class Audit(Protocol):
+    needs: ClassVar[tuple[str, ...]]
+    uses: ClassVar[tuple[str, ...]]
+    on_clean: ClassVar[bool]
+    cpu_overrides: ClassVar[dict]
+
+    def run(self, models: Mapping[str, Any], data: AuditData, seed: int) -> AuditResult: ...
+
+    def row_fields(self, metrics: dict, row: dict) -> dict: ...
+
+
+class AuditBase:
+    """Defaults of the audit contract (mixed into each audit dataclass)."""
+
+    needs: ClassVar[tuple[str, ...]] = ("purified",)
+    uses: ClassVar[tuple[str, ...]] = ()
+    on_clean: ClassVar[bool] = False
+    cpu_overrides: ClassVar[dict] = {}
+
+    def row_fields(self, metrics: dict, row: dict) -> dict:
+        return {}
+
+    def reference_fields(self, metrics: dict) -> dict:
+        return {}
+
+
+def run_order(names: list[str] | tuple[str, ...]) -> list[str]:
+    """`names` with every audit after the audits whose model it needs or whose settings it uses."""
+    ordered: list[str] = []
+
+    def visit(name: str) -> None:
+        if name in ordered:
+            return
+        cls = AUDITS.get(name)
+        for dependency in (*cls.needs, *cls.uses):
+            if dependency in names:
+                visit(dependency)
+        ordered.append(name)
+
+    for name in names:
+        visit(name)
+    return ordered
+
+
+def with_dependencies(names: list[str] | tuple[str, ...]) -> list[str]:
+    """`names` and the audits they take a model or settings from (QRA: RA), in run order."""
+    wanted = list(names)
+    for name in names:
+        wanted += [d for d in (*AUDITS.get(name).needs, *AUDITS.get(name).uses) if d in AUDITS and d not in wanted]
+    return run_order(wanted)
+
+
+def missing_dependencies(names: list[str] | tuple[str, ...]) -> list[tuple[str, str]]:
+    """(audit, audit it needs) pairs where the second is not among `names`."""
+    return [(name, dependency) for name in names for dependency in (*AUDITS.get(name).needs, *AUDITS.get(name).uses)
+            if dependency in AUDITS and dependency not in names]
+
+
+def create_audits(names: list[str] | tuple[str, ...], profile: str = "paper", shared: dict | None = None,
+                  params: Mapping[str, dict] | None = None) -> dict[str, Audit]:
+    """The audits `names` in run order, each built for `profile` with `shared` settings, its `params`, and the
+    audits it `uses` (e.g. the trajectory gets the RA it repeats along the defense run)."""
+    built: dict[str, Audit] = {}
+    for name in run_order(names):
+        used = {dependency: built[dependency] for dependency in AUDITS.get(name).uses if dependency in built}
+        built[name] = AUDITS.create(name, profile, shared, **{**(params or {}).get(name, {}), **used})
+    return built

@@ -1,0 +1,154 @@
+"""The shared setup of a backdoored run: data, split, fitted attack, poisoned and triggered sets.
+
+Everything here is derived deterministically from (data, attack, seed), so any later stage, and the
+single-shot commands, rebuild the same `Setup` from a model's record.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from ..attacks import ATTACKS, Attack, PoisonedSet, check_poisoning, fit_attack, fit_report, poison, triggered_test_set
+from ..audits import AuditData
+from ..audits.retuning import poison_candidates
+from ..data import DataBundle, ImageSet, Split, defender_split, load_dataset, seed_for
+from ..defenses import DefenderData
+from ..errors import UsageError
+from ..models import ModelSpec
+from ..profiles import default_profile
+from ..store import asset_cache_dir
+from ..train import EvalSets
+from .specs import AttackSpec, DataSpec
+
+
+@dataclass(frozen=True)
+class Setup:
+    """Everything derived deterministically from (data, attack, seed); shared by every later stage."""
+
+    bundle: DataBundle
+    split: Split
+    attack: Attack | None
+    attack_spec: AttackSpec
+    poisoned: PoisonedSet | None
+    triggered_test: ImageSet | None
+    triggered_calibration: ImageSet | None = None
+
+    @property
+    def target(self) -> int:
+        return self.attack_spec.target
+
+    @property
+    def reserve(self) -> ImageSet:
+        """The defender's clean data: held out of training, never poisoned."""
+        return self.bundle.train.subset(self.split.reserve)
+
+    @property
+    def calibration(self) -> ImageSet:
+        """Held-out clean training images (never trained on, never given to a defender)."""
+        return self.bundle.train.subset(self.split.calibration)
+
+    @property
+    def attacker_pool(self) -> ImageSet:
+        """The attacker's clean training images (before poisoning)."""
+        return self.bundle.train.subset(self.split.train)
+
+    @property
+    def attacker_train(self) -> ImageSet:
+        return self.poisoned.data if self.poisoned is not None else self.attacker_pool
+
+    @property
+    def eval_sets(self) -> EvalSets:
+        """The test sets, and the calibration split where the run holds one out."""
+        held_out = len(self.split.calibration) > 0
+        return EvalSets(self.bundle.test, self.triggered_test, self.target if self.attack else None,
+                        self.calibration if held_out else None, self.triggered_calibration if held_out else None)
+
+    def model_spec(self, model: str) -> ModelSpec:
+        return ModelSpec(model, self.bundle.shape[0], self.bundle.num_classes, self.bundle.mean, self.bundle.std)
+
+    def defender_data(self) -> DefenderData:
+        """What a defender holds: the reserve split; the attack is attached for EP only (run_defense strips it)."""
+        return DefenderData(self.reserve, self.bundle.num_classes, self.attack, self.target)
+
+    def audit_data(self) -> AuditData:
+        """What the audits know: the attacker's data, the poisons, the reserve and the test sets."""
+        return AuditData(self.attacker_pool, self.poisons(), self.reserve, self.eval_sets,
+                         self.attack.apply if self.attack else None, len(self.bundle.train), self.bundle.shape,
+                         self.bundle.mean, self.bundle.std)
+
+    def poisons(self) -> ImageSet | None:
+        """The backdoor-carrying poisoned training samples, labelled with the target (noise-mode samples excluded)."""
+        if self.poisoned is None:
+            return None
+        chosen = poison_candidates(self.poisoned.poison_mask, self.poisoned.cross_mask)
+        return ImageSet(self.poisoned.data.images[chosen], torch.full((len(chosen),), self.target, dtype=torch.int64))
+
+
+def prepare(data: DataSpec, attack: AttackSpec, seed: int, bundle: DataBundle | None = None,
+            profile: str | None = None, device: torch.device | str = "cpu") -> Setup:
+    """Load data, split off the reserve, fit the attack if it needs it, poison the training part and build
+    the triggered test set.
+
+    Args:
+        data, attack, seed: what to build; everything below is deterministic for them.
+        bundle: the loaded dataset (default: load `data`).
+        profile: attack fit lengths ("cpu" or "paper"; default: the dataset's default profile).
+        device: where an attack fit (SSBA, LC) computes on a cache miss.
+    """
+    bundle = bundle or load_dataset(data.name, data.data_dir, seed=seed)
+    if not 0 <= attack.target < bundle.num_classes:
+        raise UsageError(f"target class must be in 0..{bundle.num_classes - 1}, got {attack.target}")
+    split = defender_split(len(bundle.train), data.reserve_fraction, seed, data.calibration_fraction)
+    if attack.name == "none":
+        return Setup(bundle, split, None, attack, None, None)
+    train = bundle.train.subset(split.train)
+    check_poisoning(train.labels, ATTACKS.get(attack.name).clean_label, attack.poison_rate, attack.target,
+                    bundle.num_classes)  # before a fit that may take minutes
+    # fitted on the attacker's split only: the defender's reserve never shapes the trigger
+    trigger = fit_attack(attack.build(seed, profile or default_profile(data.name)), train, attack.target,
+                         asset_cache_dir(), device=device)
+    poisoned = poison(train, trigger, attack.poison_rate, attack.target, bundle.num_classes, seed_for(seed, "poison"))
+    calibration = bundle.train.subset(split.calibration)
+    return Setup(bundle, split, trigger, attack, poisoned, triggered_test_set(bundle.test, trigger, attack.target),
+                 triggered_test_set(calibration, trigger, attack.target) if len(calibration) else None)
+
+
+def evaluate_setup(model: torch.nn.Module, setup: Setup) -> dict:
+    """Test-set C-Acc and ASR, and where the setup has a calibration split, the same on it (`calibration_*`)."""
+    return setup.eval_sets.evaluate(model)
+
+
+def setup_details(data: DataSpec, attack: AttackSpec, setup: Setup) -> dict:
+    """The part of a trained model's record that lets any later stage rebuild the same Setup."""
+    return {
+        "data": {"name": data.name, "data_dir": str(Path(data.data_dir).resolve()) if data.data_dir else None,
+                 "reserve_fraction": data.reserve_fraction, "calibration_fraction": data.calibration_fraction,
+                 "num_train": len(setup.split.train), "num_reserve": len(setup.split.reserve),
+                 "num_calibration": len(setup.split.calibration), "num_test": len(setup.bundle.test)},
+        "attack": {"name": attack.name, "params": dataclasses.asdict(setup.attack) if setup.attack else {},
+                   "poison_rate": attack.poison_rate, "target": attack.target,
+                   "num_poisoned": int(setup.poisoned.poison_mask.sum()) if setup.poisoned else 0,
+                   **({"fit": fit} if (fit := fit_report(setup.attack)) else {})},
+    }
+
+
+def setup_tensors(setup: Setup) -> dict[str, torch.Tensor]:
+    tensors = {"train_indices": setup.split.train, "reserve_indices": setup.split.reserve}
+    if setup.poisoned is not None:
+        tensors["poison_indices"] = setup.poisoned.poison_indices
+        tensors["cross_indices"] = setup.poisoned.cross_mask.nonzero().flatten()
+    return tensors
+
+
+def specs_from_record(record: dict, data_dir: str | None = None) -> tuple[DataSpec, AttackSpec]:
+    """The data and attack a stored model was trained with (from its record's `data` and `attack`)."""
+    data_rec, attack_rec = record["data"], record["attack"]
+    data = DataSpec(data_rec["name"], data_dir or data_rec.get("data_dir"), data_rec["reserve_fraction"],
+                    data_rec.get("calibration_fraction", 0.0))
+    attack = AttackSpec(attack_rec["name"], attack_rec["poison_rate"], attack_rec["target"],
+                        dict(attack_rec.get("params", {})))
+    return data, attack

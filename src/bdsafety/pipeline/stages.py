@@ -1,0 +1,192 @@
+"""The three kinds of stage, each computed by one function that returns (model, Record, tensors).
+
+`bdsafety run` caches them in a run directory under their key; the single-shot commands (`train`,
+`purify`, `audit`) call the same functions and write one directory. A stage's key hashes its own
+inputs and its parents' keys, so a changed setting recomputes exactly the stages downstream of it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import time
+from pathlib import Path
+from typing import Any, Mapping
+
+import torch
+from torch import Tensor, nn
+
+from ..attacks import ATTACKS
+from ..audits import Audit
+from ..data import seed_for
+from ..defenses import Defense, trace_defense, trajectory_fractions
+from ..errors import UsageError
+from ..metrics import weight_distance
+from ..models import ModelSpec, create_model
+from ..profiles import default_profile
+from ..store import Record, Stage, canonical_hash, load_stage, load_trajectory_states, load_weights_into, \
+    read_state_dict, trajectory_tensors
+from ..train import TrainConfig, fit, training_augmentation
+from .setup import Setup, evaluate_setup, prepare, setup_details, setup_tensors, specs_from_record
+from .specs import AttackSpec, DataSpec
+
+log = logging.getLogger(__name__)
+
+Built = tuple[nn.Module | None, Record, dict[str, Tensor] | None]
+SETUP_KEYS = ("data", "attack", "model")  # what a record needs for `bdsafety eval` to rebuild its Setup
+
+
+def stage_key(stage: str, inputs: dict, parents: Mapping[str, str] | None = None) -> str:
+    return canonical_hash({"stage": stage, **inputs, "parents": dict(parents or {})})
+
+
+def train_inputs(data: DataSpec, attack: AttackSpec, seed: int, model: str, config: TrainConfig,
+                 profile: str) -> dict:
+    """What a trained model depends on; the profile only through the fit lengths it sets (SSBA, LC)."""
+    calibration = {"calibration_fraction": data.calibration_fraction} if data.calibration_fraction else {}
+    overrides = ATTACKS.profile_params(attack.name, profile) if attack.name != "none" else {}
+    return {"dataset": data.name, "reserve_fraction": data.reserve_fraction, **calibration, "seed": seed,
+            "model": model, "train": config.to_json(), "attack": dataclasses.asdict(attack),
+            **({"attack_profile": overrides} if overrides else {})}
+
+
+def train_model(setup: Setup, model_name: str, config: TrainConfig, seed: int, device: torch.device,
+                progress: bool = False) -> tuple[nn.Module, dict]:
+    """Train a backdoored (or, for attack "none", clean) model on the attacker's training set."""
+    torch.manual_seed(seed_for(seed, "init"))
+    model = create_model(setup.model_spec(model_name)).to(device).to(memory_format=torch.channels_last)
+    started = time.perf_counter()
+    history = fit(model, setup.attacker_train, config, seed_for(seed, "train"), progress=progress)
+    train_s = time.perf_counter() - started
+    metrics = evaluate_setup(model, setup)
+    return model, {"history": history, "metrics": metrics, "train_s": train_s,
+                   "eval_s": time.perf_counter() - started - train_s}
+
+
+def train(setup: Setup, data: DataSpec, model_name: str, config: TrainConfig, profile: str, seed: int,
+          device: torch.device, progress: bool = True) -> Built:
+    """The train stage: `train_model`, recorded with what rebuilds its Setup."""
+    model, result = train_model(setup, model_name, config, seed, device, progress)
+    details = {"model": model_name, "profile": profile, "history": result["history"], "eval_s": result["eval_s"],
+               **setup_details(data, setup.attack_spec, setup)}
+    record = Record("train", setup.attack_spec.name, config.to_json(), result["metrics"], seed,
+                    duration_s=result["train_s"], details=details)
+    return model, record, setup_tensors(setup)
+
+
+def purify_with_trajectory(defense: Defense, backdoored: nn.Module, setup: Setup, seed: int,
+                           points: int = 0) -> tuple[nn.Module, dict, list[tuple[dict, dict[str, Tensor]]]]:
+    """Run `defense` on a copy of `backdoored`, evaluate it, and keep its states after 1/points, 2/points, ...
+    of the run (none for points 0).
+
+    The result's `strength` says how far the defense moved the weights: ‖θ_pur − θ_bd‖ / ‖θ_bd‖ over the
+    parameters and the optimizer steps that updated them. A defense may define its own trajectory
+    (`trajectory_states`, e.g. ANP along its pruning threshold); else it is the run's step snapshots.
+    """
+    started = time.perf_counter()
+    purified, history, steps = trace_defense(defense, backdoored, setup.defender_data(), seed_for(seed, "defense"),
+                                             keep_snapshots=points > 1)
+    duration = time.perf_counter() - started
+    fractions = trajectory_fractions(points) if points > 1 else []
+    own = defense.trajectory_states(backdoored, history, fractions) if fractions else None
+    states = own if own is not None else steps.states_at(fractions)
+    result = {"history": history, "metrics": evaluate_setup(purified, setup), "defense_s": duration,
+              "strength": {"relative_distance": weight_distance(purified, backdoored), "optimizer_steps": steps.steps}}
+    return purified, result, states
+
+
+def purify(defense_name: str, defense: Defense, backdoored: Stage, setup: Setup, seed: int, profile: str,
+           trajectory_points: int = 0) -> Built:
+    """The purify stage: `purify_with_trajectory` on the backdoored stage's model, its states as tensors."""
+    log.info("defense %s", defense_name)
+    purified, result, states = purify_with_trajectory(defense, backdoored.model, setup, seed, trajectory_points)
+    details = {"profile": profile, "history": result["history"], "parent_metrics": backdoored.record.metrics,
+               "strength": result["strength"], "trajectory": [info for info, _ in states],
+               **{k: backdoored.record.details[k] for k in SETUP_KEYS if k in backdoored.record.details}}
+    record = Record("purify", defense_name, dataclasses.asdict(defense), result["metrics"], seed,
+                    {"backdoored": backdoored.key}, result["defense_s"], details)
+    return purified, record, trajectory_tensors([state for _, state in states]) or None
+
+
+def audit(name: str, method: Audit, subjects: Mapping[str, Stage], parents: Mapping[str, str], setup: Setup,
+          seed: int) -> Built:
+    """Run audit `name` on the models it needs, taken from `subjects` (stages by role)."""
+    log.info("audit %s", name)
+    started = time.perf_counter()
+    result = method.run({role: model_of(role, subjects, name) for role in method.needs}, setup.audit_data(), seed)
+    source = (subjects.get("backdoored") or subjects["purified"]).record.details  # the setup's data and attack
+    details = {k: source[k] for k in SETUP_KEYS if k in source}
+    record = Record("audit", name, dataclasses.asdict(method), result.metrics, seed, dict(parents),
+                    time.perf_counter() - started, details)
+    return result.model, record, None
+
+
+def audit_models(methods: Mapping[str, Audit], subjects: dict[str, Stage], setup: Setup, seed: int) -> dict:
+    """Single-shot audits (`bdsafety audit`): each of `methods` in turn, a model it makes given to the next."""
+    for name, method in methods.items():  # before any work
+        if "clean" in method.needs and "clean" not in subjects:
+            raise UsageError(f"the {name} check needs a clean reference model: pass --clean DIR or drop {name} "
+                             f"from --checks")
+    metrics = {}
+    for name, method in methods.items():
+        model, record, _ = audit(name, method, subjects, {}, setup, seed)
+        subjects[name], metrics[name] = Stage(name, model, record), record.metrics
+    return metrics
+
+
+def model_of(role: str, subjects: Mapping[str, Stage], audit_name: str) -> Any:
+    """The model a role names; "defense_run": the (info, state) pairs kept by the purified model's defense run."""
+    if role not in subjects:
+        raise UsageError(f"audit {audit_name} needs the {role} model, which was not given")
+    stage = subjects[role]
+    if role != "defense_run":
+        return stage.model
+    infos = stage.record.details.get("trajectory", [])
+    return list(zip(infos, load_trajectory_states(stage.path, len(infos))))
+
+
+def profile_of(requested: str | None, record: Record) -> str:
+    """The profile a single-shot command runs: as asked, else the stored model's own, else its dataset's."""
+    return requested or record.details.get("profile") or default_profile(record.details["data"]["name"])
+
+
+def augmentation_of(record: Record) -> dict | None:
+    """A backdoored model's training augmentation from its record (an imported model has none)."""
+    return training_augmentation(record.params) if record.stage == "train" else None
+
+
+def setup_of(record: Record, data_dir: str | None = None, device: torch.device | str = "cpu") -> Setup:
+    """Rebuild the exact Setup a stored model was trained with, from its record."""
+    data, attack = specs_from_record(record.details, data_dir)
+    return prepare(data, attack, record.seed, profile=record.details.get("profile"), device=device)
+
+
+def imported(state: dict[str, Tensor], source: Path, fmt: str, model_name: str, setup: Setup, data: DataSpec,
+             seed: int, device: torch.device) -> Built:
+    """A model trained elsewhere (its weights `state`, read from `source`) as a stage of `setup`'s run."""
+    model = create_model(setup.model_spec(model_name))
+    load_weights_into(model, state, source)
+    model = model.to(device)
+    record = Record("import", setup.attack_spec.name, {"source": str(source.resolve()), "format": fmt},
+                    evaluate_setup(model, setup), seed,
+                    details={"model": model_name, **setup_details(data, setup.attack_spec, setup)})
+    return model, record, setup_tensors(setup)
+
+
+def load_model_stage(path: str | Path, device: torch.device | str = "cpu") -> tuple[Stage, ModelSpec]:
+    """A stored stage directory as a `Stage` keyed by its path (single-shot commands have no run store)."""
+    model, spec, record = load_stage(Path(path), device)
+    return Stage(str(Path(path).resolve()), model, record, Path(path)), spec
+
+
+def load_model_file(path: Path, spec: ModelSpec, device: torch.device | str = "cpu") -> Stage:
+    """A model to audit: a bdsafety stage directory, or a weights file of architecture `spec`."""
+    if path.is_dir():
+        stage, other = load_model_stage(path, device)
+        if other != spec:
+            raise UsageError(f"{path} is a {other.name} with {other.num_classes} classes, the backdoored model is "
+                             f"a {spec.name} with {spec.num_classes}; audit models of the same architecture")
+        return stage
+    model = create_model(spec)
+    load_weights_into(model, read_state_dict(path), path)
+    return Stage(str(path.resolve()), model.to(device), Record("import", spec.name, {}, {}, 0), path)

@@ -1,0 +1,84 @@
+"""Every registered audit keeps the audit contract (audits/_common.py): a new audit file is covered here."""
+
+import copy
+import json
+
+import pytest
+import torch
+
+from bdsafety.audits import AUDITS, AuditResult, create_audits, run_order
+from bdsafety.audits.retuning import Retuning
+from bdsafety.pipeline.stages import purify_with_trajectory
+from bdsafety.defenses import DEFENSES
+
+TINY = {"ra": {"clean_fraction": 0.05, "batch_size": 32, "epochs": 1, "repeats": 1},
+        "qra": {"epochs": 1, "clean_count": 32, "poison_count": 32, "batch_size": 32, "hidden": 32},
+        "lmc": {"points": 3}, "trajectory": {"points": 2}}
+SHARED = {"crop_pad": 1, "flip": False}
+
+
+@pytest.fixture(scope="module")
+def subjects(badnets_setup, backdoored):
+    """Every model role an audit may need, and the models that earlier audits make (RA's retuned model)."""
+    defense = DEFENSES.create("ft", epochs=1, batch_size=32, crop_pad=1, flip=False)
+    purified, _, states = purify_with_trajectory(defense, backdoored[0], badnets_setup, seed=0, points=2)
+    ra = Retuning(**TINY["ra"], **SHARED).run({"purified": purified}, badnets_setup.audit_data(), seed=0)
+    return {"backdoored": backdoored[0], "purified": purified.eval(), "clean": copy.deepcopy(backdoored[0]),
+            "defense_run": states, "ra": ra.model}
+
+
+@pytest.mark.parametrize("name", AUDITS.names())
+def test_audit_contract(name, badnets_setup, subjects):
+    cls = AUDITS.get(name)
+    assert cls.__doc__ and all(isinstance(role, str) for role in cls.needs)
+    assert all(used in AUDITS for used in cls.uses)
+    audits = create_audits(run_order([*cls.uses, name]), "cpu", SHARED, TINY)
+    models = {role: subjects[role] for role in cls.needs}
+    states = {role: copy.deepcopy(m.state_dict()) for role, m in models.items() if hasattr(m, "state_dict")}
+    result = audits[name].run(models, badnets_setup.audit_data(), seed=0)
+    assert isinstance(result, AuditResult)
+    assert json.loads(json.dumps(result.metrics)) == result.metrics  # JSON-able as it is
+    for role, state in states.items():  # the models it was given are left alone
+        for key, value in models[role].state_dict().items():
+            assert torch.equal(value, state[key]), (role, key)
+    row = {"o_clean_acc": 0.9, "o_asr": 0.1, "p_clean_acc": 0.9, "p_asr": 0.5, "strength": {"relative_distance": 0.1}}
+    assert isinstance(audits[name].row_fields(result.metrics, row), dict)
+    if cls.on_clean:
+        assert audits[name].reference_fields(result.metrics)
+
+
+def test_run_order_puts_an_audit_after_what_it_takes():
+    assert run_order(["trajectory", "qra", "lmc", "ra"]) == ["ra", "trajectory", "qra", "lmc"]
+
+
+def test_a_new_audit_is_one_registration(tmp_path):
+    """An audit defined only here runs through `bdsafety run` with no other edit: the spec accepts its name,
+    the run computes it per purified model and its row fields land in results.json."""
+    from dataclasses import dataclass
+
+    from bdsafety.audits import AuditBase
+    from bdsafety.cli import main
+    from bdsafety.metrics import weight_distance
+
+    @dataclass(frozen=True)
+    class Distance(AuditBase):
+        """Relative weight distance of the purified model from the backdoored one."""
+
+        needs = ("backdoored", "purified")
+
+        def run(self, models, data, seed):
+            return AuditResult({"distance": weight_distance(models["purified"], models["backdoored"])})
+
+        def row_fields(self, metrics, row):
+            return {"distance": metrics["distance"]}
+
+    AUDITS.register("distance")(Distance)
+    try:
+        spec = tmp_path / "spec.yaml"
+        spec.write_text("dataset: synthetic\ntrain: {epochs: 1, batch_size: 64, crop_pad: 1, flip: false}\n"
+                        "defenses: [ft]\ndefense_params: {ft: {epochs: 1}}\nchecks: [distance]\n")
+        assert main(["run", str(spec), "--out", str(tmp_path / "out"), "--device", "cpu", "-q"]) == 0
+    finally:
+        del AUDITS._entries["distance"]
+    (row,) = json.loads((tmp_path / "out" / "results.json").read_text())["rows"]
+    assert row["distance"] == row["strength"]["relative_distance"] > 0
