@@ -30,8 +30,9 @@ import torch
 
 from bdsafety import store
 from bdsafety.data import load_dataset
-from bdsafety.pipeline import build_plan, load_spec, prepare
-from bdsafety.pipeline.run import Cell, audit_stage, purify_stage, train_stage
+from bdsafety.pipeline import build_plan, load_spec
+from bdsafety.pipeline.graph import audit_node, purify_node, train_node
+from bdsafety.pipeline.run import RunContext, run_node
 
 CALIBRATION_ASR = 0.10  # the rule: the weakest grid setting with O-ASR at most this on the calibration split
 
@@ -66,25 +67,30 @@ class Calibration:
         if not self.spec.calibration_fraction:
             sys.exit(f"{run_dir}'s spec has no calibration split; set calibration_fraction and rerun it")
         self.runs = store.RunStore(run_dir, torch.device("cpu"))
-        self.plan = build_plan(self.spec)
+        plan = build_plan(self.spec)
         self.attack, self.seed = self.spec.attacks[0], self.spec.resolved_seeds[0]
-        bundle = load_dataset(self.spec.dataset, self.spec.data_dir, seed=self.spec.seed)
-        self.setup = prepare(self.spec.data, self.attack, self.seed, bundle, self.plan.profile)
-        self.backdoored = train_stage(self.runs, self.plan, self.setup, self.seed, self.attack.label)
+        self.bundle = load_dataset(self.spec.dataset, self.spec.data_dir, seed=self.spec.seed)
+        self.context = RunContext(plan, self.bundle, torch.device("cpu"))
+        self.node = train_node(plan, self.attack, self.seed, self.attack.label)
+        self.backdoored = run_node(self.node, self.context, self.runs, {})
 
     def measure(self, name: str, params: dict, with_ra: bool) -> dict:
         started = time.perf_counter()
         plan = build_plan(dataclasses.replace(self.spec, defenses=(name,), defense_params={name: params}))
-        cell = Cell(plan, self.seed, self.setup, self.attack.label, self.backdoored, None)
-        purified = purify_stage(self.runs, cell, name)
+        context = RunContext(plan, self.bundle, torch.device("cpu"))
+        context.setups = self.context.setups  # the same data and attack: built once
+        node = purify_node(plan, self.node, name)
+        done = {self.node.key: self.backdoored}
+        purified = done[node.key] = run_node(node, context, self.runs, done)
         metrics = purified.record.metrics
         point = {"params": params, "calibration_asr": metrics["calibration_asr"],
                  "calibration_clean_acc": metrics["calibration_clean_acc"], "test_clean_acc": metrics["clean_acc"],
                  "test_asr": metrics["asr"], **purified.record.details["strength"],
                  "defense_s": purified.record.duration_s}
         if with_ra:
-            retuned = audit_stage(self.runs, cell, "ra", {"purified": purified}, f"{self.attack.label}-{name}")
-            point.update(test_p_asr=retuned.record.metrics["asr"], test_p_asr_sd=retuned.record.metrics["asr_sd"])
+            ra = audit_node(plan, "ra", {"purified": node}, self.node, node.label)
+            retuned = run_node(ra, context, self.runs, done).record.metrics
+            point.update(test_p_asr=retuned["asr"], test_p_asr_sd=retuned["asr_sd"])
         report(name, point, time.perf_counter() - started)
         return point
 

@@ -158,3 +158,43 @@ def test_impossible_attack_for_the_data_fails_before_writing(tmp_path, capsys, a
     err = capsys.readouterr().err.strip()
     assert message in err and len(err.splitlines()) == 1
     assert not (tmp_path / "out").exists()
+
+
+def test_dry_run_counts_the_stages_to_compute_and_to_reuse(finished, tmp_path, capsys):
+    spec, out = finished
+    assert main(["run", str(spec), "--out", str(out), "--dry-run"]) == 0
+    printed = capsys.readouterr().out
+    stages = len([p for p in (out / "stages").iterdir() if not p.name.startswith(".")])
+    assert "badnets-0.1-t0 seed 0" in printed and f"{stages} stages: 0 to compute, {stages} stored" in printed
+    assert main(["run", str(spec), "--out", str(tmp_path / "new"), "--dry-run"]) == 0
+    assert f"{stages} to compute, 0 stored" in capsys.readouterr().out and not (tmp_path / "new").exists()
+
+
+def test_two_runs_on_one_directory_wait_for_each_other(finished, tmp_path):
+    spec, out = finished
+    target = tmp_path / "shared"
+    first, second = start_run(spec, target), start_run(spec, target)
+    errors = [process.communicate(timeout=300)[1] for process in (first, second)]
+    assert first.returncode == second.returncode == 0
+    assert any("in use by another bdsafety run" in err for err in errors)
+    assert (target / "results.json").read_text() == (out / "results.json").read_text()
+    names = [p.name for p in (target / "stages").iterdir()]
+    assert not [n for n in names if n.startswith(".")] and len(names) == len(set(names))
+
+
+def test_results_table_has_a_row_per_purified_model_and_audit(finished, capsys):
+    from bdsafety.pipeline.table import results_rows
+
+    _, out = finished
+    results = json.loads((out / "results.json").read_text())
+    rows = results_rows([out, out])
+    assert len(rows) == 2 * (2 * 4 + 1)  # twice: (2 defenses x 4 audits + the clean model's RA)
+    (ep_ra,) = results_rows([out], {"defense": "ep", "audit": "ra"})
+    row = next(r for r in results["rows"] if r["defense"] == "ep")
+    assert ep_ra["asr"] == row["p_asr"] and ep_ra["o_asr"] == row["o_asr"] and ep_ra["seed"] == 0
+    assert ep_ra["relative_distance"] == row["strength"]["relative_distance"] and ep_ra["attack"] == "badnets"
+    (clean,) = results_rows([out], {"defense": "none (clean model)"})
+    assert clean["asr"] == results["clean"]["asr_after_ra"]
+    assert main(["results", str(out), "--where", "audit=lmc", "--format", "csv"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert len(lines) == 1 + 2 and lines[0].startswith("run,dataset,model,attack")

@@ -134,7 +134,7 @@ def cmd_audit(args) -> int:
 
 
 def cmd_run(args) -> int:
-    return run_and_report(load_plan(args.spec, args.set), Path(args.out), args.device)
+    return run_and_report(load_plan(args.spec, args.set), args)
 
 
 DEMO_SPECS = {"quick": "quick.yaml", "full": "full.yaml", "default": "demo.yaml"}
@@ -144,20 +144,43 @@ def cmd_demo(args) -> int:
     if args.quick and args.full:
         raise UsageError("choose one of --quick and --full")
     name = DEMO_SPECS["quick" if args.quick else "full" if args.full else "default"]
-    return run_and_report(load_plan(resources.files("bdsafety") / "configs" / name, args.set), Path(args.out),
-                          args.device)
+    return run_and_report(load_plan(resources.files("bdsafety") / "configs" / name, args.set), args)
 
 
-def run_and_report(plan, out: Path, device_name: str) -> int:
-    from .pipeline.run import run_experiment
+def run_and_report(plan, args) -> int:
+    from .pipeline.run import dry_run, run_experiment
+
+    out = Path(args.out)
+    if args.dry_run:
+        counts = dry_run(plan, out)
+        print("\n".join(counts["cells"]))
+        print(f"{len(counts['cells'])} cells, {counts['stages']} stages: {counts['compute']} to compute, "
+              f"{counts['reuse']} stored in {out}")
+        return 0
     from .report import write_report  # matplotlib: only when a report is written
     from .report.tables import console_table
 
-    results = run_experiment(plan, out, resolve_device(device_name))
+    results = run_experiment(plan, out, resolve_device(args.device), executor_of(args))
     paths = write_report(out)
     print(console_table(results))
     print(f"results: {out / store.RESULTS_FILE}; report: "
           f"{', '.join(str(p) for p in paths if p.suffix in ('.md', '.html'))}")
+    return 0
+
+
+def executor_of(args):
+    from .pipeline.executors import EXECUTORS
+
+    if args.address and args.executor != "ray":
+        raise UsageError("--address is the address of a Ray cluster; add --executor ray")
+    return EXECUTORS.create(args.executor, **({"address": args.address} if args.address else {}))
+
+
+def cmd_results(args) -> int:
+    from .pipeline.table import results_rows, to_csv, to_jsonl
+
+    rows = results_rows([Path(d) for d in args.dirs], parse_assignments(args.where))
+    sys.stdout.write((to_jsonl if args.format == "jsonl" else to_csv)(rows))
     return 0
 
 
@@ -281,6 +304,20 @@ def add_experiment_commands(sub) -> None:
     demo.add_argument("--set", action="append", metavar="KEY=VALUE", help="spec override")
     report = sub.add_parser("report", help="(re)write report.md / report.html from DIR/results.json")
     report.add_argument("dir", help="experiment directory")
+    results = sub.add_parser("results", help="one table (csv or jsonl) of every audit in one or many run directories")
+    results.add_argument("dirs", nargs="+", metavar="DIR", help="experiment directories (from 'bdsafety run')")
+    results.add_argument("--format", choices=("csv", "jsonl"), default="csv")
+    results.add_argument("--where", action="append", metavar="KEY=VALUE", help="keep rows with this value, e.g. "
+                                                                               "defense=pam (repeatable)")
+    results.set_defaults(handler=cmd_results)
+    for parser in (run, demo):
+        parser.add_argument("--dry-run", action="store_true", help="print the cells and the stages to compute "
+                                                                   "or reuse; compute nothing")
+        parser.add_argument("--executor", choices=("local", "ray"), default="local",
+                            help="local: one stage after another in this process (default); ray: every stage a "
+                                 "Ray task (pip install 'bdsafety[ray]')")
+        parser.add_argument("--address", help="with --executor ray: the Ray cluster (default: a local Ray "
+                                               "instance on this machine)")
     for parser, handler in ((run, cmd_run), (demo, cmd_demo), (report, cmd_report)):
         add_common(parser)
         parser.set_defaults(handler=handler)

@@ -11,8 +11,10 @@ keys). A stage directory holds `model.safetensors`, `model.json` (constructor ar
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import hashlib
 import json
+import logging
 import os
 import platform
 import shutil
@@ -31,6 +33,8 @@ from torch import Tensor, nn
 from . import __version__
 from .errors import UsageError
 from .models import ModelSpec, create_model
+
+log = logging.getLogger(__name__)
 
 MODEL_FILE, SPEC_FILE, RECORD_FILE, TENSORS_FILE = "model.safetensors", "model.json", "record.json", "tensors.safetensors"
 SPEC_YAML, RESULTS_FILE, TIMINGS_FILE, STAGES_DIR = "spec.yaml", "results.json", "timings.json", "stages"
@@ -272,19 +276,23 @@ class Stage:
 class RunStore:
     """The stages of one run directory: a finished stage is loaded, never recomputed."""
 
-    def __init__(self, root: Path, device: torch.device):
+    def __init__(self, root: Path, device: torch.device, clean: bool = True):
+        """`clean`: remove the temp files of killed writes (only the process that holds the run's lock may)."""
         self.root, self.device = Path(root), device
         self.stages = self.root / STAGES_DIR
         self.stages.mkdir(parents=True, exist_ok=True)
-        remove_partial_writes(self.root)
-        remove_partial_writes(self.stages)
+        if clean:
+            remove_partial_writes(self.root)
+            remove_partial_writes(self.stages)
         self.computed: list[str] = []
         self.reused: list[str] = []
 
-    def stage(self, kind: str, label: str, key: str, spec: ModelSpec | None,
+    def stage(self, directory: str, spec: ModelSpec | None,
               build: Callable[[], tuple[nn.Module | None, Record, dict | None]]) -> Stage:
-        """The stage `<kind>-<label>-<key>`: loaded when finished, else `build()` (model, record, tensors) and saved."""
-        path = self.stages / f"{kind}-{label}-{key}"
+        """The stage in `stages/<directory>` (named `<stage>-<label>-<key>`): loaded when finished, else
+        `build()` (model, record, tensors) and saved."""
+        path = self.stages / directory
+        key = directory.rsplit("-", 1)[-1]
         if is_finished(path):
             self.reused.append(path.name)
             if not (path / MODEL_FILE).is_file():
@@ -295,6 +303,33 @@ class RunStore:
         save_stage(path, model, spec, record, tensors)
         self.computed.append(path.name)
         return Stage(key, model, record, path)
+
+
+LOCK_FILE = ".lock"
+
+
+@contextlib.contextmanager
+def run_lock(root: Path) -> Iterator[None]:
+    """Hold the run directory for this process: a second run on it waits, saying so, until the first ends
+    (its stages are then reused), so two runs never compute or write the same stage."""
+    root = Path(root)
+    root.mkdir(parents=True, exist_ok=True)
+    with open(root / LOCK_FILE, "a+") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            handle.seek(0)
+            holder = handle.read().strip() or "another process"
+            log.warning("%s is in use by another bdsafety run (%s); waiting for it to finish", root, holder)
+            fcntl.flock(handle, fcntl.LOCK_EX)
+        handle.seek(0)
+        handle.truncate()
+        handle.write(f"pid {os.getpid()}\n")
+        handle.flush()
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
 
 
 def remove_partial_writes(folder: Path) -> None:

@@ -1,6 +1,6 @@
-"""The main job: plan -> stages -> store -> results.json. Orchestration only: what each stage computes is
-in `stages.py`, where it is kept in `store.py`. Every finished stage is reused, so a rerun (or a rerun
-after `kill -9`) only does what is missing.
+"""The main job: plan -> stage graph -> executor -> store -> results.json. Orchestration only: what each
+stage computes is in `stages.py`, where it is kept in `store.py`, which stages exist in `graph.py`.
+Every finished stage is reused, so a rerun (or a rerun after `kill -9`) only does what is missing.
 """
 
 from __future__ import annotations
@@ -8,8 +8,8 @@ from __future__ import annotations
 import dataclasses
 import logging
 import time
-from dataclasses import dataclass
 from pathlib import Path
+from typing import Protocol
 
 import torch
 import yaml
@@ -19,102 +19,75 @@ from ..aggregate import aggregate_blocks
 from ..data import DataBundle, load_dataset
 from ..store import RunStore, Stage
 from . import stages
+from .graph import Cell, Node, StageGraph, build_graph, trajectory_points
 from .setup import Setup, evaluate_setup, prepare
-from .specs import CLEAN, AttackSpec, Plan, check_against_data
+from .specs import AttackSpec, Plan, check_against_data
 
 log = logging.getLogger(__name__)
 
 
-@dataclass(frozen=True)
-class Cell:
-    """One (attack, seed) of a run: its setup, its backdoored model and the clean reference of its seed."""
+class RunContext:
+    """What every stage of one run shares: the plan, the loaded dataset, the device and each cell's setup
+    (built once per process: data split, fitted attack, poisoned and triggered sets)."""
 
-    plan: Plan
-    seed: int
-    setup: Setup
-    label: str
-    backdoored: Stage
-    clean: Stage
+    def __init__(self, plan: Plan, bundle: DataBundle, device: torch.device):
+        self.plan, self.bundle, self.device = plan, bundle, device
+        self.setups: dict[tuple[str, int], Setup] = {}
 
-
-def train_stage(runs: RunStore, plan: Plan, setup: Setup, seed: int, label: str) -> Stage:
-    spec = plan.spec
-    inputs = stages.train_inputs(spec.data, setup.attack_spec, seed, plan.model, plan.train_config, plan.profile)
-
-    def build():
-        log.info("training the %s model (seed %d)", label, seed)
-        return stages.train(setup, spec.data, plan.model, plan.train_config, plan.profile, seed, runs.device)
-
-    return runs.stage("train", label, stages.stage_key("train", inputs), setup.model_spec(plan.model), build)
+    def setup(self, attack: AttackSpec, seed: int) -> Setup:
+        key = (store.canonical_hash(dataclasses.asdict(attack)), seed)
+        if key not in self.setups:
+            device = self.device if attack.name != "none" else "cpu"
+            self.setups[key] = prepare(self.plan.spec.data, attack, seed, self.bundle, self.plan.profile, device)
+        return self.setups[key]
 
 
-def clean_stage(runs: RunStore, plan: Plan, seed: int, bundle: DataBundle) -> Stage:
-    """The clean reference model of one seed (its split differs per seed)."""
-    return train_stage(runs, plan, prepare(plan.spec.data, CLEAN, seed, bundle, plan.profile), seed, "clean")
+def compute(node: Node, context: RunContext, parents: dict[str, Stage]) -> stages.Built:
+    """What stage `node` computes, from its finished `parents` (role -> stage)."""
+    plan, setup = context.plan, context.setup(node.attack, node.seed)
+    if node.kind == "train":
+        log.info("training the %s model (seed %d)", node.label, node.seed)
+        return stages.train(setup, plan.spec.data, plan.model, plan.train_config, plan.profile, node.seed,
+                            context.device)
+    if node.kind == "purify":
+        return stages.purify(node.name, plan.defenses[node.name], parents["backdoored"], setup, node.seed,
+                             plan.profile, trajectory_points(plan))
+    subjects = {"backdoored": parents["setup"], **{role: stage for role, stage in parents.items() if role != "setup"}}
+    return stages.audit(node.name, plan.audits[node.name], subjects, node.parent_keys, setup, node.seed)
 
 
-def trajectory_points(plan: Plan) -> int:
-    """States each defense run keeps for the audits that take its trajectory (0: none asked for)."""
-    return max((audit.points for audit in plan.audits.values() if "defense_run" in audit.needs), default=0)
+class Executor(Protocol):
+    """Runs every node of a graph (parents first) and returns the finished stages by key."""
+
+    def run(self, graph: StageGraph, context: RunContext, runs: RunStore) -> dict[str, Stage]: ...
 
 
-def purify_stage(runs: RunStore, cell: Cell, name: str) -> Stage:
-    defense, points = cell.plan.defenses[name], trajectory_points(cell.plan)
-    inputs = {"defense": name, "params": dataclasses.asdict(defense), **({"trajectory_points": points} if points else {})}
-    key = stages.stage_key("purify", inputs, {"backdoored": cell.backdoored.key})
-
-    def build():
-        return stages.purify(name, defense, cell.backdoored, cell.setup, cell.seed, cell.plan.profile, points)
-
-    return runs.stage("defense", f"{cell.label}-{name}", key, cell.setup.model_spec(cell.plan.model), build)
+def run_node(node: Node, context: RunContext, runs: RunStore, done: dict[str, Stage]) -> Stage:
+    """Stage `node`: loaded when finished, else computed from its parents in `done` and saved."""
+    parents = {role: done[key] for role, key in node.parents}
+    spec = context.setup(node.attack, node.seed).model_spec(context.plan.model)
+    return runs.stage(node.directory, spec, lambda: compute(node, context, parents))
 
 
-def audit_stage(runs: RunStore, cell: Cell, name: str, subjects: dict[str, Stage], label: str) -> Stage:
-    method = cell.plan.audits[name]
-    parents = {"setup": cell.backdoored.key, **{role: subjects[role].key for role in method.needs}}
-    key = stages.stage_key("audit", {"audit": name, "params": dataclasses.asdict(method)}, parents)
-
-    def build():
-        return stages.audit(name, method, subjects, parents, cell.setup, cell.seed)
-
-    return runs.stage(name, label, key, cell.setup.model_spec(cell.plan.model), build)
-
-
-def attack_block(runs: RunStore, plan: Plan, seed: int, bundle: DataBundle, attack: AttackSpec,
-                 clean: Stage) -> tuple[dict, dict]:
-    """Backdoor, every defense and every audit for one (attack, seed).
-
-    Returns the results block and the seconds each defense took (for timings.json: results.json holds no timings).
-    """
-    setup = prepare(plan.spec.data, attack, seed, bundle, plan.profile, runs.device)
-    backdoored = train_stage(runs, plan, setup, seed, attack.label)
-    cell = Cell(plan, seed, setup, attack.label, backdoored, clean)
-    block = {"attack": attack.name, "poison_rate": attack.poison_rate, "target": attack.target, "seed": seed,
+def block_of(cell: Cell, context: RunContext, done: dict[str, Stage]) -> tuple[dict, dict]:
+    """The results block of one (attack, seed), and the seconds each defense took (for timings.json)."""
+    plan, attack = context.plan, cell.attack
+    backdoored, clean = done[cell.backdoored.key], done[cell.clean.key]
+    block = {"attack": attack.name, "poison_rate": attack.poison_rate, "target": attack.target, "seed": cell.seed,
              **trigger_summary(backdoored.record), "backdoored": backdoored.record.metrics,
-             "clean": evaluate_setup(clean.model, setup), "rows": []}
-    for name, method in plan.audits.items():
-        if method.on_clean:
-            reference = audit_stage(runs, cell, name, {"purified": clean, "backdoored": backdoored},
-                                    f"{cell.label}-clean")
-            block["clean"].update(method.reference_fields(reference.record.metrics))
+             "clean": evaluate_setup(clean.model, context.setup(attack, cell.seed)), "rows": []}
+    for name, node in cell.references.items():
+        block["clean"].update(plan.audits[name].reference_fields(done[node.key].record.metrics))
     seconds = {}
-    for name in plan.defenses:
-        row, seconds[name] = defense_row(runs, cell, name)
+    for name, (node, audits) in cell.defenses.items():
+        purified = done[node.key]
+        row = {"defense": name, **{f"o_{k}": v for k, v in purified.record.metrics.items()},
+               "strength": dict(purified.record.details["strength"])}
+        for audit_name, audit in audits.items():
+            row.update(plan.audits[audit_name].row_fields(done[audit.key].record.metrics, row))
         block["rows"].append(row)
+        seconds[name] = purified.record.duration_s
     return block, seconds
-
-
-def defense_row(runs: RunStore, cell: Cell, name: str) -> tuple[dict, float]:
-    """The results row of one defense, and the seconds the defense took when it was computed."""
-    purified = purify_stage(runs, cell, name)
-    row = {"defense": name, **{f"o_{k}": v for k, v in purified.record.metrics.items()},
-           "strength": dict(purified.record.details["strength"])}
-    subjects = {"backdoored": cell.backdoored, "purified": purified, "clean": cell.clean, "defense_run": purified}
-    for audit_name, method in cell.plan.audits.items():
-        done = audit_stage(runs, cell, audit_name, subjects, f"{cell.label}-{name}")
-        row.update(method.row_fields(done.record.metrics, row))
-        subjects[audit_name] = done
-    return row, purified.record.duration_s
 
 
 def trigger_summary(record: store.Record) -> dict:
@@ -124,30 +97,46 @@ def trigger_summary(record: store.Record) -> dict:
     return {"trigger": kept} if kept else {}
 
 
-def run_experiment(plan: Plan, out: Path, device: torch.device) -> dict:
-    """Run (or resume) every stage of `plan` under `out`; write results.json and return it.
+def results_of(graph: StageGraph, context: RunContext, done: dict[str, Stage]) -> tuple[dict, list[dict]]:
+    """results.json's content (one block per (attack, seed); the first block's numbers also at the top level;
+    with several seeds a `summary` of means and spreads) and the defense seconds per block."""
+    plan, seeds = graph.plan, graph.plan.spec.resolved_seeds
+    blocks, seconds = zip(*[block_of(cell, context, done) for cell in graph.cells])
+    results = {"dataset": plan.spec.dataset, "model": plan.model, "seed": seeds[0], "profile": plan.profile,
+               **({"seeds": list(plan.spec.seeds)} if plan.spec.seeds else {}), "spec_hash": plan.spec.digest(),
+               **{k: blocks[0][k] for k in ("backdoored", "clean", "rows")}, "attacks": list(blocks),
+               **({"summary": aggregate_blocks(list(blocks))} if len(seeds) > 1 else {})}
+    return results, list(seconds)
 
-    One results block per (attack, seed), attack by attack; the top-level `backdoored`, `clean` and
-    `rows` mirror the first block (the single-attack layout). With several seeds, `summary` holds one
-    block per attack with every number's mean and spread over the seeds (`aggregate.aggregate_blocks`).
-    """
+
+def dry_run(plan: Plan, out: Path) -> dict:
+    """The cells of `plan` and how many of its stages `out` already holds; nothing is computed or written."""
+    graph = build_graph(plan)
+    stored = {p.name for p in (Path(out) / store.STAGES_DIR).glob("[!.]*") if store.is_finished(p)}
+    nodes = graph.nodes
+    reused = sum(node.directory in stored for node in nodes)
+    return {"cells": [f"{cell.attack.label} seed {cell.seed}" for cell in graph.cells], "stages": len(nodes),
+            "reuse": reused, "compute": len(nodes) - reused}
+
+
+def run_experiment(plan: Plan, out: Path, device: torch.device, executor: Executor | None = None) -> dict:
+    """Run (or resume) every stage of `plan` under `out` with `executor` (default: `LocalExecutor`, this
+    process, one stage after another); write results.json and timings.json and return the results."""
+    from .executors.local import LocalExecutor
+
     started, spec = time.perf_counter(), plan.spec
     bundle = load_dataset(spec.dataset, spec.data_dir, seed=spec.seed)
     check_against_data(spec, bundle)  # before anything is written
-    runs = RunStore(out, device)
-    store.atomic_write_bytes(Path(out) / store.SPEC_YAML, spec_yaml(spec).encode())
-    seeds = spec.resolved_seeds
-    cleans = {seed: clean_stage(runs, plan, seed, bundle) for seed in seeds}
-    blocks, defense_seconds = zip(*[attack_block(runs, plan, seed, bundle, attack, cleans[seed])
-                                    for attack in spec.attacks for seed in seeds])
-    results = {"dataset": spec.dataset, "model": plan.model, "seed": seeds[0], "profile": plan.profile,
-               **({"seeds": list(spec.seeds)} if spec.seeds else {}),
-               "spec_hash": spec.digest(), **{k: blocks[0][k] for k in ("backdoored", "clean", "rows")},
-               "attacks": list(blocks), **({"summary": aggregate_blocks(list(blocks))} if len(seeds) > 1 else {})}
-    store.write_json(Path(out) / store.RESULTS_FILE, results)
-    store.write_json(Path(out) / store.TIMINGS_FILE, {"total_s": time.perf_counter() - started,
-                                                      "defense_s": list(defense_seconds),
-                                                      "computed": runs.computed, "reused": runs.reused})
+    with store.run_lock(out):
+        runs = RunStore(out, device)
+        store.atomic_write_bytes(Path(out) / store.SPEC_YAML, spec_yaml(spec).encode())
+        graph, context = build_graph(plan), RunContext(plan, bundle, device)
+        done = (executor or LocalExecutor()).run(graph, context, runs)
+        results, defense_seconds = results_of(graph, context, done)
+        store.write_json(Path(out) / store.RESULTS_FILE, results)
+        store.write_json(Path(out) / store.TIMINGS_FILE, {"total_s": time.perf_counter() - started,
+                                                          "defense_s": defense_seconds,
+                                                          "computed": runs.computed, "reused": runs.reused})
     log.info("finished in %.0f s (%d stages computed, %d reused)", time.perf_counter() - started,
              len(runs.computed), len(runs.reused))
     return results

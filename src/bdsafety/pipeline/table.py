@@ -1,0 +1,89 @@
+"""One flat table of every finished audit in one or many run directories (`bdsafety results`).
+
+A row per purified model × audit (and per clean reference model × audit): the run, dataset, model,
+attack, poison rate, target and seed of its backdoored model, the defense, how far it moved the weights,
+its own metrics (`o_*`), the audit's name and the audit's scalar metrics. Read from the stage records
+only, so it spans runs of different specs, and loads straight into pandas, DuckDB or a spreadsheet.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+from pathlib import Path
+
+from .. import store
+from ..errors import UsageError
+from ..store import Record
+
+
+def records_of(run_dir: Path) -> dict[str, Record]:
+    """The finished stage records of one run directory, by stage key."""
+    stages = Path(run_dir) / store.STAGES_DIR
+    if not stages.is_dir():
+        raise UsageError(f"{run_dir} has no {store.STAGES_DIR}/ folder; pass a directory made by 'bdsafety run'")
+    return {path.name.rsplit("-", 1)[-1]: store.load_record(path)
+            for path in sorted(stages.iterdir()) if not path.name.startswith(".") and store.is_finished(path)}
+
+
+def scalars(metrics: dict, prefix: str = "") -> dict:
+    """The numbers and strings of `metrics` (lists and nested records left out), keys prefixed."""
+    return {f"{prefix}{k}": v for k, v in metrics.items() if isinstance(v, (int, float, str, bool)) or v is None}
+
+
+def model_columns(record: Record, defense: str) -> dict:
+    """What identifies an audited model: its backdoored model's data, attack and seed, and the defense."""
+    attack = record.details.get("attack", {})
+    return {"dataset": record.details.get("data", {}).get("name"), "model": record.details.get("model"),
+            "attack": attack.get("name"), "poison_rate": attack.get("poison_rate"), "target": attack.get("target"),
+            "seed": record.seed, "defense": defense}
+
+
+def audited_model(audit: Record, records: dict[str, Record]) -> tuple[Record, Record | None, str] | None:
+    """(the record that names the attack, the purify record or None, the defense) of an audit's model."""
+    parents = audit.parents
+    purified = records.get(parents.get("purified") or parents.get("defense_run", ""))
+    setup = records.get(parents.get("setup", ""))
+    if purified is not None and purified.stage == "purify":
+        return purified, purified, purified.name
+    if purified is not None and setup is not None:  # a reference audit of the clean model
+        return setup, None, "none (clean model)"
+    return None
+
+
+def run_rows(run_dir: Path) -> list[dict]:
+    records = records_of(run_dir)
+    rows = []
+    for record in records.values():
+        if record.stage != "audit" or (found := audited_model(record, records)) is None:
+            continue
+        source, purified, defense = found
+        strength = purified.details.get("strength", {}) if purified else {}
+        rows.append({"run": str(run_dir), **model_columns(source, defense), **scalars(strength),
+                     **(scalars(purified.metrics, "o_") if purified else {}), "audit": record.name,
+                     **scalars(record.metrics)})
+    return rows
+
+
+def results_rows(run_dirs: list[Path], where: dict | None = None) -> list[dict]:
+    """Every audit row of `run_dirs`, keeping those whose columns equal every `where` value."""
+    rows = [row for run_dir in run_dirs for row in run_rows(Path(run_dir))]
+    return [row for row in rows if all(matches(row.get(k), v) for k, v in (where or {}).items())]
+
+
+def matches(value, wanted) -> bool:
+    return value == wanted or str(value) == str(wanted)
+
+
+def to_csv(rows: list[dict]) -> str:
+    columns = list(dict.fromkeys(key for row in rows for key in row))
+    out = io.StringIO()
+    writer = csv.DictWriter(out, columns, lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(rows)
+    return out.getvalue()
+
+
+def to_jsonl(rows: list[dict]) -> str:
+    return "".join(json.dumps(row, sort_keys=True) + "\n" for row in rows)
