@@ -66,5 +66,5 @@ def test_corrupt_weights_and_wrong_shapes_are_named(tmp_path):
 def test_a_record_from_an_older_version_is_named(tmp_path):
     store.save_stage(tmp_path / "run", trained_like_model(), SPEC, RECORD)
     store.write_json(tmp_path / "run" / "record.json", {"stage": "train", "metrics": {}})
-    with pytest.raises(UsageError, match="older bdsafety"):
+    with pytest.raises(UsageError, match="older bdsafety wrote it"):
         store.load_stage(tmp_path / "run")

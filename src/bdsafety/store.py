@@ -76,7 +76,7 @@ class Record:
     def from_json(cls, data: dict) -> "Record":
         missing = [key for key in cls.FIELDS if key not in data]
         if missing:
-            raise UsageError(f"record.json has no '{missing[0]}': it was written by an older bdsafety; rerun that stage")
+            raise UsageError(f"record.json has no '{missing[0]}': an older bdsafety wrote it; rerun that stage")
         details = {k: v for k, v in data.items() if k not in cls.FIELDS and k != "versions"}
         return cls(**{key: data[key] for key in cls.FIELDS}, details=details)
 
@@ -186,7 +186,11 @@ def load_stage(directory: Path, device: torch.device | str = "cpu") -> tuple[nn.
 
 
 def load_record(directory: Path) -> Record:
-    return Record.from_json(read_json(Path(directory) / RECORD_FILE))
+    data = read_json(Path(directory) / RECORD_FILE)
+    try:
+        return Record.from_json(data)
+    except UsageError as exc:
+        raise UsageError(f"{directory}: {exc}") from None
 
 
 TRAJECTORY_PREFIX = "trajectory"

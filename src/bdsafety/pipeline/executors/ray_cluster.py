@@ -99,7 +99,7 @@ class RayExecutor:
             directory = ray.get(ready[0])  # a task that failed for good raises here
             finished.add(running.pop(ready[0]))
             runs.computed.append(directory)
-            log.info("stage %d/%d done %s (%.0f s so far, %d running)", len(finished), len(nodes), directory,
+            log.info("stage %d/%d done %s (%.0f s so far, %d in flight)", len(finished), len(nodes), directory,
                      time.perf_counter() - started, len(running))
         done = {key: load(runs, context, node) for key, node in nodes.items()}
         runs.reused = stored  # loading them all back is not reuse

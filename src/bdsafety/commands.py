@@ -1,0 +1,211 @@
+"""What each `bdsafety` command does: parse its arguments into the pipeline's terms, call the stages, print.
+
+`run` and `demo` run a whole spec; `train`, `purify` and `audit` run one stage each, with the same stage
+functions (`pipeline.stages`), and write one directory.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+from importlib import resources
+from pathlib import Path
+
+from . import store
+from .audits import AUDITS, create_audits, with_dependencies
+from .defenses import DEFENSES, summary
+from .errors import UsageError
+from .models import MODELS
+from .pipeline import stages
+from .pipeline.setup import evaluate_setup, prepare
+from .pipeline.specs import AttackSpec, ExperimentSpec, build_plan, load_plan, parse_assignment, validate
+from .train import resolve_device
+
+log = logging.getLogger("bdsafety")
+
+
+def parse_assignments(items: list[str] | None) -> dict:
+    """`key=value` pairs; values are parsed as YAML scalars (numbers, booleans, strings)."""
+    return dict(parse_assignment(item) for item in items or [])
+
+
+def free_out(out: str) -> Path:
+    """`--out` as a path that does not exist yet (or is an empty directory)."""
+    path = Path(out)
+    if path.exists() and (not path.is_dir() or any(path.iterdir())):
+        raise UsageError(f"{path} already exists; choose another --out or remove it")
+    return path
+
+
+def attack_of(args) -> AttackSpec:
+    return AttackSpec(args.attack, args.poison_rate, args.target, parse_assignments(args.set))
+
+
+def cmd_train(args) -> int:
+    out, attack = free_out(args.out), attack_of(args)
+    if args.model:
+        MODELS.get(args.model)
+    overrides = {key: value for key, value in (("epochs", args.epochs), ("precision", args.precision))
+                 if value is not None}
+    spec = ExperimentSpec(dataset=args.dataset, data_dir=args.data_dir, model=args.model, profile=args.profile,
+                          seed=args.seed, reserve_fraction=args.reserve_fraction,
+                          attacks=(attack,) if attack.name != "none" else (), train=overrides, defenses=(), checks=())
+    validate(spec)
+    plan, device = build_plan(spec), resolve_device(args.device)
+    setup = prepare(spec.data, attack, args.seed, profile=plan.profile, device=device)
+    log.info("training %s on %s (%s, %d epochs, %s)", plan.model, args.dataset, args.attack, plan.train_config.epochs,
+             device)
+    model, record, tensors = stages.train(setup, spec.data, plan.model, plan.train_config, plan.profile, args.seed,
+                                          device)
+    store.save_stage(out, model, setup.model_spec(plan.model), record, tensors)
+    return saved(out, record.metrics)
+
+
+def saved(out: Path, metrics: dict) -> int:
+    print(format_metrics(metrics))
+    print(f"saved {out}")
+    return 0
+
+
+def cmd_eval(args) -> int:
+    model, _, record = store.load_stage(Path(args.dir), resolve_device(args.device))
+    print(format_metrics(evaluate_setup(model, stages.setup_of(record, args.data_dir))))
+    return 0
+
+
+def cmd_purify(args) -> int:
+    out, device = free_out(args.out), resolve_device(args.device)
+    backdoored, spec = stages.load_model_stage(args.source, device)
+    record, profile = backdoored.record, stages.profile_of(args.profile, backdoored.record)
+    defense = DEFENSES.create(args.defense, profile, stages.augmentation_of(record), **parse_assignments(args.set))
+    setup = stages.setup_of(record, args.data_dir)
+    model, purified, tensors = stages.purify(args.defense, defense, backdoored, setup, record.seed, profile)
+    store.save_stage(out, model, spec, purified, tensors)
+    return saved(out, purified.metrics)
+
+
+def audit_names(text: str) -> list[str]:
+    """The checks asked for, in run order with the audits they take a model from (QRA: RA)."""
+    checks = [c.strip() for c in text.split(",") if c.strip()]
+    one_shot = [name for name in AUDITS.names() if "defense_run" not in AUDITS.get(name).needs]
+    for check in checks:
+        if check not in one_shot:
+            raise UsageError(f"unknown check '{check}'; choose from: {', '.join(one_shot)} (trajectories need "
+                             f"the defense run: use 'bdsafety run')")
+    return with_dependencies(checks)
+
+
+def cmd_audit(args) -> int:
+    out, device, names = free_out(args.out), resolve_device(args.device), audit_names(args.checks)
+    backdoored, spec = stages.load_model_stage(args.backdoored, device)
+    subjects = {"backdoored": backdoored, "purified": stages.load_model_file(Path(args.purified), spec, device)}
+    if args.clean:
+        subjects["clean"] = stages.load_model_file(Path(args.clean), spec, device)
+    record = backdoored.record
+    methods = create_audits(names, stages.profile_of(args.profile, record), stages.augmentation_of(record))
+    setup = stages.setup_of(record, args.data_dir)
+    result = {"purified": evaluate_setup(subjects["purified"].model, setup),
+              "backdoored": evaluate_setup(backdoored.model, setup),
+              **stages.audit_models(methods, subjects, setup, record.seed)}
+    store.publish_json(out, store.AUDIT_FILE, {"checks": names, "backdoored_dir": args.backdoored,
+                                               "purified_path": args.purified, **result})
+    print(format_metrics({"purified_asr": result["purified"]["asr"],
+                          **{f"{name}_{key}": result[name][key] for name in names for key in ("asr", "asr_purified")
+                             if key in result[name]}}))
+    print(f"saved {out / store.AUDIT_FILE}")
+    return 0
+
+
+def cmd_run(args) -> int:
+    return run_and_report(load_plan(args.spec, args.set), args)
+
+
+DEMO_SPECS = {"quick": "quick.yaml", "full": "full.yaml", "default": "demo.yaml"}
+
+
+def cmd_demo(args) -> int:
+    if args.quick and args.full:
+        raise UsageError("choose one of --quick and --full")
+    name = DEMO_SPECS["quick" if args.quick else "full" if args.full else "default"]
+    return run_and_report(load_plan(resources.files("bdsafety") / "configs" / name, args.set), args)
+
+
+def run_and_report(plan, args) -> int:
+    from .pipeline.run import dry_run, run_experiment
+
+    out = Path(args.out)
+    if args.dry_run:
+        counts = dry_run(plan, out)
+        print("\n".join(counts["cells"]))
+        print(f"{len(counts['cells'])} cells, {counts['stages']} stages: {counts['compute']} to compute, "
+              f"{counts['reuse']} stored in {out}")
+        return 0
+    from .report import write_report  # matplotlib: only when a report is written
+    from .report.tables import console_table
+
+    results = run_experiment(plan, out, resolve_device(args.device), executor_of(args))
+    paths = write_report(out)
+    print(console_table(results))
+    print(f"results: {out / store.RESULTS_FILE}; report: "
+          f"{', '.join(str(p) for p in paths if p.suffix in ('.md', '.html'))}")
+    return 0
+
+
+def executor_of(args):
+    from .pipeline.executors import EXECUTORS
+
+    if args.address and args.executor != "ray":
+        raise UsageError("--address is the address of a Ray cluster; add --executor ray")
+    return EXECUTORS.create(args.executor, **({"address": args.address} if args.address else {}))
+
+
+def cmd_results(args) -> int:
+    from .pipeline.table import results_rows, to_csv, to_jsonl
+
+    rows = results_rows([Path(d) for d in args.dirs], parse_assignments(args.where))
+    sys.stdout.write((to_jsonl if args.format == "jsonl" else to_csv)(rows))
+    return 0
+
+
+def cmd_report(args) -> int:
+    from .report import write_report
+
+    for path in write_report(Path(args.dir)):
+        print(path)
+    return 0
+
+
+def cmd_import(args) -> int:
+    from . import interop
+
+    out, device, attack = free_out(args.out), resolve_device(args.device), attack_of(args)
+    MODELS.get(args.model)
+    data = ExperimentSpec(dataset=args.dataset, data_dir=args.data_dir, reserve_fraction=args.reserve_fraction).data
+    setup = prepare(data, attack, args.seed, device=device)
+    source = Path(args.file)
+    state = interop.read_any(source, args.format, args.model, args.trust_pickle)
+    model, record, tensors = stages.imported(state, source, args.format, args.model, setup, data, args.seed, device)
+    store.save_stage(out, model, setup.model_spec(args.model), record, tensors)
+    return saved(out, record.metrics)
+
+
+def cmd_bench(args) -> int:
+    """The speed benchmark lives in the source tree's benchmarks/ (it is not part of the library)."""
+    root = Path(__file__).resolve().parents[2]
+    if not (root / "benchmarks" / "speed.py").is_file():
+        raise UsageError("bdsafety bench runs from a source checkout (its code is in benchmarks/, which is not "
+                         "installed); clone the repository and run it there")
+    sys.path.insert(0, str(root))
+    from benchmarks.bench import main as bench_main
+
+    return bench_main(args.bench_args)
+
+
+def cmd_defenses(args) -> int:
+    for name in DEFENSES.names():
+        print(f"{name:12s} {summary(DEFENSES.get(name))}")
+    return 0
+
+
+def format_metrics(metrics: dict) -> str:
+    return "  ".join(f"{k}={v:.4f}" for k, v in metrics.items())
