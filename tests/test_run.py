@@ -198,3 +198,37 @@ def test_results_table_has_a_row_per_purified_model_and_audit(finished, capsys):
     assert main(["results", str(out), "--where", "audit=lmc", "--format", "csv"]) == 0
     lines = capsys.readouterr().out.splitlines()
     assert len(lines) == 1 + 2 and lines[0].startswith("run,dataset,model,attack")
+
+
+GRID = """
+dataset: synthetic
+model: [preact_small, preact_resnet18]
+train: {epochs: 1, batch_size: 64, lr: 0.05, crop_pad: 1, flip: false}
+defenses: [ft]
+defense_params: {ft: {epochs: 1}}
+checks: [lmc]
+audit_params: {lmc: {points: 2}}
+"""
+
+
+def test_a_model_list_runs_one_directory_per_model(tmp_path, capsys):
+    from bdsafety.pipeline.table import results_rows
+
+    spec, single = tmp_path / "grid.yaml", tmp_path / "single.yaml"
+    spec.write_text(GRID)
+    single.write_text(GRID.replace("[preact_small, preact_resnet18]", "preact_small"))
+    assert main(["run", str(spec), "--out", str(tmp_path / "grid"), "--dry-run"]) == 0
+    assert "synthetic-preact_resnet18: badnets-0.05-t0 seed 0" in capsys.readouterr().out
+    assert main(["run", str(spec), "--out", str(tmp_path / "grid"), "--device", "cpu", "-q"]) == 0
+    assert main(["run", str(single), "--out", str(tmp_path / "one"), "--device", "cpu", "-q"]) == 0
+    small = tmp_path / "grid" / "synthetic-preact_small" / "results.json"
+    assert small.read_text() == (tmp_path / "one" / "results.json").read_text()
+    rows = results_rows([tmp_path / "grid"])
+    assert sorted(row["model"] for row in rows) == ["preact_resnet18", "preact_small"]
+
+
+def test_a_typo_in_any_cell_of_a_grid_fails_before_any_work(tmp_path, capsys):
+    spec = tmp_path / "grid.yaml"
+    spec.write_text(GRID.replace("preact_resnet18", "preact_resnet81"))
+    assert main(["run", str(spec), "--out", str(tmp_path / "grid"), "-q"]) == 2
+    assert "preact_resnet81" in capsys.readouterr().err and not (tmp_path / "grid").exists()

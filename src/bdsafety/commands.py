@@ -18,7 +18,7 @@ from .errors import UsageError
 from .models import MODELS
 from .pipeline import stages
 from .pipeline.setup import evaluate_setup, prepare
-from .pipeline.specs import AttackSpec, ExperimentSpec, build_plan, load_plan, parse_assignment, validate
+from .pipeline.specs import AttackSpec, ExperimentSpec, build_plan, load_plans, parse_assignment, validate
 from .train import resolve_device
 
 log = logging.getLogger("bdsafety")
@@ -117,7 +117,7 @@ def cmd_audit(args) -> int:
 
 
 def cmd_run(args) -> int:
-    return run_and_report(load_plan(args.spec, args.set), args)
+    return run_grid(load_plans(args.spec, args.set), args)
 
 
 DEMO_SPECS = {"quick": "quick.yaml", "full": "full.yaml", "default": "demo.yaml"}
@@ -127,19 +127,33 @@ def cmd_demo(args) -> int:
     if args.quick and args.full:
         raise UsageError("choose one of --quick and --full")
     name = DEMO_SPECS["quick" if args.quick else "full" if args.full else "default"]
-    return run_and_report(load_plan(resources.files("bdsafety") / "configs" / name, args.set), args)
+    return run_grid(load_plans(resources.files("bdsafety") / "configs" / name, args.set), args)
 
 
-def run_and_report(plan, args) -> int:
-    from .pipeline.run import dry_run, run_experiment
-
+def run_grid(plans: dict, args) -> int:
+    """One run per plan: in --out itself for a single plan, else in --out/<dataset>-<model>/."""
     out = Path(args.out)
+    places = {name: out if len(plans) == 1 else out / name for name in plans}
     if args.dry_run:
-        counts = dry_run(plan, out)
-        print("\n".join(counts["cells"]))
+        return print_dry_run(plans, places)
+    for name, plan in plans.items():
+        run_and_report(plan, places[name], args)
+    return 0
+
+
+def print_dry_run(plans: dict, places: dict) -> int:
+    from .pipeline.run import dry_run
+
+    for name, plan in plans.items():
+        counts = dry_run(plan, places[name])
+        print("\n".join(f"{name}: {cell}" if len(plans) > 1 else cell for cell in counts["cells"]))
         print(f"{len(counts['cells'])} cells, {counts['stages']} stages: {counts['compute']} to compute, "
-              f"{counts['reuse']} stored in {out}")
-        return 0
+              f"{counts['reuse']} stored in {places[name]}")
+    return 0
+
+
+def run_and_report(plan, out: Path, args) -> None:
+    from .pipeline.run import run_experiment
     from .report import write_report  # matplotlib: only when a report is written
     from .report.tables import console_table
 
@@ -148,7 +162,6 @@ def run_and_report(plan, args) -> int:
     print(console_table(results))
     print(f"results: {out / store.RESULTS_FILE}; report: "
           f"{', '.join(str(p) for p in paths if p.suffix in ('.md', '.html'))}")
-    return 0
 
 
 def executor_of(args):

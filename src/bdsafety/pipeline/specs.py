@@ -139,12 +139,37 @@ def load_plan(path: str | Path | None, overrides: list[str] | None = None) -> Pl
     return build_plan(load_spec(path, overrides))
 
 
-def load_spec(path: str | Path | None, overrides: list[str] | None = None) -> ExperimentSpec:
-    """Read a YAML spec (or start from the defaults), apply `key.sub=value` overrides, validate."""
+def load_plans(path: str | Path | None, overrides: list[str] | None = None) -> dict[str, Plan]:
+    """Every plan of a spec whose `dataset` or `model` may be a list (one run per dataset × model, named
+    `<dataset>-<model>`), each built and checked before any of them runs."""
+    plans = [build_plan(parse_spec(raw)) for raw in grid_specs(read_raw(path, overrides))]
+    return {f"{plan.spec.dataset}-{plan.model}": plan for plan in plans}
+
+
+def grid_specs(raw: dict) -> list[dict]:
+    """The raw specs of a grid: `dataset: [a, b]` and `model: [m, n]` expand into one spec per pair."""
+    def values(key: str) -> list:
+        value = raw.get(key)
+        if isinstance(value, list):
+            expect(bool(value) and len(set(map(str, value))) == len(value),
+                   f"spec '{key}' list must be non-empty and without repeats, got {value!r}")
+            return value
+        return [value] if key in raw else [None]
+
+    return [{**raw, **({"dataset": d} if d is not None else {}), **({"model": m} if m is not None else {})}
+            for d in values("dataset") for m in values("model")]
+
+
+def read_raw(path: str | Path | None, overrides: list[str] | None = None) -> dict:
     raw = read_yaml(Path(path)) if path else {}
     for item in overrides or []:
         apply_override(raw, item)
-    return parse_spec(raw)
+    return raw
+
+
+def load_spec(path: str | Path | None, overrides: list[str] | None = None) -> ExperimentSpec:
+    """Read a YAML spec (or start from the defaults), apply `key.sub=value` overrides, validate."""
+    return parse_spec(read_raw(path, overrides))
 
 
 def read_yaml(path: Path) -> dict:

@@ -66,9 +66,21 @@ def run_rows(run_dir: Path) -> list[dict]:
     return rows
 
 
+def run_directories(folder: Path) -> list[Path]:
+    """`folder` itself when it is a run directory, else the run directories of a grid inside it."""
+    folder = Path(folder)
+    if (folder / store.STAGES_DIR).is_dir():
+        return [folder]
+    found = sorted(p.parent for p in folder.glob(f"*/{store.STAGES_DIR}") if p.is_dir())
+    if not found:
+        raise UsageError(f"{folder} has no {store.STAGES_DIR}/ folder; pass a directory made by 'bdsafety run'")
+    return found
+
+
 def results_rows(run_dirs: list[Path], where: dict | None = None) -> list[dict]:
-    """Every audit row of `run_dirs`, keeping those whose columns equal every `where` value."""
-    rows = [row for run_dir in run_dirs for row in run_rows(Path(run_dir))]
+    """Every audit row of `run_dirs` (or of the grids inside them), keeping those whose columns equal every
+    `where` value."""
+    rows = [row for folder in run_dirs for run_dir in run_directories(folder) for row in run_rows(run_dir)]
     return [row for row in rows if all(matches(row.get(k), v) for k, v in (where or {}).items())]
 
 
