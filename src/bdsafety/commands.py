@@ -18,7 +18,7 @@ from .errors import UsageError
 from .models import MODELS
 from .pipeline import stages
 from .pipeline.setup import evaluate_setup, prepare
-from .pipeline.specs import AttackSpec, ExperimentSpec, build_plan, load_plans, parse_assignment, validate
+from .pipeline.specs import AttackSpec, DataSpec, ExperimentSpec, build_plan, load_plans, parse_assignment, validate
 from .train import resolve_device
 
 log = logging.getLogger("bdsafety")
@@ -193,7 +193,7 @@ def cmd_import(args) -> int:
 
     out, device, attack = free_out(args.out), resolve_device(args.device), attack_of(args)
     MODELS.get(args.model)
-    data = ExperimentSpec(dataset=args.dataset, data_dir=args.data_dir, reserve_fraction=args.reserve_fraction).data
+    data = DataSpec(args.dataset, args.data_dir, args.reserve_fraction)
     setup = prepare(data, attack, args.seed, device=device)
     source = Path(args.file)
     state = interop.read_any(source, args.format, args.model, args.trust_pickle)

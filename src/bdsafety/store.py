@@ -296,7 +296,7 @@ class RunStore:
         """The stage in `stages/<directory>` (named `<stage>-<label>-<key>`): loaded when finished, else
         `build()` (model, record, tensors) and saved."""
         path = self.stages / directory
-        key = directory.rsplit("-", 1)[-1]
+        key = stage_key_of(path)
         if is_finished(path):
             self.reused.append(path.name)
             if not (path / MODEL_FILE).is_file():
@@ -307,6 +307,11 @@ class RunStore:
         save_stage(path, model, spec, record, tensors)
         self.computed.append(path.name)
         return Stage(key, model, record, path)
+
+
+def stage_key_of(directory: Path | str) -> str:
+    """The key of a stage directory named `<stage>-<label>-<key>`."""
+    return Path(directory).name.rsplit("-", 1)[-1]
 
 
 LOCK_FILE = ".lock"

@@ -23,7 +23,7 @@ def records_of(run_dir: Path) -> dict[str, Record]:
     stages = Path(run_dir) / store.STAGES_DIR
     if not stages.is_dir():
         raise UsageError(f"{run_dir} has no {store.STAGES_DIR}/ folder; pass a directory made by 'bdsafety run'")
-    return {path.name.rsplit("-", 1)[-1]: store.load_record(path)
+    return {store.stage_key_of(path): store.load_record(path)
             for path in sorted(stages.iterdir()) if not path.name.startswith(".") and store.is_finished(path)}
 
 
