@@ -17,6 +17,7 @@ from .commands import (cmd_audit, cmd_bench, cmd_defenses, cmd_demo, cmd_eval, c
 from .data import DATASET_NAMES
 from .errors import UsageError
 from .models import MODELS
+from .pipeline import progress
 from .registry import PROFILES
 from .train import PRECISIONS
 
@@ -147,7 +148,10 @@ def thread_count() -> int:
 
 
 def configure(quiet: bool) -> None:
-    logging.basicConfig(format="%(message)s", stream=sys.stderr)
+    """Log to stderr; on a terminal with a live progress line at the bottom (pipeline/progress.py)."""
+    live = sys.stderr.isatty() and not quiet
+    output = {"handlers": [progress.use_status_line(sys.stderr)]} if live else {"stream": sys.stderr}
+    logging.basicConfig(format="%(message)s", **output)
     logging.getLogger().setLevel(logging.WARNING if quiet else logging.INFO)
     torch.set_num_threads(thread_count())
 

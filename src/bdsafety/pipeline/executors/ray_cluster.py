@@ -11,7 +11,6 @@ to a local run with the same thread count on the same machine.
 from __future__ import annotations
 
 import logging
-import time
 
 import torch
 
@@ -19,11 +18,10 @@ from ...data import load_dataset
 from ...errors import UsageError
 from ...store import RunStore, Stage, is_finished
 from ..graph import Node, StageGraph
+from ..progress import Progress
 from ..run import RunContext, run_node
 from ..specs import Plan
 from . import EXECUTORS
-
-log = logging.getLogger(__name__)
 
 _CONTEXTS: dict[tuple[str, str], RunContext] = {}  # per worker process: data and setups built once per plan
 
@@ -88,19 +86,25 @@ class RayExecutor:
         nodes = {node.key: node for node in graph.nodes}
         finished = {key for key, node in nodes.items() if is_finished(runs.stages / node.directory)}
         stored = [nodes[key].directory for key in finished]
-        waiting, running, started = [k for k in nodes if k not in finished], {}, time.perf_counter()
-        while waiting or running:
-            for key in [k for k in waiting if all(p in finished for _, p in nodes[k].parents)]:
-                node = nodes[key]
-                parents = {role: nodes[parent] for role, parent in node.parents}
-                running[task.remote(root, plan, node, parents, device, threads)] = key
-                waiting.remove(key)
-            ready, _ = ray.wait(list(running), num_returns=1)
-            directory = ray.get(ready[0])  # a task that failed for good raises here
-            finished.add(running.pop(ready[0]))
-            runs.computed.append(directory)
-            log.info("stage %d/%d done %s (%.0f s so far, %d in flight)", len(finished), len(nodes), directory,
-                     time.perf_counter() - started, len(running))
+        waiting, running = [k for k in nodes if k not in finished], {}
+        progress = Progress(len(nodes))
+        for directory in stored:
+            progress.finish(directory, reused=True)
+        try:
+            while waiting or running:
+                for key in [k for k in waiting if all(p in finished for _, p in nodes[k].parents)]:
+                    node = nodes[key]
+                    parents = {role: nodes[parent] for role, parent in node.parents}
+                    running[task.remote(root, plan, node, parents, device, threads)] = key
+                    waiting.remove(key)
+                    progress.start(node.directory)
+                ready, _ = ray.wait(list(running), num_returns=1)
+                directory = ray.get(ready[0])  # a task that failed for good raises here
+                finished.add(running.pop(ready[0]))
+                runs.computed.append(directory)
+                progress.finish(directory, reused=False)
+        finally:
+            progress.close()
         done = {key: load(runs, context, node) for key, node in nodes.items()}
         runs.reused = stored  # loading them all back is not reuse
         return done
