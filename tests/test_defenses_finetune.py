@@ -213,3 +213,13 @@ def test_project_norm_and_balanced_subset():
     assert torch.bincount(labels[chosen]).tolist() == [3, 3, 3]
     with pytest.raises(UsageError):
         class_balanced_indices(labels, 3, 4, torch.Generator().manual_seed(0))
+
+
+def test_fst_trajectory_states_are_projected_like_its_steps(backdoored, badnets_setup):
+    """The step snapshots are taken after FST's projection (fit's after_step runs as the optimizer's own hook)."""
+    defense = DEFENSES.create("fst", **TINY, epochs=2)
+    _, _, states = purify_with_trajectory(defense, backdoored[0], badnets_setup, seed=0, points=3)
+    norm_bd = float(torch.linalg.matrix_norm(backdoored[0].linear.weight.detach()))
+    assert len(states) == 2
+    for _, state in states:
+        assert float(torch.linalg.matrix_norm(state["linear.weight"])) == pytest.approx(norm_bd, rel=1e-5)

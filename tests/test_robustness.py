@@ -79,7 +79,9 @@ class Tripwire(ImageSet):
 
 
 TINY = {"ep": {"epochs": 1}, "ft": {"epochs": 1}, "fst": {"epochs": 1}, "ft_sam": {"epochs": 1},
-        "anp": {"iterations": 5}, "i_bau": {"n_rounds": 1},
+        "anp": {"iterations": 5}, "i_bau": {"n_rounds": 1}, "nad": {"teacher_epochs": 1, "epochs": 1},
+        "sau": {"epochs": 1, "batch_size": 32, "pgd_steps": 1}, "fp": {"epochs": 1}, "clp": {},
+        "mcr": {"finetune_epochs": 1, "epochs": 1, "scan_points": 2}, "tsc": {"rounds": 1, "epochs": 1, "finetune_epochs": 0},
         "bti_dbf": {"preround": 1, "mround": 1, "uround": 1, "nround": 1, "ul_round": 1},
         "pam": {"preround": 1, "mround": 1, "uround": 1, "nround": 1, "ul_round": 1}}
 

@@ -154,15 +154,20 @@ def fit(
     gen = torch.Generator().manual_seed(seed)
     model.train()
     history, started, steps = [], time.perf_counter(), 0
-    for epoch in trange(config.epochs, progress):
-        total, steps = torch.zeros((), device=device), 0
-        for x, y in batches.epoch(gen):
-            total += optimizer_step(model, optimizer, loss_fn, x, y).detach()
-            steps += 1
-            if after_step is not None:
-                after_step()
-        scheduler.step()
-        history.append(check_finite(float(total) / max(steps, 1), epoch))
+    # As the optimizer's own post-step hook, `after_step` (FST's projection, FP's mask) runs before torch's
+    # global step hooks, so a defense's step snapshots (defenses/_trajectory.py) already include it.
+    handle = optimizer.register_step_post_hook(lambda *_: after_step()) if after_step is not None else None
+    try:
+        for epoch in trange(config.epochs, progress):
+            total, steps = torch.zeros((), device=device), 0
+            for x, y in batches.epoch(gen):
+                total += optimizer_step(model, optimizer, loss_fn, x, y).detach()
+                steps += 1
+            scheduler.step()
+            history.append(check_finite(float(total) / max(steps, 1), epoch))
+    finally:
+        if handle is not None:
+            handle.remove()
     return {"epoch_losses": history, "duration_s": time.perf_counter() - started, "steps_per_epoch": steps,
             "precision": precision}
 

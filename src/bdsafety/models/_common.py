@@ -13,6 +13,7 @@ from dataclasses import asdict, dataclass
 import torch
 from torch import Tensor, nn
 
+from ..errors import UsageError
 from ..registry import Registry
 
 MODELS = Registry("model")
@@ -76,3 +77,53 @@ class Classifier(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         return self.head(self.features(x))
+
+
+def stage_ends(model: Classifier, x: Tensor) -> list[str]:
+    """The qualified names of the modules whose outputs end each resolution stage of `model.body`, first to last.
+
+    The body's block sequence (the body itself if it is an `nn.Sequential`, as in VGG, else its one
+    `nn.Sequential` child: `PreActBody.layers`, `ResNetBody.layers`) is run once on `x` (a few [0, 1] images)
+    in eval mode without gradients. Its children are grouped into runs of equal output height x width; the
+    last child of each run ends a stage (ResNets: the last block of a stage, VGG: the ReLU before a max-pool).
+    A run without parameters (a trailing max-pool) is no stage. The model and its mode are left unchanged.
+    """
+    prefix, blocks = block_sequence(model)
+    sizes: dict[int, tuple[int, ...]] = {}
+
+    def hook_for(index: int):
+        def hook(module: nn.Module, args, output) -> None:
+            if not isinstance(output, Tensor) or output.dim() != 4:
+                raise UsageError(f"block {prefix}.{index} of the model gives no [N, C, H, W] feature map")
+            sizes[index] = tuple(output.shape[-2:])
+        return hook
+
+    handles = [child.register_forward_hook(hook_for(i)) for i, child in enumerate(blocks)]
+    training = model.training
+    try:
+        model.eval()
+        with torch.no_grad():
+            model.features(x)
+    finally:
+        model.train(training)
+        for handle in handles:
+            handle.remove()
+    runs: list[list[int]] = []
+    for index in sorted(sizes):
+        if runs and sizes[runs[-1][-1]] == sizes[index]:
+            runs[-1].append(index)
+        else:
+            runs.append([index])
+    with_parameters = [run for run in runs if any(p.numel() for i in run for p in blocks[i].parameters())]
+    return [f"{prefix}.{run[-1]}" for run in with_parameters]
+
+
+def block_sequence(model: Classifier) -> tuple[str, nn.Sequential]:
+    """(qualified name, module) of the body's flat sequence of blocks or layers (see `stage_ends`)."""
+    if isinstance(model.body, nn.Sequential):
+        return "body", model.body
+    found = [(name, child) for name, child in model.body.named_children() if isinstance(child, nn.Sequential)]
+    if len(found) != 1:
+        raise UsageError(f"cannot find the stages of {type(model).__name__}: its body needs one nn.Sequential "
+                         f"of blocks, found {len(found)}")
+    return f"body.{found[0][0]}", found[0][1]

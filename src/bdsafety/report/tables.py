@@ -14,13 +14,16 @@ from __future__ import annotations
 import html
 from dataclasses import dataclass, field
 
-#: Paper display names (Min et al. 2024, Table 1), in the paper's row order; FT is the optional extra baseline.
+#: Paper display names (Min et al. 2024, Table 1), in the paper's row order; FT is the optional extra baseline,
+#: and the defenses after PAM are the ones bdsafety audits beyond the paper.
 DEFENSE_NAMES = {
     "ep": "EP", "anp": "ANP", "i_bau": "BAU (I-BAU)", "ft_sam": "SAM (FT-SAM)", "fst": "FST",
     "bti_dbf": "BTI (BTI-DBF(U))", "ft": "FT", "pam": "PAM",
+    "fp": "FP (Fine-Pruning)", "nad": "NAD", "clp": "CLP", "sau": "SAU", "mcr": "MCR", "tsc": "TSC",
 }
 SHORT_NAMES = {"ep": "EP", "anp": "ANP", "i_bau": "BAU", "ft_sam": "SAM", "fst": "FST", "bti_dbf": "BTI",
-               "ft": "FT", "pam": "PAM"}
+               "ft": "FT", "pam": "PAM", "fp": "FP", "nad": "NAD", "clp": "CLP", "sau": "SAU", "mcr": "MCR",
+               "tsc": "TSC"}
 ATTACK_NAMES = {"badnets": "BadNets", "blended": "Blended", "ssba": "SSBA", "lc": "LC", "sig": "SIG",
                 "wanet": "WaNet"}
 MODES = ("O-Backdoor", "O-Robustness", "P-Robustness")
