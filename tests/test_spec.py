@@ -103,11 +103,13 @@ def test_poison_rate_list_expands_into_one_attack_per_rate():
 def test_full_demo_spec_holds_the_four_paper_attacks_and_every_defense():
     from importlib import resources
 
+    from bdsafety.defenses import DEFENSES
     from bdsafety.pipeline.specs import CHECKS, PAPER_DEFENSES
     spec = load_spec(resources.files("bdsafety") / "configs" / "full.yaml")
     assert [(a.name, a.poison_rate, a.target) for a in spec.attacks] == [
         ("badnets", 0.05, 0), ("blended", 0.05, 0), ("ssba", 0.05, 0), ("lc", 0.09, 0)]  # LC: see full.yaml
-    assert spec.defenses == PAPER_DEFENSES and spec.checks == CHECKS and spec.resolved_profile == "cpu"
+    assert spec.defenses[:len(PAPER_DEFENSES)] == PAPER_DEFENSES and sorted(spec.defenses) == DEFENSES.names()
+    assert spec.checks == CHECKS and spec.resolved_profile == "cpu"
     assert spec.calibration_fraction == 0.02
 
 
