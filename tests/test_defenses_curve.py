@@ -251,3 +251,13 @@ def test_cpu_profile_scales_lengths_only():
         cls = DEFENSES.get(name)
         assert set(cls.cpu_overrides) <= {"epochs", "finetune_epochs"}
         assert DEFENSES.create(name, "cpu").epochs == cls.cpu_overrides["epochs"] < cls.epochs
+
+
+def test_mcr_puts_its_curve_scan_into_its_results_row():
+    from bdsafety.defenses import DEFENSES
+
+    scan = [{"t": 0.0, "clean_loss": 0.2, "clean_acc": 0.95}, {"t": 1.0, "clean_loss": 0.3, "clean_acc": 0.9}]
+    mcr = DEFENSES.create("mcr")
+    assert mcr.row_fields({"t": 0.1, "path_scan": scan}) == {"mode_curve": {"t": 0.1, "points": scan}}
+    assert mcr.row_fields({"t": 0.1, "path_scan": []}) == {}
+    assert DEFENSES.create("fst").row_fields({"epoch_losses": [1.0]}) == {}

@@ -249,3 +249,14 @@ def test_trigger_table_shows_the_fitted_attacks_only():
     lines = to_markdown(table).splitlines()  # a table without column groups keeps every header cell
     assert lines[2] == "| Attack | PSNR (dB) | mean L∞ | max L∞ | bit accuracy |" and lines[3].count("|") == 6
     assert trigger_table(fake_results()) is None
+
+
+def test_mcr_row_with_its_curve_gets_the_curve_figure():
+    from bdsafety.report.figures import attack_figures
+
+    results = fake_results()
+    block = results["attacks"][0]
+    scan = [{"t": i / 10, "clean_loss": 0.3, "clean_acc": 0.9 - 0.2 * (i % 2)} for i in range(11)]
+    block["rows"].append({**block["rows"][0], "defense": "mcr", "mode_curve": {"t": 0.1, "points": scan}})
+    names = [name for name, _, _ in attack_figures(results)]
+    assert "fig-1-badnets-mcr.png" in names and "fig-2-blended-mcr.png" not in names

@@ -12,6 +12,8 @@ timings). A defense sees only `DefenderData`: the reserved clean split, never th
 poison indices. Only EP (`uses_attack`) reads `data.attack`, the true trigger, which it is given by
 definition. `trajectory_states` may define the defense's own trajectory (ANP: its pruning threshold).
 
+`row_fields(record)` may copy parts of the record into the defense's results.json row for the report.
+
 `cpu_overrides` (a ClassVar dict) holds the Fashion-MNIST CPU profile's settings: shorter lengths, and a
 stronger setting only where the official one was measured not to purify (README, "Defense strength").
 A defense's `crop_pad`/`flip` fields default to the paper's CIFAR-10 transform; the pipeline and
@@ -68,6 +70,10 @@ class DefenseBase:
         """The model's states at `fractions` of the run, when the defense defines its own trajectory (ANP: along
         its pruning threshold); None: the states after those fractions of its optimizer steps."""
         return None
+
+    def row_fields(self, record: dict) -> dict:
+        """What of the defense's own record goes into its results.json row, for the report (MCR: its curve)."""
+        return {}
 
 
 def trace_defense(defense: Defense, model: nn.Module, data: DefenderData, seed: int,

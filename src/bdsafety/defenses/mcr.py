@@ -83,6 +83,10 @@ class MCR(CurveTrajectory, DefenseBase):
     cpu_overrides: ClassVar[dict] = {"finetune_epochs": 20, "epochs": 20}
     uses_attack: ClassVar[bool] = False
 
+    def row_fields(self, record: dict) -> dict:
+        """The trained curve's scan (reserve C-Acc along t) and the chosen t, for the report's curve figure."""
+        return {"mode_curve": {"t": record["t"], "points": record["path_scan"]}} if record.get("path_scan") else {}
+
     def __post_init__(self):
         if not 0.0 <= self.t <= 1.0:
             raise UsageError(f"mcr needs t in [0, 1], got {self.t}")

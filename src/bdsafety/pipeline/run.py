@@ -82,7 +82,8 @@ def block_of(cell: Cell, context: RunContext, done: dict[str, Stage]) -> tuple[d
     for name, (node, audits) in cell.defenses.items():
         purified = done[node.key]
         row = {"defense": name, **{f"o_{k}": v for k, v in purified.record.metrics.items()},
-               "strength": dict(purified.record.details["strength"])}
+               "strength": dict(purified.record.details["strength"]),
+               **plan.defenses[name].row_fields(purified.record.details["history"])}
         for audit_name, audit in audits.items():
             row.update(plan.audits[audit_name].row_fields(done[audit.key].record.metrics, row))
         block["rows"].append(row)

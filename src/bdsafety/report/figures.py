@@ -107,6 +107,31 @@ def lmc_curves(block: dict, label: str) -> bytes | None:
     return _png(fig)
 
 
+def mode_curves(block: dict, label: str) -> bytes | None:
+    """MCR's own trained curve θ_bd → θ_ft: clean accuracy on the defender's reserve along t (BN recomputed at
+    each point), the repaired point marked; the LMC figure shows the straight line θ_bd → θ_MCR beside it."""
+    curves = {d: (find_row(block, d) or {}).get("mode_curve") for d in defense_order([block])}
+    curves = {d: c for d, c in curves.items() if c and c.get("points")}
+    if not curves:
+        return None
+    fig = Figure(figsize=(5.5, 3.6), layout="constrained")
+    ax = fig.subplots()
+    for defense, curve in curves.items():
+        points = sorted(curve["points"], key=lambda p: p["t"])
+        color = defense_color(defense)
+        ax.plot(*_series(points, lambda p: p.get("clean_acc")), color=color, marker="o", ms=2.5,
+                label=display_name(defense, short=True))
+        chosen = min(points, key=lambda p: abs(p["t"] - curve["t"]))
+        ax.plot([chosen["t"]], [100 * chosen["clean_acc"]], "o", color=color, ms=8, mfc="none")
+    ax.set_title("Clean accuracy on the defender's reserve (%)", fontsize=10)
+    ax.set_xlabel("t   (0 = backdoored θ_bd, 1 = fine-tuned θ_ft; ○ the repaired point)", fontsize=8)
+    ax.set_ylim(-3, 103)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8, frameon=False)
+    fig.suptitle(f"{label}: the defense's trained Bézier curve", fontsize=10)
+    return _png(fig)
+
+
 def trajectory_curves(block: dict, label: str) -> bytes | None:
     """P-ASR (after RA) and O-ASR along each defense's run, against the fraction of its steps (ANP: of its
     pruning threshold); the grey band is the clean model's P-ASR (mean, its range when recorded)."""
@@ -175,6 +200,8 @@ def attack_figures(results: dict) -> list[tuple[str, str, bytes]]:
         for suffix, caption, draw in (
                 ("asr", f"{label}: O-ASR vs P-ASR per defense (cf. paper Fig. 1)", asr_bars),
                 ("lmc", f"{label}: backdoor error and clean accuracy along θ_bd → θ_pur (cf. paper Fig. 3)", lmc_curves),
+                ("mcr", f"{label}: MCR's trained curve to its fine-tuned endpoint (the straight line to its repaired "
+                        f"model is in the LMC figure)", mode_curves),
                 ("qra", f"{label}: QRA-ASR on the purified vs the clean model", qra_bars),
                 ("trajectory", f"{label}: P-ASR and O-ASR along each defense's run", trajectory_curves)):
             png = draw(block, label)
