@@ -49,13 +49,13 @@ GRIDS = {
                      {"mask_lr": 0.2, "prune_threshold": 0.5}],
             "official": {"iterations": 2000}},
     "ft_sam": {"grid": [{"epochs": 30}, {"epochs": 100}], "official": {"epochs": 100}},
-    # The authors' README, for a PAM that does not hold: a larger share of inverted samples in the unlearning
-    # batches, then a larger rho. (The official unlearning length, 3 rounds of 30 epochs, was measured too:
-    # calibration O-ASR 23.5 % against 25.4 % at the CPU length.)
-    "pam": {"grid": [{"gen_ratio": 0.2}, {"gen_ratio": 0.3}, {"gen_ratio": 0.4}, {"gen_ratio": 0.5},
-                     {"gen_ratio": 0.5, "rho": 1.0}],
-            "official": {"nround": 3, "ul_round": 30}},
-    "bti_dbf": {"grid": [{"nround": 2, "ul_round": 5}], "official": {"nround": 3, "ul_round": 30}},
+    # The trigger inversion's length, at the CPU profile's U-Net width 8: the previous CPU length (2 / 5 / 1), then
+    # 5 / 20 / 5. (The README's table also has the earlier grid at width 32 and 2 / 5 / 1 epochs: the authors'
+    # tips, a larger share of inverted samples and a larger rho, and the official unlearning length; none purified.)
+    "pam": {"grid": [{"preround": 2, "mround": 5, "uround": 1}, {"preround": 5, "mround": 20, "uround": 5}],
+            "official": {"generator_width": 32, "preround": 50, "uround": 30, "nround": 3, "ul_round": 30}},
+    "bti_dbf": {"grid": [{"preround": 5, "mround": 20, "uround": 5}],
+                "official": {"generator_width": 32, "preround": 50, "uround": 30, "nround": 3, "ul_round": 30}},
 }
 
 

@@ -191,11 +191,13 @@ def generator_loss(feats_x: Tensor, feats_g: Tensor, mask: Tensor, image_mse: Te
 # Stages
 # ---------------------------------------------------------------------------------------------------
 
-# BTI-DBF(U) and PAM on Fashion-MNIST, 2 cores (3,000-image reserve): a U-Net epoch (stage A, B2) costs
-# ~50 s, a B1 mask epoch under 1 s, so their counts shrink most. At these lengths BTI-DBF(U) purifies the demo
-# model and PAM does not; with preround 5, mround 20, uround 5 PAM purifies and resists RA (README, "Defense
-# strength"). `defense_params` sets those or the paper's lengths (50/20/30/3/30).
-CPU_OVERRIDES = {"preround": 2, "mround": 5, "uround": 1, "nround": 2, "ul_round": 5}
+# BTI-DBF(U) and PAM on Fashion-MNIST, 2 cores (3,000-image reserve). The CPU profile scales the U-Net like the
+# classifier: base width 8 costs 25 MFLOP per 28x28 image, 1.2x preact_small's 20 MFLOP (the paper: width 32 on
+# CIFAR-10, 0.40 GFLOP, 0.36x ResNet-18's 1.11 GFLOP; width 32 here would be 20x the classifier). Inversion
+# lengths from the strength rule's grid on the calibration split (README, "Defense strength"): at generator
+# 2 / 5 / 1 epochs PAM does not purify (width 32 and width 8 alike), at 5 / 20 / 5 it does (width 8: calibration
+# O-ASR 0.7 %, 241 s). `defense_params` sets the paper's lengths and width (50/20/30/3/30, 32).
+CPU_OVERRIDES = {"preround": 5, "mround": 20, "uround": 5, "nround": 2, "ul_round": 5, "generator_width": 8}
 
 
 @dataclass(frozen=True)
