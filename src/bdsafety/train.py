@@ -10,7 +10,7 @@ import contextlib
 import math
 import time
 from dataclasses import asdict, dataclass, replace
-from typing import Callable, Iterator
+from typing import Callable, Iterable, Iterator
 
 import torch
 import torch.nn.functional as F
@@ -304,3 +304,26 @@ class EvalSets:
             return self
         triggered = self.triggered_test.fixed_sample(count) if self.triggered_test is not None else None
         return replace(self, test=self.test.fixed_sample(count), triggered_test=triggered)
+
+
+@torch.no_grad()
+def reestimate_batchnorm(model: nn.Module, batches: Iterable[Tensor]) -> None:
+    """Reset every BN layer's running statistics and set them to the exact sample-weighted average over
+    `batches` (input images, in train mode; Garipov's `update_bn`); the model's prior mode is restored."""
+    layers = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    if not layers:
+        return
+    momenta, mode, seen = [bn.momentum for bn in layers], model.training, 0
+    for bn in layers:
+        bn.reset_running_stats()
+    model.train()
+    try:
+        for x in batches:
+            for bn in layers:
+                bn.momentum = len(x) / (seen + len(x))  # running = seen/(seen+b)·running + b/(seen+b)·batch
+            model(x)
+            seen += len(x)
+    finally:
+        for bn, momentum in zip(layers, momenta):
+            bn.momentum = momentum
+        model.train(mode)

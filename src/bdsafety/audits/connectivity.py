@@ -26,7 +26,7 @@ from torch import Tensor, nn
 from ..data import ImageSet, to_float
 from ..errors import UsageError
 from ..metrics import attack_success_rate, clean_accuracy
-from ..models import batchnorm_layers
+from .. import train
 from ..train import eval_batch_size, iter_logits, model_device
 from ._common import AUDITS, AuditBase, AuditData, AuditResult
 
@@ -71,23 +71,13 @@ def interpolate_state(state_a: dict[str, Tensor], state_b: dict[str, Tensor], t:
     return out
 
 
-@torch.no_grad()
 def reestimate_batchnorm(model: nn.Module, data: ImageSet, batch_size: int) -> None:
-    """Replace every BN layer's running stats by the cumulative average over `data` (momentum=None); ends in eval mode."""
-    layers = batchnorm_layers(model)
-    momenta = [bn.momentum for bn in layers]
+    """Replace every BN layer's running stats by their average over one pass of `data`; ends in eval mode."""
     device = model_device(model)
-    for bn in layers:
-        bn.reset_running_stats()
-        bn.momentum = None
-    model.train()
-    try:
-        for start in range(0, len(data), batch_size):
-            model(to_float(data.images[start:start + batch_size].to(device)).contiguous(memory_format=torch.channels_last))
-    finally:
-        for bn, momentum in zip(layers, momenta):
-            bn.momentum = momentum
-        model.eval()
+    batches = (to_float(data.images[start:start + batch_size].to(device)).contiguous(memory_format=torch.channels_last)
+               for start in range(0, len(data), batch_size))
+    train.reestimate_batchnorm(model, batches)
+    model.eval()
 
 
 @torch.inference_mode()

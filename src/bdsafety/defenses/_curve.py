@@ -41,8 +41,8 @@ from torch.func import functional_call
 from ..data import ImageSet
 from ..errors import UsageError
 from ..metrics import clean_accuracy
-from ..models import batchnorm_layers
-from ..train import DeviceBatches, TrainConfig, check_finite, eval_batch_size, iter_logits, model_device
+from ..train import (DeviceBatches, TrainConfig, check_finite, eval_batch_size, iter_logits, model_device,
+                     reestimate_batchnorm)
 
 State = dict[str, Tensor]
 TRAJECTORY_GRID = 10  # the repaired point is kept after every 1/10 of the curve steps (trajectory audit)
@@ -176,31 +176,13 @@ def train_curve(model: nn.Module, start: State, end: State, data: ImageSet, reci
     return {k: v.detach() for k, v in control.items()}, {"epoch_losses": losses, "steps": steps}
 
 
-@torch.no_grad()
 def recompute_batchnorm(model: nn.Module, data: ImageSet, batch_size: int, crop_pad: int, flip: bool,
                         seed: int) -> None:
-    """Reset every BN layer's running statistics and set them to the exact sample-weighted average over one
-    shuffled, augmented pass of `data` in train mode (Garipov's `update_bn`); the prior mode is restored."""
-    layers = batchnorm_layers(model)
-    if not layers:
-        return
-    momenta, mode, seen = [bn.momentum for bn in layers], model.training, 0
+    """BN statistics of `model` re-estimated over one shuffled, augmented pass of `data` (Garipov's `update_bn`)."""
     config = TrainConfig(epochs=1, batch_size=batch_size, crop_pad=crop_pad, flip=flip, drop_last=False)
     device = model_device(model)
     batches = DeviceBatches(data.images.to(device), data.labels.to(device), config)
-    for bn in layers:
-        bn.reset_running_stats()
-    model.train()
-    try:
-        for x, _ in batches.epoch(torch.Generator().manual_seed(seed)):
-            for bn in layers:
-                bn.momentum = len(x) / (seen + len(x))  # running = seen/(seen+b)·running + b/(seen+b)·batch
-            model(x)
-            seen += len(x)
-    finally:
-        for bn, momentum in zip(layers, momenta):
-            bn.momentum = momentum
-        model.train(mode)
+    reestimate_batchnorm(model, (x for x, _ in batches.epoch(torch.Generator().manual_seed(seed))))
 
 
 def write_point(model: nn.Module, params: State, data: ImageSet, batch_size: int, crop_pad: int, flip: bool,
