@@ -9,7 +9,8 @@ from bdsafety.errors import UsageError
 SHAPES = [(1, 28, 28), (3, 32, 32), (3, 64, 64)]
 # Attacks that must be fitted first get a few-step fit on 16 random images of the shape (test_attacks_fitted.py
 # checks the fits themselves).
-TINY_FITS = {"ssba": dict(epochs=1.0, batch_size=8, bits=4, width=4, fit_images=16), "lc": dict(at_epochs=0, steps=1)}
+TINY_FITS = {"ssba": dict(epochs=1.0, batch_size=8, bits=4, width=4, fit_images=16), "lc": dict(at_epochs=0, steps=1),
+             "lf": dict(source_epochs=0, steps=2), "trojannn": dict(source_epochs=0, iterations=2)}
 
 
 def fitted(name: str, train: ImageSet, target: int):

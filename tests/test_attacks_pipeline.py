@@ -109,9 +109,9 @@ def test_cli_train_then_eval_rebuilds_the_fitted_attack(tmp_path, capsys):
     assert store.read_json(run_dir / "record.json")["attack"]["fit"]["eps"] == pytest.approx(0.0627)
 
 
-def test_demo_takes_one_of_quick_and_full(tmp_path, capsys):
+def test_demo_takes_one_of_quick_full_and_attacks(tmp_path, capsys):
     assert main(["demo", "--quick", "--full", "--out", str(tmp_path / "demo")]) == 2
-    assert "choose one of --quick and --full" in capsys.readouterr().err
+    assert "choose one of --quick, --full and --attacks, got --quick and --full" in capsys.readouterr().err
     assert not (tmp_path / "demo").exists()
 
 

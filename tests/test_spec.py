@@ -113,6 +113,17 @@ def test_full_demo_spec_holds_the_four_paper_attacks_and_every_defense():
     assert spec.calibration_fraction == 0.02
 
 
+def test_attacks_demo_spec_runs_every_attack_beyond_the_papers_through_the_papers_defenses():
+    from importlib import resources
+
+    from bdsafety.attacks import ATTACKS
+    from bdsafety.pipeline.specs import PAPER_DEFENSES
+    spec = load_spec(resources.files("bdsafety") / "configs" / "attacks.yaml")
+    paper = {"badnets", "blended", "ssba", "lc", "sig", "wanet"}
+    assert sorted(a.name for a in spec.attacks) == sorted(set(ATTACKS.names()) - paper)
+    assert set(spec.defenses) == set(PAPER_DEFENSES) - {"ft"} and spec.checks[:3] == ("ra", "qra", "lmc")
+
+
 @pytest.mark.parametrize("text, message", [
     ("defenses: [ft]\ndefense_params: {ft: {epochz: 3}}", "defense 'ft' has no parameter epochz"),
     ("attacks: [{name: blended, params: {alpah: 0.1}}]", "attack 'blended' has no parameter alpah"),

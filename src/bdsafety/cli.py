@@ -47,6 +47,8 @@ def add_data_and_attack(parser: argparse.ArgumentParser, attack_help: str) -> No
     parser.add_argument("--attack", default="badnets", help=attack_help)
     parser.add_argument("--poison-rate", type=float, default=0.05)
     parser.add_argument("--target", type=int, default=0)
+    parser.add_argument("--labels", default="all2one", choices=("all2one", "all2all"),
+                        help="relabel poisons to the target (all2one) or class y to (y + 1) mod C (all2all)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--reserve-fraction", type=float, default=0.05, help="defender's clean split (held out)")
     parser.add_argument("--set", action="append", metavar="KEY=VALUE", help="attack parameter, e.g. alpha=0.1")
@@ -107,6 +109,8 @@ def add_experiment_commands(sub) -> None:
     demo.add_argument("--quick", action="store_true", help="a shorter first look (about 10 minutes on 2 cores)")
     demo.add_argument("--full", action="store_true",
                       help="the paper's four attacks (BadNets, Blended, SSBA, LC) with every defense: Table 1 in full")
+    demo.add_argument("--attacks", action="store_true",
+                      help="the attacks beyond the paper's (Bpp, Adap-Blend, LF, TrojanNN) with the paper's defenses")
     demo.add_argument("--set", action="append", metavar="KEY=VALUE", help="spec override")
     report = sub.add_parser("report", help="(re)write report.md / report.html from DIR/results.json")
     report.add_argument("dir", help="experiment directory")

@@ -38,7 +38,7 @@ def free_out(out: str) -> Path:
 
 
 def attack_of(args) -> AttackSpec:
-    return AttackSpec(args.attack, args.poison_rate, args.target, parse_assignments(args.set))
+    return AttackSpec(args.attack, args.poison_rate, args.target, parse_assignments(args.set), args.labels)
 
 
 def cmd_train(args) -> int:
@@ -120,13 +120,14 @@ def cmd_run(args) -> int:
     return run_grid(load_plans(args.spec, args.set), args)
 
 
-DEMO_SPECS = {"quick": "quick.yaml", "full": "full.yaml", "default": "demo.yaml"}
+DEMO_SPECS = {"quick": "quick.yaml", "full": "full.yaml", "attacks": "attacks.yaml", "default": "demo.yaml"}
 
 
 def cmd_demo(args) -> int:
-    if args.quick and args.full:
-        raise UsageError("choose one of --quick and --full")
-    name = DEMO_SPECS["quick" if args.quick else "full" if args.full else "default"]
+    chosen = [variant for variant in ("quick", "full", "attacks") if getattr(args, variant, False)]
+    if len(chosen) > 1:
+        raise UsageError(f"choose one of --quick, --full and --attacks, got --{' and --'.join(chosen)}")
+    name = DEMO_SPECS[chosen[0] if chosen else "default"]
     return run_grid(load_plans(resources.files("bdsafety") / "configs" / name, args.set), args)
 
 

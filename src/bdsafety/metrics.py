@@ -10,8 +10,9 @@ def clean_accuracy(predictions: Tensor, labels: Tensor) -> float:
     return float((predictions == labels).float().mean()) if len(labels) else 0.0
 
 
-def attack_success_rate(predictions: Tensor, target: int) -> float:
-    """Fraction of triggered non-target test images classified as the target."""
+def attack_success_rate(predictions: Tensor, target: int | Tensor) -> float:
+    """Fraction of triggered test images classified as their attack label: `target` (an int for all-to-one, or
+    one label per image)."""
     return float((predictions == target).float().mean()) if len(predictions) else 0.0
 
 

@@ -269,10 +269,11 @@ def eval_mode(*models: nn.Module) -> Iterator[None]:
 
 
 def evaluate(model: nn.Module, test: ImageSet, triggered: ImageSet | None, target: int | None) -> dict:
-    """C-Acc on the whole clean test set and ASR on the triggered non-target test set (ALGORITHMS §8)."""
+    """C-Acc on the whole clean test set and ASR on the triggered test set (ALGORITHMS §8): the share of triggered
+    images given their attack label (all-to-one: the target; all-to-all: each image's own), as `triggered` holds it."""
     metrics = {"clean_acc": clean_accuracy(predict(model, test.images).cpu(), test.labels.cpu())}
     if triggered is not None and target is not None:
-        metrics["asr"] = attack_success_rate(predict(model, triggered.images).cpu(), target)
+        metrics["asr"] = attack_success_rate(predict(model, triggered.images).cpu(), triggered.labels.cpu())
     return metrics
 
 
@@ -286,6 +287,7 @@ class EvalSets:
     target: int | None
     calibration: ImageSet | None = None
     triggered_calibration: ImageSet | None = None
+    label_policy: str = "all2one"  # how the triggered sets are labelled: "all2one" (the target) or "all2all"
 
     def evaluate(self, model: nn.Module) -> dict:
         """Test-set C-Acc and ASR, and the same on the calibration split as `calibration_*`."""

@@ -27,6 +27,18 @@ from ..registry import Registry
 ATTACKS = Registry("attack")
 
 CHUNK = 4096
+# How a poisoned sample is relabelled: every one to the target (all-to-one), or class y to (y + 1) mod C
+# (all-to-all, BackdoorBench's `attack_label_trans: all2all`).
+LABEL_POLICIES = ("all2one", "all2all")
+
+
+def attack_labels(labels: Tensor, target: int, num_classes: int, policy: str = "all2one") -> Tensor:
+    """The label the backdoor should give each image of true class `labels`: the target, or (y + 1) mod C."""
+    if policy == "all2all":
+        return (labels + 1) % num_classes
+    if policy != "all2one":
+        raise UsageError(f"label policy must be one of {', '.join(LABEL_POLICIES)}, got {policy!r}")
+    return torch.full_like(labels, target)
 
 
 class Attack(Protocol):
@@ -111,20 +123,28 @@ def choose_poison_indices(labels: Tensor, attack: Attack, rate: float, target: i
     return candidates[order[:n_poison]].sort().values
 
 
-def check_poisoning(labels: Tensor, clean_label: bool, rate: float, target: int, num_classes: int) -> None:
+def check_poisoning(labels: Tensor, clean_label: bool, rate: float, target: int, num_classes: int,
+                    policy: str = "all2one") -> None:
     """Every check `poison` makes before it changes anything (run early, before an expensive attack fit)."""
     check_rate_and_target(rate, target, num_classes)
+    if policy not in LABEL_POLICIES:
+        raise UsageError(f"label policy must be one of {', '.join(LABEL_POLICIES)}, got {policy!r}")
+    if clean_label and policy != "all2one":
+        raise UsageError("a clean-label attack keeps its poisons' labels, so it is all-to-one only; "
+                         "use labels: all2one")
     if clean_label:
         check_clean_label_rate(labels, rate, target)
 
 
-def poison(train: ImageSet, attack: Attack, rate: float, target: int, num_classes: int, seed: int) -> PoisonedSet:
-    """Poison `train` with `attack` (all2one to `target`), deterministically for `seed`."""
-    check_poisoning(train.labels, attack.clean_label, rate, target, num_classes)
+def poison(train: ImageSet, attack: Attack, rate: float, target: int, num_classes: int, seed: int,
+           policy: str = "all2one") -> PoisonedSet:
+    """Poison `train` with `attack`, relabelled by `policy` (all2one to `target`, or all2all), deterministically
+    for `seed`."""
+    check_poisoning(train.labels, attack.clean_label, rate, target, num_classes, policy)
     indices = choose_poison_indices(train.labels, attack, rate, target, seed)
     images, labels = train.images.clone(), train.labels.clone()
     images[indices] = map_uint8(attack.apply_train, images[indices])
-    labels[indices] = target
+    labels[indices] = attack_labels(labels[indices], target, num_classes, policy)
     poison_mask = torch.zeros(len(labels), dtype=torch.bool)
     poison_mask[indices] = True
     cross_mask = torch.zeros_like(poison_mask)
@@ -142,11 +162,15 @@ def choose_cross_indices(poison_mask: Tensor, count: int, seed: int) -> Tensor:
     return free[order[:count]]
 
 
-def triggered_test_set(test: ImageSet, attack: Attack, target: int) -> ImageSet:
-    """The ASR set: the test trigger on every test image whose true label is not `target`, labelled `target`."""
-    keep = (test.labels != target).nonzero().flatten()
-    images = map_uint8(attack.apply, test.images[keep])
-    return ImageSet(images, torch.full((len(keep),), target, dtype=torch.int64))
+def triggered_test_set(test: ImageSet, attack: Attack, target: int, num_classes: int | None = None,
+                       policy: str = "all2one") -> ImageSet:
+    """The ASR set: the test trigger on every test image whose attack label differs from its true label (all2one:
+    the non-target images; all2all: all), labelled with that attack label (`num_classes` is needed for all2all)."""
+    if policy == "all2all" and num_classes is None:
+        raise UsageError("an all-to-all triggered set needs num_classes")
+    wanted = attack_labels(test.labels, target, num_classes or target + 1, policy)
+    keep = (wanted != test.labels).nonzero().flatten()
+    return ImageSet(map_uint8(attack.apply, test.images[keep]), wanted[keep].to(torch.int64))
 
 
 def check_numeric_fields(attack) -> None:
@@ -163,3 +187,17 @@ def resize_mask(mask: Tensor, height: int, width: int) -> Tensor:
     """Nearest-neighbour resize of a [h, w] mask defined on 32x32 (the papers' resolution)."""
     resized = torch.nn.functional.interpolate(mask[None, None].float(), size=(height, width), mode="nearest")
     return resized[0, 0]
+
+
+def psnr(clean: Tensor, encoded: Tensor) -> Tensor:
+    """Per-image PSNR in dB for images in [0,1] (identical images give +inf)."""
+    mse = (encoded - clean).pow(2).flatten(1).mean(1)
+    return 10 * torch.log10(1.0 / mse)
+
+
+def distortion(clean: Tensor, poisoned: Tensor) -> dict[str, float]:
+    """Mean PSNR (dB, capped at 100) and max / mean L-inf (pixel units) of uint8 poisons against their originals."""
+    x, x_poisoned = to_float(clean), to_float(poisoned)
+    linf = (x_poisoned - x).abs().flatten(1).amax(1).double()
+    return {"psnr_mean": float(psnr(x, x_poisoned).clamp(max=100).mean()), "linf_max": float(linf.max()),
+            "linf_mean": float(linf.mean())}

@@ -27,10 +27,10 @@ from torch import Tensor, nn
 
 from ..data import ImageSet, to_float, to_uint8
 from ..errors import UsageError
-from ..models import ModelSpec, create_model
 from ..train import TrainConfig, eval_mode, fit, predict
-from ._assets import attach, fitted_state, prefixed, stat_tensors, unprefixed
+from ._assets import attach, fitted_state, stat_tensors
 from ._common import ATTACKS, AttackBase, check_numeric_fields, resize_mask
+from ._source import load_source, new_source_model, source_assets, source_spec
 
 log = logging.getLogger(__name__)
 
@@ -140,8 +140,7 @@ class LC(AttackBase):
         """PGD-AT the source model on `train`, then craft every target-class training image; weights + images."""
         gen = torch.Generator().manual_seed(self.seed)
         spec = source_spec(self.source_model, train)
-        torch.manual_seed(self.seed)
-        model = create_model(spec).to(device).to(memory_format=torch.channels_last)
+        model = new_source_model(self.source_model, train, self.seed, device)
         subset = train.subset(torch.randperm(len(train), generator=gen)[:self.at_images]) if self.at_images else train
         history = adversarial_training(model, subset, self)
         clean = train.images[train.labels == target]
@@ -150,19 +149,14 @@ class LC(AttackBase):
         measure = {"at_s": history["duration_s"], "craft_s": time.perf_counter() - started,
                    "eps": self.eps, "num_crafted": len(clean), **source_accuracy(model, clean, adversarial, target)}
         log.info("lc: %s", ", ".join(f"{k} {v:.4f}" for k, v in measure.items()))
-        return {**prefixed("source", model.cpu().state_dict()), "spec.mean": torch.tensor(spec.mean),
-                "spec.std": torch.tensor(spec.std), "spec.num_classes": torch.tensor(spec.num_classes),
-                "clean": clean, "adversarial": adversarial, **stat_tensors(measure)}
+        return {**source_assets(model, spec), "clean": clean, "adversarial": adversarial, **stat_tensors(measure)}
 
     def with_assets(self, assets: dict[str, Tensor], target: int) -> "LC":
         """A frozen copy holding the source model (eval mode, CPU) and the clean -> adversarial lookup."""
         clean = assets["clean"]
-        spec = ModelSpec(self.source_model, clean.shape[1], int(assets["spec.num_classes"]),
-                         tuple(assets["spec.mean"].tolist()), tuple(assets["spec.std"].tolist()))
-        model = create_model(spec)
-        model.load_state_dict(unprefixed("source", assets))
+        model = load_source(self.source_model, assets, clean.shape[1])
         lookup = {image.numpy().tobytes(): row for row, image in enumerate(clean)}
-        return attach(self, (model.eval().requires_grad_(False), lookup, assets["adversarial"], target))
+        return attach(self, (model, lookup, assets["adversarial"], target))
 
 
 def source_accuracy(model: nn.Module, clean: Tensor, adversarial: Tensor, label: int) -> dict[str, float]:
@@ -170,14 +164,6 @@ def source_accuracy(model: nn.Module, clean: Tensor, adversarial: Tensor, label:
     return {"source_clean_acc": float((predict(model, clean) == label).float().mean()),
             "source_adv_acc": float((predict(model, adversarial) == label).float().mean()),
             "adv_linf_mean": float((adversarial.float() - clean.float()).abs().flatten(1).amax(1).mean() / 255)}
-
-
-def source_spec(name: str, train: ImageSet) -> ModelSpec:
-    """The source model's constructor arguments; normalisation statistics come from the training images."""
-    x = to_float(train.images[:10000])
-    mean = tuple(float(v) for v in x.mean((0, 2, 3)))
-    std = tuple(float(v) for v in x.std((0, 2, 3)).clamp(min=1e-3))
-    return ModelSpec(name, x.shape[1], int(train.labels.max()) + 1, mean, std)
 
 
 def adversarial_training(model: nn.Module, data: ImageSet, cfg: LC) -> dict:

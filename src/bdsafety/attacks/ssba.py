@@ -31,7 +31,7 @@ from torch import Tensor, nn
 from ..data import ImageSet, to_float, to_uint8
 from ..errors import UsageError
 from ._assets import attach, fitted_state, prefixed, stat_tensors, unprefixed
-from ._common import ATTACKS, AttackBase, check_numeric_fields
+from ._common import ATTACKS, AttackBase, check_numeric_fields, psnr
 
 log = logging.getLogger(__name__)
 
@@ -117,12 +117,6 @@ def stegastamp_step(encoder: StegaEncoder, decoder: StegaDecoder, images: Tensor
     logits = decoder(encoded)
     loss = l2_weight * F.mse_loss(encoded, images) + secret_weight * F.binary_cross_entropy_with_logits(logits, secrets)
     return loss, ((logits > 0).float() == secrets).float().mean()
-
-
-def psnr(clean: Tensor, encoded: Tensor) -> Tensor:
-    """Per-image PSNR in dB for images in [0,1] (identical images give +inf)."""
-    mse = (encoded - clean).pow(2).flatten(1).mean(1)
-    return 10 * torch.log10(1.0 / mse)
 
 
 @ATTACKS.register("ssba")

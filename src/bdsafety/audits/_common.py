@@ -24,6 +24,7 @@ from typing import Any, Callable, ClassVar, Mapping, Protocol
 
 from torch import Tensor, nn
 
+from ..attacks import attack_labels
 from ..data import ImageSet
 from ..errors import UsageError
 from ..registry import Registry
@@ -37,7 +38,7 @@ class AuditData:
     """What the audits know of one backdoored run: the attacker's data, the defender's reserve and the test sets."""
 
     attacker_pool: ImageSet  # the attacker's clean training images (RA's clean data, QRA's trigger carriers)
-    poisons: ImageSet | None  # the attack's backdoor-carrying poisoned training samples, labelled with the target
+    poisons: ImageSet | None  # the attack's backdoor-carrying poisoned training samples, with their attack labels
     reserve: ImageSet  # the defender's clean split (QRA's clean images, LMC's BN re-estimation)
     eval_sets: EvalSets
     trigger: Callable[[Tensor], Tensor] | None  # the attack's test trigger on float [0, 1] images
@@ -45,10 +46,15 @@ class AuditData:
     image_shape: tuple[int, int, int]
     mean: tuple[float, ...]
     std: tuple[float, ...]
+    num_classes: int
 
     @property
     def target(self) -> int | None:
         return self.eval_sets.target
+
+    def attack_labels(self, labels: Tensor) -> Tensor:
+        """The label the backdoor gives an image of true class `labels` (the target, or (y + 1) mod C for all-to-all)."""
+        return attack_labels(labels, self.target, self.num_classes, self.eval_sets.label_policy)
 
     @property
     def test(self) -> ImageSet:

@@ -152,5 +152,5 @@ class LinearModeConnectivity(AuditBase):
         clean_predictions, clean_loss = predictions_and_loss(model, clean)
         triggered_predictions, backdoor_loss = predictions_and_loss(model, triggered)  # labelled t
         return {"t": t, "clean_acc": clean_accuracy(clean_predictions, clean.labels),
-                "asr": attack_success_rate(triggered_predictions, data.target),
+                "asr": attack_success_rate(triggered_predictions, triggered.labels),
                 "clean_loss": clean_loss, "backdoor_loss": backdoor_loss}

@@ -159,8 +159,9 @@ class QueryReactivation(AuditBase):
         mixed, is_poison = self.optimisation_set(data, seed)
         generator = self.new_generator(data, seed, model_device(purified))
         losses = self.fit_generator(generator, purified, models["ra"], clean_model, mixed, seed)
-        on_triggered = target_rates((purified, clean_model), generator, data.triggered_test.images, data.target)
-        on_clean = target_rates((purified, clean_model), generator, data.test.images, data.target)
+        triggered, test = data.triggered_test, data.test
+        on_triggered = target_rates((purified, clean_model), generator, triggered.images, triggered.labels)
+        on_clean = target_rates((purified, clean_model), generator, test.images, data.attack_labels(test.labels))
         result = {
             "asr_purified": on_triggered[0], "asr_clean_model": on_triggered[1],
             "target_rate_clean_purified": on_clean[0], "target_rate_clean_clean_model": on_clean[1],
@@ -179,13 +180,14 @@ ROW_METRICS = ("asr_purified", "asr_clean_model", "target_rate_clean_purified", 
 
 
 def triggered_training_images(data: AuditData, count: int, seed: int) -> ImageSet:
-    """The test trigger on `count` clean attacker-training images of non-target classes, labelled with their TRUE class.
+    """The test trigger on `count` clean attacker-training images whose attack label is not their own (all-to-one:
+    the non-target classes), labelled with their TRUE class.
 
     Training images, never test images, so QRA's ASR is measured on unseen inputs; this also works for
     clean-label attacks, whose poisoned training samples are all target-class images.
     """
     pool = data.attacker_pool
-    candidates = (pool.labels != data.target).nonzero().flatten()
+    candidates = (data.attack_labels(pool.labels) != pool.labels).nonzero().flatten()
     if count > len(candidates):
         raise UsageError(f"qra poison_count={count} but only {len(candidates)} non-target training images exist")
     chosen = candidates[torch.randperm(len(candidates), generator=torch.Generator().manual_seed(seed))[:count]]
@@ -193,9 +195,10 @@ def triggered_training_images(data: AuditData, count: int, seed: int) -> ImageSe
 
 
 @torch.inference_mode()
-def target_rates(models: tuple[nn.Module, ...], generator: PerturbationGenerator, images: Tensor, target: int,
+def target_rates(models: tuple[nn.Module, ...], generator: PerturbationGenerator, images: Tensor, targets: Tensor,
                  batch_size: int | None = None) -> list[float]:
-    """For each model (eval mode): the fraction of uint8 `images` + δ(images) it classifies as `target`."""
+    """For each model (eval mode): the fraction of uint8 `images` + δ(images) it classifies as their `targets`
+    (each image's attack label)."""
     if len(images) == 0:
         return [0.0] * len(models)
     device, hits = model_device(models[0]), [0] * len(models)
@@ -203,7 +206,8 @@ def target_rates(models: tuple[nn.Module, ...], generator: PerturbationGenerator
     with frozen(*models, generator):
         for start in range(0, len(images), batch_size):
             x = to_float(images[start:start + batch_size].to(device))
+            wanted = targets[start:start + batch_size].to(device)
             x_plus = perturb(x, generator(x))
             for i, model in enumerate(models):
-                hits[i] += int((model(x_plus).argmax(1) == target).sum())
+                hits[i] += int((model(x_plus).argmax(1) == wanted).sum())
     return [h / len(images) for h in hits]

@@ -73,7 +73,7 @@ def block_of(cell: Cell, context: RunContext, done: dict[str, Stage]) -> tuple[d
     """The results block of one (attack, seed), and the seconds each defense took (for timings.json)."""
     plan, attack = context.plan, cell.attack
     backdoored, clean = done[cell.backdoored.key], done[cell.clean.key]
-    block = {"attack": attack.name, "poison_rate": attack.poison_rate, "target": attack.target, "seed": cell.seed,
+    block = {"attack": attack.name, "poison_rate": attack.poison_rate, "target": attack.target_label, "seed": cell.seed,
              **trigger_summary(backdoored.record), "backdoored": backdoored.record.metrics,
              "clean": evaluate_setup(clean.model, context.setup(attack, cell.seed)), "rows": []}
     for name, node in cell.references.items():

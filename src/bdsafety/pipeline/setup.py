@@ -65,7 +65,8 @@ class Setup:
         """The test sets, and the calibration split where the run holds one out."""
         held_out = len(self.split.calibration) > 0
         return EvalSets(self.bundle.test, self.triggered_test, self.target if self.attack else None,
-                        self.calibration if held_out else None, self.triggered_calibration if held_out else None)
+                        self.calibration if held_out else None, self.triggered_calibration if held_out else None,
+                        self.attack_spec.labels)
 
     def model_spec(self, model: str) -> ModelSpec:
         return ModelSpec(model, self.bundle.shape[0], self.bundle.num_classes, self.bundle.mean, self.bundle.std)
@@ -78,14 +79,14 @@ class Setup:
         """What the audits know: the attacker's data, the poisons, the reserve and the test sets."""
         return AuditData(self.attacker_pool, self.poisons(), self.reserve, self.eval_sets,
                          self.attack.apply if self.attack else None, len(self.bundle.train), self.bundle.shape,
-                         self.bundle.mean, self.bundle.std)
+                         self.bundle.mean, self.bundle.std, self.bundle.num_classes)
 
     def poisons(self) -> ImageSet | None:
-        """The backdoor-carrying poisoned training samples, labelled with the target (noise-mode samples excluded)."""
+        """The backdoor-carrying poisoned training samples with their attack labels (noise-mode samples excluded)."""
         if self.poisoned is None:
             return None
         chosen = poison_candidates(self.poisoned.poison_mask, self.poisoned.cross_mask)
-        return ImageSet(self.poisoned.data.images[chosen], torch.full((len(chosen),), self.target, dtype=torch.int64))
+        return ImageSet(self.poisoned.data.images[chosen], self.poisoned.data.labels[chosen])
 
 
 def prepare(data: DataSpec, attack: AttackSpec, seed: int, bundle: DataBundle | None = None,
@@ -107,14 +108,19 @@ def prepare(data: DataSpec, attack: AttackSpec, seed: int, bundle: DataBundle | 
         return Setup(bundle, split, None, attack, None, None)
     train = bundle.train.subset(split.train)
     check_poisoning(train.labels, ATTACKS.get(attack.name).clean_label, attack.poison_rate, attack.target,
-                    bundle.num_classes)  # before a fit that may take minutes
+                    bundle.num_classes, attack.labels)  # before a fit that may take minutes
     # fitted on the attacker's split only: the defender's reserve never shapes the trigger
     trigger = fit_attack(attack.build(seed, profile or default_profile(data.name)), train, attack.target,
                          asset_cache_dir(), device=device)
-    poisoned = poison(train, trigger, attack.poison_rate, attack.target, bundle.num_classes, seed_for(seed, "poison"))
+    poisoned = poison(train, trigger, attack.poison_rate, attack.target, bundle.num_classes, seed_for(seed, "poison"),
+                      attack.labels)
     calibration = bundle.train.subset(split.calibration)
-    return Setup(bundle, split, trigger, attack, poisoned, triggered_test_set(bundle.test, trigger, attack.target),
-                 triggered_test_set(calibration, trigger, attack.target) if len(calibration) else None)
+
+    def triggered(images: ImageSet) -> ImageSet:
+        return triggered_test_set(images, trigger, attack.target, bundle.num_classes, attack.labels)
+
+    return Setup(bundle, split, trigger, attack, poisoned, triggered(bundle.test),
+                 triggered(calibration) if len(calibration) else None)
 
 
 def evaluate_setup(model: torch.nn.Module, setup: Setup) -> dict:
@@ -130,7 +136,7 @@ def setup_details(data: DataSpec, attack: AttackSpec, setup: Setup) -> dict:
                  "num_train": len(setup.split.train), "num_reserve": len(setup.split.reserve),
                  "num_calibration": len(setup.split.calibration), "num_test": len(setup.bundle.test)},
         "attack": {"name": attack.name, "params": dataclasses.asdict(setup.attack) if setup.attack else {},
-                   "poison_rate": attack.poison_rate, "target": attack.target,
+                   "poison_rate": attack.poison_rate, "target": attack.target, "labels": attack.labels,
                    "num_poisoned": int(setup.poisoned.poison_mask.sum()) if setup.poisoned else 0,
                    **({"fit": fit} if (fit := fit_report(setup.attack)) else {})},
     }
@@ -150,5 +156,5 @@ def specs_from_record(record: dict, data_dir: str | None = None) -> tuple[DataSp
     data = DataSpec(data_rec["name"], data_dir or data_rec.get("data_dir"), data_rec["reserve_fraction"],
                     data_rec.get("calibration_fraction", 0.0))
     attack = AttackSpec(attack_rec["name"], attack_rec["poison_rate"], attack_rec["target"],
-                        dict(attack_rec.get("params", {})))
+                        dict(attack_rec.get("params", {})), attack_rec.get("labels", "all2one"))
     return data, attack

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import yaml
 
-from ..attacks import ATTACKS, Attack
+from ..attacks import ATTACKS, LABEL_POLICIES, Attack
 from ..attacks._common import check_clean_label_rate
 from ..audits import AUDITS, Audit, create_audits, missing_dependencies
 from ..data import DATASET_NAMES, DataBundle, defender_split, seed_for
@@ -48,10 +48,24 @@ class AttackSpec:
     poison_rate: float = 0.05
     target: int = 0
     params: dict = field(default_factory=dict)
+    labels: str = "all2one"  # or "all2all": class y -> (y + 1) mod C (the target is then unused)
 
     @property
     def label(self) -> str:
-        return f"{self.name}-{self.poison_rate:g}-t{self.target}"
+        policy = "all2all" if self.labels == "all2all" else f"t{self.target}"
+        return f"{self.name}-{self.poison_rate:g}-{policy}"
+
+    @property
+    def target_label(self) -> int | str:
+        """What results show as the target: the class, or "all2all"."""
+        return "all2all" if self.labels == "all2all" else self.target
+
+    def key_inputs(self) -> dict:
+        """The fields a stage key hashes (`labels` only where it is not the default, so all-to-one keys stay put)."""
+        inputs = dataclasses.asdict(self)
+        if self.labels == "all2one":
+            del inputs["labels"]
+        return inputs
 
     def build(self, seed: int, profile: str = "paper") -> Attack:
         """The (unfitted) attack: the profile's lengths, then the spec's parameters; its seed derives from `seed`."""
@@ -306,10 +320,10 @@ def validate(spec: ExperimentSpec) -> None:
            f"spec 'calibration_fraction' must be in [0, 1 - reserve_fraction), got {spec.calibration_fraction!r}")
     for entry in spec.attacks:
         validate_attack(entry)
-    blocks = [(a.name, a.poison_rate, a.target, json.dumps(a.params, sort_keys=True, default=str))
+    blocks = [(a.name, a.poison_rate, a.target, a.labels, json.dumps(a.params, sort_keys=True, default=str))
               for a in spec.attacks]
-    expect(len(set(blocks)) == len(blocks), "spec 'attacks' lists the same attack twice (same name, rate, target "
-                                            "and params); use 'seeds' for repeats")
+    expect(len(set(blocks)) == len(blocks), "spec 'attacks' lists the same attack twice (same name, rate, target, "
+                                            "labels and params); use 'seeds' for repeats")
     for name in spec.defenses:
         expect(name in DEFENSES, f"unknown defense {name!r} in spec; choose from: {', '.join(DEFENSES.names())}")
     for name in spec.checks:
@@ -332,6 +346,11 @@ def validate_attack(entry: AttackSpec) -> None:
     expect(isinstance(entry.target, int) and not isinstance(entry.target, bool) and entry.target >= 0,
            f"attack '{entry.name}': target must be a non-negative integer, got {entry.target!r}")
     expect(isinstance(entry.params, dict), f"attack '{entry.name}': params must be a mapping")
+    expect(is_name_in(entry.labels, LABEL_POLICIES),
+           f"attack '{entry.name}': labels must be one of {', '.join(LABEL_POLICIES)}, got {entry.labels!r}")
+    expect(entry.labels == "all2one" or not ATTACKS.get(entry.name).clean_label,
+           f"attack '{entry.name}' is clean-label (its poisons keep their labels), so it is all-to-one only; "
+           f"drop labels: {entry.labels}")
 
 
 def check_against_data(spec: ExperimentSpec, bundle: DataBundle) -> None:

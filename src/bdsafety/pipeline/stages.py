@@ -46,7 +46,7 @@ def train_inputs(data: DataSpec, attack: AttackSpec, seed: int, model: str, conf
     calibration = {"calibration_fraction": data.calibration_fraction} if data.calibration_fraction else {}
     overrides = ATTACKS.profile_params(attack.name, profile) if attack.name != "none" else {}
     return {"dataset": data.name, "reserve_fraction": data.reserve_fraction, **calibration, "seed": seed,
-            "model": model, "train": config.to_json(), "attack": dataclasses.asdict(attack),
+            "model": model, "train": config.to_json(), "attack": attack.key_inputs(),
             **({"attack_profile": overrides} if overrides else {})}
 
 

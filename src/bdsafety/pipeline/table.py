@@ -35,8 +35,9 @@ def scalars(metrics: dict, prefix: str = "") -> dict:
 def model_columns(record: Record, defense: str) -> dict:
     """What identifies an audited model: its backdoored model's data, attack and seed, and the defense."""
     attack = record.details.get("attack", {})
+    target = "all2all" if attack.get("labels") == "all2all" else attack.get("target")
     return {"dataset": record.details.get("data", {}).get("name"), "model": record.details.get("model"),
-            "attack": attack.get("name"), "poison_rate": attack.get("poison_rate"), "target": attack.get("target"),
+            "attack": attack.get("name"), "poison_rate": attack.get("poison_rate"), "target": target,
             "seed": record.seed, "defense": defense}
 
 
