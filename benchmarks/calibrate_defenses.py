@@ -56,6 +56,20 @@ GRIDS = {
             "official": {"generator_width": 32, "preround": 50, "uround": 30, "nround": 3, "ul_round": 30}},
     "bti_dbf": {"grid": [{"preround": 5, "mround": 20, "uround": 5}],
                 "official": {"generator_width": 32, "preround": 50, "uround": 30, "nround": 3, "ul_round": 30}},
+    # The six defenses beyond the paper. FP: BackdoorBench's 10 % tolerated accuracy drop, then more pruning.
+    "fp": {"grid": [{"max_acc_drop": 0.1}, {"max_acc_drop": 0.2}, {"max_acc_drop": 0.3}], "official": {"epochs": 100}},
+    # NAD: the official 10 + 10 epochs, then longer distillation, then doubled attention weights.
+    "nad": {"grid": [{"epochs": 10}, {"epochs": 20}, {"epochs": 20, "beta1": 1000.0, "beta2": 2000.0,
+                                                      "beta3": 2000.0}]},
+    # CLP: the paper's u = 3, then lower outlier thresholds (more channels pruned); data-free, no length to cut.
+    "clp": {"grid": [{"u": 3.0}, {"u": 2.5}, {"u": 2.0}, {"u": 1.5}]},
+    # SAU: the CPU length (5 of the official 100 epochs), then 10 and 20.
+    "sau": {"grid": [{"epochs": 5}, {"epochs": 10}, {"epochs": 20}], "official": {"epochs": 100}},
+    # MCR: BackdoorBench's t = 0.1 on its curve, then further from the backdoored end.
+    "mcr": {"grid": [{"t": 0.1}, {"t": 0.2}, {"t": 0.3}, {"t": 0.4}, {"t": 0.5}],
+            "official": {"finetune_epochs": 100, "epochs": 100}},
+    # TSC: 6 epochs per curve (the official 200), then 12 and 24.
+    "tsc": {"grid": [{"epochs": 6}, {"epochs": 12}, {"epochs": 24}], "official": {"epochs": 200, "finetune_epochs": 10}},
 }
 
 
@@ -94,11 +108,12 @@ class Calibration:
         report(name, point, time.perf_counter() - started)
         return point
 
-    def calibrate(self, name: str, official_length: bool) -> dict:
-        """Walk the grid from its first setting up; RA's P-ASR is measured for the chosen point only."""
+    def calibrate(self, name: str, official_length: bool, max_points: int | None = None) -> dict:
+        """Walk the grid from its first setting up (at most `max_points` of it); RA's P-ASR is measured for the
+        chosen point only."""
         grid = GRIDS[name]
         points, chosen = [], None
-        for params in grid["grid"]:
+        for params in grid["grid"][:max_points]:
             points.append(self.measure(name, params, with_ra=False))
             if points[-1]["calibration_asr"] <= CALIBRATION_ASR:
                 chosen = params
@@ -127,6 +142,7 @@ def main() -> None:
     parser.add_argument("--out", type=Path)
     parser.add_argument("--skip-official-length", action="store_true", help="no run at the official length")
     parser.add_argument("--point", nargs=2, metavar=("DEFENSE", "JSON"), help="measure one setting (with RA) and stop")
+    parser.add_argument("--max-points", type=int, help="walk at most this many points of each grid (time budget)")
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
     torch.set_num_threads(2)
@@ -138,7 +154,7 @@ def main() -> None:
         return
     results = {}
     for name in args.defenses.split(","):
-        results[name] = calibration.calibrate(name, not args.skip_official_length)
+        results[name] = calibration.calibrate(name, not args.skip_official_length, args.max_points)
         if args.out:  # after each defense, so an interrupted calibration keeps what it measured
             store.write_json(args.out, {"rule": f"weakest grid setting with calibration O-ASR <= {CALIBRATION_ASR}",
                                         "backdoored": calibration.backdoored.key, "defenses": results})
