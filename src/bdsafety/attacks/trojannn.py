@@ -57,8 +57,8 @@ def most_connected_neurons(linear: nn.Linear, count: int) -> Tensor:
 
 
 def pooled_features(model: nn.Module, x: Tensor) -> Tensor:
-    """The input of the model's classifier layer (`features` pooled and flattened)."""
-    return torch.flatten(nn.functional.adaptive_avg_pool2d(model.features(x), 1), 1)
+    """The input of the model's classifier layer."""
+    return model.pool(model.features(x))
 
 
 def excite(model: nn.Module, start: Tensor, mask: Tensor, neurons: Tensor, target_value: float, step: float,

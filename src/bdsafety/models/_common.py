@@ -72,8 +72,12 @@ class Classifier(nn.Module):
     def features(self, x: Tensor) -> Tensor:
         return self.body(self.normalize(x))
 
+    def pool(self, z: Tensor) -> Tensor:
+        """The feature map globally average-pooled and flattened: the classifier layer's input."""
+        return torch.flatten(nn.functional.adaptive_avg_pool2d(z, 1), 1)
+
     def head(self, z: Tensor) -> Tensor:
-        return self.linear(torch.flatten(nn.functional.adaptive_avg_pool2d(z, 1), 1))
+        return self.linear(self.pool(z))
 
     def forward(self, x: Tensor) -> Tensor:
         return self.head(self.features(x))
