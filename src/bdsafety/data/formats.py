@@ -137,25 +137,52 @@ def class_folders(root: Path) -> list[str]:
     return names
 
 
-def load_image_folder(root: Path, classes: list[str], size: int, channels: int) -> ImageSet:
-    """Decode `root/<class>/*.<image>` into uint8 [N,C,size,size] (resized, bilinear)."""
+def list_images(folder: Path) -> list[Path]:
+    """The image files directly in `folder`, sorted (dotfiles such as macOS `._x.png` skipped); at least one."""
+    if not folder.is_dir():
+        raise UsageError(f"{folder} is missing; every class needs a folder holding its images")
+    files = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES and not p.name.startswith("."))
+    if not files:
+        raise UsageError(f"{folder} holds no images; every class folder needs at least one image")
+    return files
+
+
+def roi_box(roi: tuple[int, int, int, int], size: tuple[int, int], file: Path) -> tuple[int, int, int, int]:
+    """PIL crop box of an inclusive ROI (X1, Y1, X2, Y2), clamped to a `size` = (width, height) image."""
+    (x1, y1, x2, y2), (width, height) = roi, size
+    box = (max(x1, 0), max(y1, 0), min(x2 + 1, width), min(y2 + 1, height))
+    if box[0] >= box[2] or box[1] >= box[3]:
+        raise UsageError(f"ROI {tuple(roi)} of {file} is empty or outside its {width}x{height} image; "
+                         "fix its row in the CSV, or load without roi_crop")
+    return box
+
+
+def decode_image(file: Path, size: int, channels: int = 3, roi: tuple[int, int, int, int] | None = None) -> np.ndarray:
+    """One image file as uint8 [C, size, size]: converted to RGB (or L), cropped to `roi` if given, resized bilinear."""
     from PIL import Image, UnidentifiedImageError
 
-    images, labels = [], []
-    mode = "L" if channels == 1 else "RGB"
-    for label, name in enumerate(classes):
-        folder = root / name
-        files = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES) if folder.is_dir() else []
-        if not files:
-            raise UsageError(f"{folder} holds no images; every class folder needs at least one image")
-        for file in files:
-            try:
-                with Image.open(file) as img:
-                    img = img.convert(mode).resize((size, size), Image.BILINEAR)
-                    array = np.asarray(img, dtype=np.uint8)
-            except (UnidentifiedImageError, OSError, ValueError) as exc:
-                raise UsageError(f"cannot decode image {file} ({exc}); remove or replace it") from None
-            images.append(array.reshape(size, size, channels))
-            labels.append(label)
-    stacked = torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).contiguous()
-    return ImageSet(stacked, torch.tensor(labels, dtype=torch.int64))
+    try:
+        with Image.open(file) as img:
+            img = img.convert("L" if channels == 1 else "RGB")
+    except (UnidentifiedImageError, OSError, ValueError) as exc:
+        raise UsageError(f"cannot decode image {file} ({exc}); remove or replace it") from None
+    if roi is not None:
+        img = img.crop(roi_box(roi, img.size, file))
+    array = np.asarray(img.resize((size, size), Image.BILINEAR), dtype=np.uint8)
+    return array.reshape(size, size, channels).transpose(2, 0, 1)
+
+
+def decode_images(items, size: int, channels: int = 3) -> ImageSet:
+    """(path, label) or (path, label, roi or None) items -> ImageSet of uint8 [N, C, size, size], in item order."""
+    images = np.empty((len(items), channels, size, size), dtype=np.uint8)
+    labels = np.empty(len(items), dtype=np.int64)
+    for i, (file, label, *roi) in enumerate(items):
+        images[i] = decode_image(file, size, channels, roi[0] if roi else None)
+        labels[i] = label
+    return ImageSet(torch.from_numpy(images), torch.from_numpy(labels))
+
+
+def load_image_folder(root: Path, classes: list[str], size: int, channels: int) -> ImageSet:
+    """Decode `root/<class>/*.<image>` into uint8 [N,C,size,size] (resized, bilinear)."""
+    items = [(file, label) for label, name in enumerate(classes) for file in list_images(root / name)]
+    return decode_images(items, size, channels)

@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Callable
 
 from ..errors import UsageError
-from . import formats
+from . import formats, layouts
 from .imageset import DataBundle, ImageSet
 from .synthetic import synthetic_bundle
 
@@ -20,7 +20,7 @@ class Source:
     """How to find and read one named dataset."""
 
     loader: Callable[[Path], tuple[ImageSet, ImageSet, int]]
-    marker: str  # a file or folder whose presence identifies the dataset's folder
+    markers: tuple[str, ...]  # files or folders (paths relative to it) whose presence identifies the dataset's folder
     system_paths: tuple[str, ...]
     how_to_get: str
     mean: tuple[float, ...]
@@ -50,30 +50,66 @@ def _folder(size: int):
     return load
 
 
+def _gtsrb(folder: Path, roi_crop: bool = False):
+    """The official archives' layout, else the common re-packaging, else train/<class>/ + test/<class>/."""
+    root = layouts.gtsrb_official_root(folder)
+    if root is not None:
+        return layouts.load_gtsrb_official(root, folder, roi_crop)
+    root = layouts.gtsrb_repack_root(folder)
+    if root is not None:
+        return layouts.load_gtsrb_repack(root, roi_crop)
+    return _folder(layouts.GTSRB_SIZE)(folder)
+
+
+def _tiny_imagenet(folder: Path):
+    """The published layout (tiny-imagenet-200/), else train/<class>/ + test/<class>/."""
+    root = layouts.tiny_imagenet_root(folder)
+    if root is not None:
+        return layouts.load_tiny_imagenet(root)
+    return _folder(layouts.TINY_IMAGENET_SIZE)(folder)
+
+
+def _and_under(subfolder: str, names: tuple[str, ...]) -> tuple[str, ...]:
+    return names + tuple(f"{subfolder}/{name}" for name in names)
+
+
 SOURCES: dict[str, Source] = {
     "fashion-mnist": Source(
-        _idx, "train-images-idx3-ubyte", ("/usr/share/datasets/fashion-mnist",),
+        _idx, ("train-images-idx3-ubyte",), ("/usr/share/datasets/fashion-mnist",),
         "sudo apt-get install dataset-fashion-mnist", (0.2860,), (0.3530,),
     ),
     "mnist": Source(
-        _idx, "train-images-idx3-ubyte", ("/usr/share/datasets/mnist", "/usr/share/mnist"),
+        _idx, ("train-images-idx3-ubyte",), ("/usr/share/datasets/mnist", "/usr/share/mnist"),
         "download the four MNIST IDX files into a folder and pass --data-dir", (0.1307,), (0.3081,),
     ),
     "cifar10": Source(
-        _cifar(10), "data_batch_1", ("/usr/share/datasets/cifar-10-batches-py",),
+        _cifar(10), ("data_batch_1",), ("/usr/share/datasets/cifar-10-batches-py",),
         "extract cifar-10-python.tar.gz and pass --data-dir .../cifar-10-batches-py",
         (0.4914, 0.4822, 0.4465), (0.247, 0.243, 0.261),
     ),
     "cifar100": Source(
-        _cifar(100), "train", ("/usr/share/datasets/cifar-100-python",),
+        _cifar(100), ("train",), ("/usr/share/datasets/cifar-100-python",),
         "extract cifar-100-python.tar.gz and pass --data-dir .../cifar-100-python", IMAGENET_MEAN, IMAGENET_STD,
     ),
     "gtsrb": Source(
-        _folder(32), "train", (), "arrange GTSRB as DIR/train/<class>/*.png and DIR/test/<class>/*.png",
+        _gtsrb, _and_under("GTSRB", layouts.OFFICIAL_MARKERS + layouts.REPACK_MARKERS) + ("train",), (),
+        "extract GTSRB_Final_Training_Images.zip, GTSRB_Final_Test_Images.zip and GTSRB_Final_Test_GT.zip into DIR "
+        "(DIR/GTSRB/Final_Training/Images/000NN/, DIR/GTSRB/Final_Test/Images/, GT-final_test.csv), or use the "
+        "re-packaging DIR/Train/<class id>/*.png + DIR/Test/*.png + DIR/Test.csv, or arrange DIR/train/<class>/* and "
+        "DIR/test/<class>/*; then pass --data-dir DIR",
+        (0.0, 0.0, 0.0), (1.0, 1.0, 1.0),
+    ),
+    "gtsrb-roi": Source(
+        lambda folder: _gtsrb(folder, roi_crop=True),
+        _and_under("GTSRB", layouts.OFFICIAL_MARKERS + layouts.REPACK_MARKERS), (), "GTSRB cropped to each image's region of interest (Roi.X1..Y2 of its CSV) before resizing: the official "
+        "archives or the re-packaging with its Train.csv and Test.csv, as for 'gtsrb'; pass --data-dir DIR",
         (0.0, 0.0, 0.0), (1.0, 1.0, 1.0),
     ),
     "tiny-imagenet": Source(
-        _folder(64), "train", (), "arrange Tiny-ImageNet as DIR/train/<class>/* and DIR/test/<class>/*",
+        _tiny_imagenet, _and_under("tiny-imagenet-200", layouts.TINY_MARKERS) + ("train",), (),
+        "extract tiny-imagenet-200.zip into DIR (DIR/tiny-imagenet-200/ with wnids.txt, train/<wnid>/images/, "
+        "val/images/ and val/val_annotations.txt), or arrange DIR/train/<class>/* and DIR/test/<class>/*; "
+        "then pass --data-dir DIR",
         IMAGENET_MEAN, IMAGENET_STD,
     ),
 }
@@ -87,7 +123,7 @@ def candidate_dirs(name: str, data_dir: str | os.PathLike | None) -> list[Path]:
     found = []
     env = os.environ.get("BDSAFETY_DATA")
     if env:
-        found += [Path(env) / name, Path(env)]
+        found += [Path(env) / name, Path(env) / name.removesuffix("-roi"), Path(env)]
     return found + [Path(p) for p in SOURCES[name].system_paths]
 
 
@@ -96,7 +132,7 @@ def resolve_dir(name: str, data_dir: str | os.PathLike | None = None) -> Path:
     source = SOURCES[name]
     tried = candidate_dirs(name, data_dir)
     for folder in tried:
-        if any((folder / m).exists() for m in (source.marker, source.marker + ".gz")):
+        if any((folder / m).exists() or (folder / f"{m}.gz").exists() for m in source.markers):
             return folder
     where = ", ".join(str(p) for p in tried) or "nowhere (no --data-dir, no $BDSAFETY_DATA)"
     raise UsageError(f"dataset '{name}' not found (looked in: {where}); to get it: {source.how_to_get}")
