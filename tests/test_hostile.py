@@ -97,7 +97,7 @@ def test_wrong_dtype_and_shape_name_the_key(tmp_path, backdoored_dir, capsys):
         assert code == 2 and "linear.weight" in capsys.readouterr().err
 
 
-def test_plain_state_dict_import_and_backdoorbench_requires_trust(tmp_path, backdoored_dir, capsys):
+def test_plain_state_dict_import_and_a_backdoorbench_file_that_names_no_architecture(tmp_path, backdoored_dir, capsys):
     from safetensors.torch import load_file
 
     state = load_file(backdoored_dir / "model.safetensors")
@@ -110,9 +110,12 @@ def test_plain_state_dict_import_and_backdoorbench_requires_trust(tmp_path, back
     assert record["metrics"] == pytest.approx(original["metrics"])
     import numpy as np
 
-    torch.save({"model": state, "model_name": "preact_small", "bd_train": np.zeros(3)}, tmp_path / "bb.pt")
-    code = main([*args, str(tmp_path / "bb.pt"), "--format", "backdoorbench", "--out", str(tmp_path / "bb")])
-    assert code == 2 and "--trust-pickle" in capsys.readouterr().err and not (tmp_path / "bb").exists()
+    # numpy arrays beside the weights, as BackdoorBench writes them: read without unpickling anything else
+    torch.save({"model": state, "bd_train": {"poison_indicator": np.zeros(3)}}, tmp_path / "bb.pt")
+    assert main([*args, str(tmp_path / "bb.pt"), "--format", "backdoorbench", "--out", str(tmp_path / "bb")]) == 0
+    assert json.loads((tmp_path / "bb" / "record.json").read_text())["metrics"] == pytest.approx(original["metrics"])
+    assert main([*args[:1], *args[3:], str(tmp_path / "plain.pt"), "--out", str(tmp_path / "nomodel")]) == 2
+    assert "pass --model" in capsys.readouterr().err
 
 
 def to_backdoorbench_keys(state, counts):

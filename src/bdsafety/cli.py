@@ -12,8 +12,8 @@ import sys
 import torch
 
 from . import __version__
-from .commands import (cmd_audit, cmd_bench, cmd_defenses, cmd_demo, cmd_eval, cmd_import, cmd_purify, cmd_report,
-                       cmd_results, cmd_run, cmd_train)
+from .commands import (cmd_audit, cmd_bench, cmd_defenses, cmd_demo, cmd_eval, cmd_export, cmd_import, cmd_purify,
+                       cmd_report, cmd_results, cmd_run, cmd_train)
 from .data import DATASET_NAMES
 from .errors import UsageError
 from .models import MODELS
@@ -38,6 +38,10 @@ def add_common(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("-q", "--quiet", action="store_true", help="only warnings and results")
     parser.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default)")
     parser.add_argument("--data-dir", help="folder holding the dataset files (else $BDSAFETY_DATA, then system paths)")
+    parser.add_argument("--model-factory", metavar="PACKAGE.MODULE:FUNCTION",
+                        help="your own architecture: imports your module (this runs its code) and builds models "
+                             "with FUNCTION(in_channels, num_classes, mean, std), an nn.Module taking [0, 1] images; "
+                             "models saved with it need the same flag to load")
 
 
 def add_data_and_attack(parser: argparse.ArgumentParser, attack_help: str) -> None:
@@ -89,13 +93,19 @@ def add_model_commands(sub) -> None:
     add_common(evaluate)
     evaluate.set_defaults(handler=cmd_eval)
     imp = sub.add_parser("import", help="turn a weights file trained elsewhere into a bdsafety run directory")
-    imp.add_argument("file", help=".safetensors, weights-only .pt/.pth state dict, or BackdoorBench result file")
+    imp.add_argument("file", help=".safetensors, weights-only .pt/.pth state dict, or BackdoorBench result file "
+                                  "(attack_result.pt / defense_result.pt: read without running code from it)")
     add_data_and_attack(imp, "the attack the model is suspected of (for ASR)")
-    imp.add_argument("--model", required=True, help=f"architecture: one of {', '.join(MODELS.names())}")
+    imp.add_argument("--model", help=f"architecture: one of {', '.join(MODELS.names())} (needed for a state "
+                                     "dict; a BackdoorBench file names its own)")
     imp.add_argument("--format", choices=("state_dict", "backdoorbench"), default="state_dict")
-    imp.add_argument("--trust-pickle", action="store_true",
-                     help="allow full unpickling of BackdoorBench files (runs code from the file: trusted sources only)")
     imp.set_defaults(handler=cmd_import)
+    export = sub.add_parser("export", help="write a saved model in another toolkit's format")
+    export.add_argument("dir", help="run directory of the model (from 'bdsafety train', 'purify' or 'import')")
+    export.add_argument("--format", choices=("backdoorbench",), default="backdoorbench",
+                        help="backdoorbench: a defense_result.pt dict (model_name, num_classes, model state dict)")
+    export.add_argument("--out", required=True, help="file to create, e.g. defense_result.pt")
+    export.set_defaults(handler=cmd_export)
     sub.add_parser("defenses", help="list the defenses").set_defaults(handler=cmd_defenses)
 
 
@@ -110,7 +120,8 @@ def add_experiment_commands(sub) -> None:
     demo.add_argument("--full", action="store_true",
                       help="the paper's four attacks (BadNets, Blended, SSBA, LC) with every defense: Table 1 in full")
     demo.add_argument("--attacks", action="store_true",
-                      help="the attacks beyond the paper's (Bpp, Adap-Blend, LF, TrojanNN) with the paper's defenses")
+                      help="the attacks beyond the paper's that implant on Fashion-MNIST (Adap-Blend, LF, "
+                           "TrojanNN) with the paper's defenses")
     demo.add_argument("--set", action="append", metavar="KEY=VALUE", help="spec override")
     report = sub.add_parser("report", help="(re)write report.md / report.html from DIR/results.json")
     report.add_argument("dir", help="experiment directory")
@@ -160,6 +171,21 @@ def configure(quiet: bool) -> None:
     torch.set_num_threads(thread_count())
 
 
+def use_model_factory(args) -> None:
+    """Register --model-factory's function for this command only; `train` and `import` then build it."""
+    from .models.factory import FACTORIES, register_factory
+
+    FACTORIES.clear()
+    if not getattr(args, "model_factory", None):
+        return
+
+    name = register_factory(args.model_factory)
+    if hasattr(args, "model"):
+        if args.model not in (None, name):
+            raise UsageError(f"pass --model or --model-factory, not both (got --model {args.model})")
+        args.model = name
+
+
 INTERRUPTED = 130  # the shell's status for a process ended by Ctrl-C (128 + SIGINT)
 
 
@@ -172,6 +198,7 @@ def main(argv: list[str] | None = None) -> int:
         elif rest:
             parser.error(f"unrecognized arguments: {' '.join(rest)}")
         configure(getattr(args, "quiet", False))
+        use_model_factory(args)
         return args.handler(args)
     except UsageError as exc:
         print(f"bdsafety: error: {exc}", file=sys.stderr)

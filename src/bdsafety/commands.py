@@ -12,10 +12,10 @@ from importlib import resources
 from pathlib import Path
 
 from . import store
-from .audits import AUDITS, create_audits, with_dependencies
+from .audits import create_audits, single_shot
 from .defenses import DEFENSES, summary
 from .errors import UsageError
-from .models import MODELS
+from .models.factory import check_model_name
 from .pipeline import stages
 from .pipeline.setup import evaluate_setup, prepare
 from .pipeline.specs import AttackSpec, DataSpec, ExperimentSpec, build_plan, load_plans, parse_assignment, validate
@@ -44,7 +44,7 @@ def attack_of(args) -> AttackSpec:
 def cmd_train(args) -> int:
     out, attack = free_out(args.out), attack_of(args)
     if args.model:
-        MODELS.get(args.model)
+        check_model_name(args.model)
     overrides = {key: value for key, value in (("epochs", args.epochs), ("precision", args.precision))
                  if value is not None}
     spec = ExperimentSpec(dataset=args.dataset, data_dir=args.data_dir, model=args.model, profile=args.profile,
@@ -86,13 +86,7 @@ def cmd_purify(args) -> int:
 
 def audit_names(text: str) -> list[str]:
     """The checks asked for, in run order with the audits they take a model from (QRA: RA)."""
-    checks = [c.strip() for c in text.split(",") if c.strip()]
-    one_shot = [name for name in AUDITS.names() if "defense_run" not in AUDITS.get(name).needs]
-    for check in checks:
-        if check not in one_shot:
-            raise UsageError(f"unknown check '{check}'; choose from: {', '.join(one_shot)} (trajectories need "
-                             f"the defense run: use 'bdsafety run')")
-    return with_dependencies(checks)
+    return single_shot([c.strip() for c in text.split(",") if c.strip()])
 
 
 def cmd_audit(args) -> int:
@@ -193,14 +187,48 @@ def cmd_import(args) -> int:
     from . import interop
 
     out, device, attack = free_out(args.out), resolve_device(args.device), attack_of(args)
-    MODELS.get(args.model)
+    if args.model is not None:
+        check_model_name(args.model)
+    source = Path(args.file)
+    state, model_name, origin = interop.read_any(source, args.format, args.model)
+    check_origin(source, origin, args.dataset)
     data = DataSpec(args.dataset, args.data_dir, args.reserve_fraction)
     setup = prepare(data, attack, args.seed, device=device)
-    source = Path(args.file)
-    state = interop.read_any(source, args.format, args.model, args.trust_pickle)
-    model, record, tensors = stages.imported(state, source, args.format, args.model, setup, data, args.seed, device)
-    store.save_stage(out, model, setup.model_spec(args.model), record, tensors)
+    if origin.get("backdoorbench_num_classes") not in (None, setup.bundle.num_classes):
+        raise UsageError(f"{source} is a {origin['backdoorbench_num_classes']}-class model and {args.dataset} has "
+                         f"{setup.bundle.num_classes} classes; import it with the dataset it was trained on")
+    model, record, tensors = stages.imported(state, source, args.format, model_name, setup, data, args.seed, device,
+                                             origin)
+    store.save_stage(out, model, setup.model_spec(model_name), record, tensors)
     return saved(out, record.metrics)
+
+
+def cmd_export(args) -> int:
+    import io
+
+    import torch
+
+    from . import interop
+
+    destination = Path(args.out)
+    if destination.exists():
+        raise UsageError(f"{destination} exists; choose a new file name")
+    model, spec, _ = store.load_stage(Path(args.dir))
+    exported = interop.backdoorbench_export(model.state_dict(), spec.name, spec.num_classes)
+    buffer = io.BytesIO()
+    torch.save(exported, buffer)
+    destination.parent.mkdir(parents=True, exist_ok=True)
+    store.atomic_write_bytes(destination, buffer.getvalue())
+    print(f"saved {destination} (BackdoorBench defense_result.pt layout, model_name '{exported['model_name']}')")
+    return 0
+
+
+def check_origin(source: Path, origin: dict, dataset: str) -> None:
+    """A BackdoorBench file names the dataset it was trained on; importing it with another one is a mistake."""
+    trained_on = origin.get("backdoorbench_dataset")
+    if trained_on is not None and trained_on != dataset:
+        raise UsageError(f"{source} was trained on '{trained_on}' but --dataset is '{dataset}'; pass "
+                         f"--dataset {trained_on}")
 
 
 def cmd_bench(args) -> int:

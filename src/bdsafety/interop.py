@@ -1,40 +1,68 @@
-"""Importing weights trained elsewhere: plain state dicts and BackdoorBench result files.
+"""Weights trained elsewhere, in and out: plain state dicts and BackdoorBench result files.
 
-BackdoorBench (and the paper's official fork) name layers `conv1`, `layer{s}.{i}.*`, `linear`; bdsafety's
-models nest them under `body.` with one flat `layers` list. `from_backdoorbench` renames the keys.
+BackdoorBench's `attack_result.pt` / `defense_result.pt` are `torch.save`d dicts: the model's state dict
+beside the poisoned data's bookkeeping (numpy arrays, numpy integer keys and, for data kept in memory, PIL
+images). They are read with torch's weights-only unpickler, which admits tensors and plain containers,
+extended by exactly those numpy types and by a stand-in for PIL images that only keeps the pickled bytes:
+nothing from the file runs, and any other object makes the file refused.
+
+BackdoorBench's own architectures load with their key names unchanged (`models/backdoorbench.py`,
+`models/torchvision_style.py`); the paper repository's CIFAR-style ResNets name layers `conv1`,
+`layer{s}.{i}.*`, `linear`, which `from_backdoorbench` renames into bdsafety's `body.` nesting.
 """
 
 from __future__ import annotations
 
-import logging
 import re
+from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 from torch import Tensor
 
 from . import store
 from .errors import UsageError
 
-log = logging.getLogger(__name__)
-
 BLOCK_COUNTS = {"resnet18": (2, 2, 2, 2), "resnet50": (3, 4, 6, 3), "preact_resnet18": (2, 2, 2, 2)}
-BACKDOORBENCH_NAMES = {"preactresnet18": "preact_resnet18", "resnet18": "resnet18", "resnet50": "resnet50",
-                       "vgg19_bn": "vgg19_bn"}
 LAYER_KEY = re.compile(r"^layer(\d)\.(\d+)\.(.*)$")
+# BackdoorBench's dataset names (`clean_data`) -> bdsafety's.
+BACKDOORBENCH_DATASETS = {"mnist": "mnist", "cifar10": "cifar10", "cifar100": "cifar100", "gtsrb": "gtsrb",
+                          "tiny": "tiny-imagenet"}
 
 
 def from_backdoorbench(state: dict[str, Tensor], model_name: str) -> dict[str, Tensor]:
-    """Rename BackdoorBench keys to bdsafety's for the ResNet family."""
+    """Rename CIFAR-style ResNet keys (`conv1`, `layer{s}.{i}.*`, `linear`) to bdsafety's nesting."""
     if model_name not in BLOCK_COUNTS:
         raise UsageError(f"no BackdoorBench key mapping for '{model_name}'; supported: {', '.join(BLOCK_COUNTS)}")
     counts = BLOCK_COUNTS[model_name]
     preact = model_name.startswith("preact")
+    return {rename_key(key, counts, preact): value for key, value in strip_wrappers(state).items()}
+
+
+def to_backdoorbench(state: dict[str, Tensor], model_name: str) -> dict[str, Tensor]:
+    """The inverse of `from_backdoorbench`: bdsafety's CIFAR-style ResNet keys in the paper repository's names."""
+    if model_name not in BLOCK_COUNTS:
+        raise UsageError(f"no BackdoorBench key mapping for '{model_name}'; supported: {', '.join(BLOCK_COUNTS)}")
+    counts = BLOCK_COUNTS[model_name]
+    starts = [sum(counts[:i]) for i in range(len(counts))]
     renamed = {}
     for key, value in state.items():
-        key = key.removeprefix("module.").removeprefix("model.")
-        renamed[rename_key(key, counts, preact)] = value
+        if key.startswith("body.layers."):
+            flat, rest = key[len("body.layers."):].split(".", 1)
+            stage = max(i for i, start in enumerate(starts) if start <= int(flat))
+            if model_name.startswith("preact"):
+                rest = rest.replace("shortcut.", "shortcut.0.")
+            key = f"layer{stage + 1}.{int(flat) - starts[stage]}.{rest}"
+        elif key.startswith("body.stem."):
+            key = "conv1." + key[len("body.stem."):]
+        renamed[key.removeprefix("body.")] = value
     return renamed
+
+
+def strip_wrappers(state: dict[str, Tensor]) -> dict[str, Tensor]:
+    """Keys without the `module.` (DataParallel) and `model.` prefixes that training wrappers add."""
+    return {key.removeprefix("module.").removeprefix("model."): value for key, value in state.items()}
 
 
 def rename_key(key: str, counts: tuple[int, ...], preact: bool) -> str:
@@ -52,34 +80,127 @@ def rename_key(key: str, counts: tuple[int, ...], preact: bool) -> str:
     return f"body.{key}"
 
 
-def read_backdoorbench(path: Path, trust_pickle: bool) -> tuple[dict[str, Tensor], str | None]:
-    """The model state dict (and architecture name) of a BackdoorBench `attack_result.pt`/`defense_result.pt`.
+class PickledImage:
+    """Stands in for `PIL.Image.Image` while unpickling: keeps the pickled (info, mode, size, palette, bytes)
+    without calling any PIL code."""
 
-    Such files also pickle numpy arrays and dataset objects, which `weights_only` refuses; loading them
-    in full runs arbitrary code from the file, so it needs `trust_pickle=True`.
-    """
+    def __setstate__(self, state) -> None:
+        self.state = state
+
+
+NUMERIC_DTYPES = ("BoolDType", "Int8DType", "UInt8DType", "Int16DType", "UInt16DType", "Int32DType", "UInt32DType",
+                  "Int64DType", "UInt64DType", "Float16DType", "Float32DType", "Float64DType")
+
+
+def backdoorbench_globals() -> list:
+    """What a BackdoorBench result pickles beyond tensors and containers: numpy arrays and scalars (under
+    numpy 1's and numpy 2's module names), their numeric dtypes, and PIL images (as `PickledImage`)."""
+    core = getattr(np, "_core", None) or np.core
+    admitted: list = [np.ndarray, np.dtype, (PickledImage, "PIL.Image.Image")]
+    for module in ("numpy.core.multiarray", "numpy._core.multiarray"):
+        admitted += [(core.multiarray._reconstruct, f"{module}._reconstruct"),
+                     (core.multiarray.scalar, f"{module}.scalar")]
+    dtypes = getattr(np, "dtypes", None)  # numpy >= 1.25 pickles dtypes by their class
+    return admitted + [getattr(dtypes, name) for name in NUMERIC_DTYPES if dtypes is not None and hasattr(dtypes, name)]
+
+
+REFUSED_GLOBAL = re.compile(r"GLOBAL ([\w.]+)|but got <class '([\w.]+)'>")
+
+
+def load_restricted(path: Path) -> object:
+    """`torch.load` of a BackdoorBench result with only `backdoorbench_globals` admitted beyond weights."""
+    if not path.is_file():
+        raise UsageError(f"{path} not found; pass BackdoorBench's attack_result.pt or defense_result.pt")
     try:
-        loaded = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception:
-        if not trust_pickle:
-            raise UsageError(f"{path} needs full unpickling, which can run code from the file; pass "
-                             "--trust-pickle only if you trust its source") from None
-        log.warning("unpickling %s in full (--trust-pickle): this runs any code the file carries", path)
-        loaded = torch.load(path, map_location="cpu", weights_only=False)
+        with torch.serialization.safe_globals(backdoorbench_globals()):
+            return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # refusals of the restricted unpickler and corrupt archives alike
+        found = REFUSED_GLOBAL.search(str(exc))
+        if found:
+            raise UsageError(f"refusing to load {path}: it carries the global '{found[1] or found[2]}', which "
+                             "BackdoorBench's result files never hold (nothing from the file was run)") from None
+        raise UsageError(f"cannot read {path} as a BackdoorBench result ({type(exc).__name__}); the file is "
+                         "corrupt or truncated, or not a torch.save file") from None
+
+
+@dataclass(frozen=True)
+class BackdoorBenchResult:
+    """What bdsafety takes from a BackdoorBench result file."""
+
+    state: dict[str, Tensor]
+    model_name: str | None
+    num_classes: int | None
+    dataset: str | None  # bdsafety's name of `clean_data`
+    poisoned_train: int | None  # how many training samples the attack poisoned, when the file says
+
+    def details(self) -> dict:
+        return {"backdoorbench_model_name": self.model_name, "backdoorbench_num_classes": self.num_classes,
+                "backdoorbench_dataset": self.dataset, "backdoorbench_poisoned_train": self.poisoned_train}
+
+
+def read_backdoorbench(path: Path) -> BackdoorBenchResult:
+    """The model of a BackdoorBench `attack_result.pt` / `defense_result.pt`, read without running code."""
+    loaded = load_restricted(path)
     if not isinstance(loaded, dict):
-        raise UsageError(f"{path} is not a BackdoorBench result (expected a dict)")
-    state = loaded.get("model", loaded)
-    if not isinstance(state, dict) or not all(isinstance(v, Tensor) for v in state.values()):
-        raise UsageError(f"{path} holds no model state dict under 'model'")
-    name = loaded.get("model_name")
-    return state, BACKDOORBENCH_NAMES.get(name, name) if isinstance(name, str) else None
+        raise UsageError(f"{path} is not a BackdoorBench result (expected a dict, found {type(loaded).__name__})")
+    state = loaded.get("model")
+    if not isinstance(state, dict) or not state or not all(isinstance(v, Tensor) for v in state.values()):
+        raise UsageError(f"{path} holds no model state dict under 'model'; is it attack_result.pt or "
+                         "defense_result.pt?")
+    name, classes, data = loaded.get("model_name"), loaded.get("num_classes"), loaded.get("clean_data")
+    return BackdoorBenchResult(strip_wrappers(state), name if isinstance(name, str) else None,
+                               int(classes) if isinstance(classes, (int, np.integer)) else None,
+                               BACKDOORBENCH_DATASETS.get(data, data) if isinstance(data, str) else None,
+                               poisoned_count(loaded.get("bd_train")))
 
 
-def read_any(path: Path, fmt: str, model_name: str, trust_pickle: bool) -> dict[str, Tensor]:
-    """Weights in bdsafety key names from a `state_dict` (.safetensors/.pt) or `backdoorbench` file."""
+def poisoned_count(bd_train) -> int | None:
+    """The number of poisoned samples in BackdoorBench's saved `bd_train` state (`poison_indicator` sums them)."""
+    indicator = bd_train.get("poison_indicator") if isinstance(bd_train, dict) else None
+    return int(np.asarray(indicator).sum()) if isinstance(indicator, (np.ndarray, list)) else None
+
+
+def read_any(path: Path, fmt: str, model_name: str | None) -> tuple[dict[str, Tensor], str, dict]:
+    """(weights in bdsafety key names, architecture, details for the record) from a `state_dict`
+    (.safetensors/.pt) or a `backdoorbench` file; a BackdoorBench file names its own architecture."""
     if fmt == "state_dict":
-        return store.read_state_dict(path)
-    state, named = read_backdoorbench(path, trust_pickle)
-    if named is not None and named != model_name:
-        raise UsageError(f"{path} holds a '{named}' model but --model is '{model_name}'; pass --model {named}")
-    return from_backdoorbench(state, model_name)
+        if model_name is None:
+            raise UsageError("a plain state dict does not name its architecture; pass --model")
+        return store.read_state_dict(path), model_name, {}
+    from .models.backdoorbench import backdoorbench_architecture
+
+    result = read_backdoorbench(path)
+    if result.model_name is None:
+        if model_name is None:
+            raise UsageError(f"{path} does not name its architecture (no 'model_name'); pass --model")
+        chosen, renamed = model_name, model_name in BLOCK_COUNTS
+    else:
+        chosen, renamed = backdoorbench_architecture(result.model_name, set(result.state))
+        if model_name is not None and model_name != chosen:
+            raise UsageError(f"{path} holds a BackdoorBench '{result.model_name}', which is bdsafety's '{chosen}', "
+                             f"but --model is '{model_name}'; drop --model or pass --model {chosen}")
+    state = from_backdoorbench(result.state, chosen) if renamed else result.state
+    return state, chosen, result.details()
+
+
+# bdsafety architecture -> BackdoorBench's `model_name`, for models whose keys need no renaming.
+BACKDOORBENCH_EXPORTS = {"preact_resnet18_backdoorbench": "preactresnet18", "resnet18_torchvision": "resnet18",
+                         "vgg19_bn_torchvision": "vgg19_bn", "densenet161_torchvision": "densenet161",
+                         "mobilenet_v3_large_torchvision": "mobilenet_v3_large"}
+
+
+def backdoorbench_export(state: dict[str, Tensor], model_name: str, num_classes: int) -> dict:
+    """A `defense_result.pt` dict (BackdoorBench's `save_defense_result` layout) holding a bdsafety model.
+
+    The paper repository's CIFAR-style `resnet18` (bdsafety's `resnet18`) is exported in its key names; in
+    BackdoorBench itself `resnet18` is torchvision's (`resnet18_torchvision`). Models normalise their own
+    input in bdsafety and in a BackdoorBench data transform; both use the dataset's mean and std."""
+    if model_name in BACKDOORBENCH_EXPORTS:
+        theirs, renamed = BACKDOORBENCH_EXPORTS[model_name], state
+    elif model_name == "resnet18":
+        theirs, renamed = "resnet18", to_backdoorbench(state, model_name)
+    else:
+        known = ", ".join([*BACKDOORBENCH_EXPORTS, "resnet18"])
+        raise UsageError(f"'{model_name}' has no BackdoorBench counterpart; export one of: {known}")
+    return {"model_name": theirs, "num_classes": int(num_classes),
+            "model": {key: value.detach().cpu().contiguous() for key, value in renamed.items()}}

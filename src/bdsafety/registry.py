@@ -67,6 +67,13 @@ class Registry:
     def names(self) -> list[str]:
         return sorted(self._entries)
 
+    def name_of(self, obj: Any) -> str:
+        """The name `obj` (a registered constructor or an instance of a registered class) is registered under."""
+        for name, entry in self._entries.items():
+            if entry is obj or (isinstance(entry, type) and type(obj) is entry):
+                return name
+        return type(obj).__name__
+
     def __contains__(self, name: str) -> bool:
         return name in self._entries
 

@@ -31,11 +31,12 @@ from typing import ClassVar
 import torch
 from torch import Tensor, nn
 
-from ..data import ImageSet
+from ..data import ImageSet, to_float
 from ..errors import UsageError
+from ..models._common import check_model_parts
 from ._assets import attach, fitted_state, stat_tensors
 from ._common import ATTACKS, AttackBase, check_numeric_fields, distortion, map_uint8, resize_mask
-from ._source import train_clean_source
+from ._source import new_source_model, train_clean_source
 
 log = logging.getLogger(__name__)
 
@@ -111,6 +112,9 @@ class TrojanNN(AttackBase):
 
     def fit_assets(self, train: ImageSet, target: int, device: torch.device) -> dict[str, Tensor]:
         """Train the clean source model, select its neurons and optimise the trigger; the trigger and statistics."""
+        probe = to_float(train.images[:2]).to(device)
+        check_model_parts(new_source_model(self.source_model, train, self.seed, device), ("pooled_linear",), probe,
+                          f"trojannn's source model {self.source_model}")  # it excites the pooled features
         model, history = train_clean_source(self.source_model, train, self.source_epochs, self.source_images,
                                             self.seed, device)
         model.requires_grad_(False)

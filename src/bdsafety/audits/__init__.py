@@ -5,7 +5,7 @@ One file per audit; the contract, `AuditData` and `AuditResult` are in `_common.
 """
 
 from ._common import AUDITS, Audit, AuditBase, AuditData, AuditResult, create_audits, missing_dependencies, run_order, \
-    with_dependencies
+    single_shot, with_dependencies
 from . import connectivity, reactivation, retuning, trajectory  # noqa: F401  (registration)
 from .connectivity import LinearModeConnectivity, interpolate_state
 from .reactivation import QueryReactivation
@@ -14,4 +14,4 @@ from .trajectory import DefenseTrajectory
 
 __all__ = ["AUDITS", "Audit", "AuditBase", "AuditData", "AuditResult", "DefenseTrajectory", "LinearModeConnectivity",
            "QueryReactivation", "Retuning", "create_audits", "interpolate_state", "missing_dependencies", "run_order",
-           "with_dependencies"]
+           "single_shot", "with_dependencies"]

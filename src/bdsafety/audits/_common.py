@@ -133,6 +133,17 @@ def with_dependencies(names: list[str] | tuple[str, ...]) -> list[str]:
     return run_order(wanted)
 
 
+def single_shot(checks: list[str] | tuple[str, ...]) -> list[str]:
+    """The audits a single-shot audit of given models runs for `checks`: validated (none needs the defense run,
+    which only `bdsafety run` keeps), with the audits they take a model or settings from, in run order."""
+    runnable = [name for name in AUDITS.names() if "defense_run" not in AUDITS.get(name).needs]
+    for check in checks:
+        if check not in runnable:
+            raise UsageError(f"unknown check '{check}'; choose from: {', '.join(runnable)} (trajectories need "
+                             f"the defense run: use 'bdsafety run')")
+    return with_dependencies(checks)
+
+
 def missing_dependencies(names: list[str] | tuple[str, ...]) -> list[tuple[str, str]]:
     """(audit, audit it needs) pairs where the second is not among `names`."""
     return [(name, dependency) for name in names for dependency in (*AUDITS.get(name).needs, *AUDITS.get(name).uses)

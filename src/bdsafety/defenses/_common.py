@@ -12,6 +12,10 @@ timings). A defense sees only `DefenderData`: the reserved clean split, never th
 poison indices. Only EP (`uses_attack`) reads `data.attack`, the true trigger, which it is given by
 definition. `trajectory_states` may define the defense's own trajectory (ANP: its pruning threshold).
 
+`model_parts` (a ClassVar tuple) names what the defense reads of the model beyond `forward` (see
+`models._common.MODEL_PARTS`: the classifier layer, features()/head(), ...); `trace_defense` checks it first,
+so a model without it gets one line saying what is missing.
+
 `row_fields(record)` may copy parts of the record into the defense's results.json row for the report.
 
 `cpu_overrides` (a ClassVar dict) holds the Fashion-MNIST CPU profile's settings: shorter lengths, and a
@@ -29,7 +33,8 @@ from typing import ClassVar, Protocol
 from torch import nn
 
 from ..attacks import Attack
-from ..data import ImageSet
+from ..data import ImageSet, to_float
+from ..models._common import check_model_parts
 from ..registry import Registry
 from ._trajectory import StepSnapshots
 
@@ -64,6 +69,7 @@ class DefenseBase:
 
     cpu_overrides: ClassVar[dict] = {}
     uses_attack: ClassVar[bool] = False  # only EP, which is given the true trigger by definition
+    model_parts: ClassVar[tuple[str, ...]] = ()  # what it reads beyond forward (models._common.MODEL_PARTS)
 
     def trajectory_states(self, backdoored: nn.Module, record: dict,
                           fractions: list[float]) -> list[tuple[dict, dict]] | None:
@@ -81,6 +87,10 @@ def trace_defense(defense: Defense, model: nn.Module, data: DefenderData, seed: 
     """Purify a copy of `model` (only a defense that declares `uses_attack`, EP, sees the attack), counting the
     optimizer steps that update it (and keeping spaced copies of its state when `keep_snapshots`, for the
     defense's trajectory)."""
+    parts = getattr(defense, "model_parts", ())
+    if parts:
+        probe = to_float(data.reserve.images[:2]).to(next(model.parameters()).device)
+        check_model_parts(model, parts, probe, f"defense {DEFENSES.name_of(defense)}")
     visible = data if defense.uses_attack else data.without_attack()
     working = copy.deepcopy(model)
     with StepSnapshots(working, keep=keep_snapshots) as steps:

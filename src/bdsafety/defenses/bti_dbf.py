@@ -48,6 +48,7 @@ class BTIDBF(BTIStages):
     lr: float = 1e-4  # B4 Adam learning rate [hard btidbfu.py]
 
     cpu_overrides: ClassVar[dict] = CPU_OVERRIDES
+    model_parts: ClassVar[tuple[str, ...]] = ("features",)  # its mask and generator act on the feature map
 
     def purify(self, model: nn.Module, data: DefenderData, seed: int) -> tuple[nn.Module, dict]:
         record = run_bti(model, data, self, seed, self.unlearner(model, data))

@@ -160,6 +160,7 @@ class FinePruning(DefenseBase):
     # Half the fine-tuning epochs to fit 2 cores; the tolerated drop from the strength grid: at the official 10 %
     # (and 20 %) FP stops at 11.6 % (10.4 %) calibration O-ASR on the demo's model, at 30 % it purifies (README)
     cpu_overrides: ClassVar[dict] = {"epochs": 50, "max_acc_drop": 0.3}
+    model_parts: ClassVar[tuple[str, ...]] = ("pooled_linear",)  # prunes the last feature map's channels
     uses_attack: ClassVar[bool] = False
 
     def __post_init__(self):

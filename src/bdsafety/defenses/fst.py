@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..data import seed_for
+from ..models._common import classifier_layer
 from ..train import fit
 from ._common import DEFENSES, DefenderData, DefenseBase
 from ._tuning import cosine_similarity, project_norm, reinit_linear, tuning_config, tuning_record
@@ -42,16 +43,17 @@ class FST(DefenseBase):
     # The official 10 epochs on the CPU profile too: they purify the demo model (calibration O-ASR 0.0 %), at
     # C-Acc 86.8 % (30 epochs, the earlier CPU setting: 89.8 %); README "Defense strength".
     cpu_overrides: ClassVar[dict] = {}
+    model_parts: ClassVar[tuple[str, ...]] = ("linear",)  # re-initialises and steers the classifier layer
     uses_attack: ClassVar[bool] = False
 
     def purify(self, model: nn.Module, data: DefenderData, seed: int) -> tuple[nn.Module, dict]:
-        head = model.linear
+        head = classifier_layer(model)
         weight_bd = head.weight.detach().clone()
         norm_bd = float(torch.linalg.matrix_norm(weight_bd, "fro"))
         reinit_linear(head, torch.Generator().manual_seed(seed_for(seed, "fst-head")))
 
         def loss_fn(m: nn.Module, x: Tensor, y: Tensor) -> Tensor:
-            return F.cross_entropy(m(x), y) + self.alpha * fst_penalty(m.linear.weight, weight_bd)
+            return F.cross_entropy(m(x), y) + self.alpha * fst_penalty(head.weight, weight_bd)
 
         config = tuning_config(self)
         history = fit(model, data.reserve, config, seed, loss_fn=loss_fn,

@@ -100,6 +100,7 @@ class NAD(DefenseBase):
     # The paper lengths fit the CPU profile: 12 steps per epoch on the 3,000-image reserve, ~2.5 s per teacher
     # epoch and ~3.5 s per student epoch (plus the teacher's forward pass), ~60 s in all (estimate).
     cpu_overrides: ClassVar[dict] = {}
+    model_parts: ClassVar[tuple[str, ...]] = ("blocks",)  # distils the last three stage outputs
     uses_attack: ClassVar[bool] = False
 
     def __post_init__(self):
@@ -151,8 +152,6 @@ class NAD(DefenseBase):
     @staticmethod
     def distilled_layers(model: nn.Module, data: DefenderData) -> list[str]:
         """The last three stage ends of `model` (lowest first), from a probe on one reserve image."""
-        if not hasattr(model, "body"):
-            raise UsageError(f"nad needs a bdsafety Classifier with a `body`, got {type(model).__name__}")
         probe = to_float(data.reserve.images[:1]).to(model_device(model))
         ends = stage_ends(model, probe)
         if len(ends) < 3:

@@ -33,6 +33,7 @@ class PAMDefense(BTIStages):
     weight_decay: float = 0.0  # base SGD weight decay [hard]
 
     cpu_overrides: ClassVar[dict] = CPU_OVERRIDES
+    model_parts: ClassVar[tuple[str, ...]] = ("features",)  # BTI's generator and unlearning act on the feature map
 
     def purify(self, model: nn.Module, data: DefenderData, seed: int) -> tuple[nn.Module, dict]:
         unlearn, optimizer = self.unlearner(model, data)  # snapshots θ_bd = the input weights

@@ -22,6 +22,7 @@ from ..data import DATASET_NAMES, DataBundle, defender_split, seed_for
 from ..defenses import DEFENSES, Defense
 from ..errors import UsageError
 from ..models import MODELS
+from ..models.factory import FACTORIES
 from ..profiles import MODEL_FOR_PROFILE, TRAIN_PROFILES, default_profile
 from ..registry import parameter_names
 from ..store import canonical_hash
@@ -307,7 +308,7 @@ def is_name_in(value, names) -> bool:
 def validate(spec: ExperimentSpec) -> None:
     expect(is_name_in(spec.dataset, DATASET_NAMES),
            f"spec 'dataset' must be one of {', '.join(DATASET_NAMES)}, got {spec.dataset!r}")
-    expect(spec.model is None or is_name_in(spec.model, MODELS),
+    expect(spec.model is None or is_name_in(spec.model, MODELS) or is_name_in(spec.model, FACTORIES),
            f"spec 'model' must be one of {', '.join(MODELS.names())}, got {spec.model!r}")
     expect(spec.profile is None or is_name_in(spec.profile, TRAIN_PROFILES),
            f"spec 'profile' must be one of {', '.join(sorted(TRAIN_PROFILES))}, got {spec.profile!r}")

@@ -162,14 +162,15 @@ def setup_of(record: Record, data_dir: str | None = None, device: torch.device |
 
 
 def imported(state: dict[str, Tensor], source: Path, fmt: str, model_name: str, setup: Setup, data: DataSpec,
-             seed: int, device: torch.device) -> Built:
-    """A model trained elsewhere (its weights `state`, read from `source`) as a stage of `setup`'s run."""
+             seed: int, device: torch.device, origin: dict | None = None) -> Built:
+    """A model trained elsewhere (its weights `state`, read from `source`) as a stage of `setup`'s run;
+    `origin`: what the file said about itself (BackdoorBench's model name, dataset, ...), kept in the record."""
     model = create_model(setup.model_spec(model_name))
     load_weights_into(model, state, source)
     model = model.to(device)
     record = Record("import", setup.attack_spec.name, {"source": str(source.resolve()), "format": fmt},
                     evaluate_setup(model, setup), seed,
-                    details={"model": model_name, **setup_details(data, setup.attack_spec, setup)})
+                    details={"model": model_name, **setup_details(data, setup.attack_spec, setup), **(origin or {})})
     return model, record, setup_tensors(setup)
 
 
