@@ -10,7 +10,8 @@ SHAPES = [(1, 28, 28), (3, 32, 32), (3, 64, 64)]
 # Attacks that must be fitted first get a few-step fit on 16 random images of the shape (test_attacks_fitted.py
 # checks the fits themselves).
 TINY_FITS = {"ssba": dict(epochs=1.0, batch_size=8, bits=4, width=4, fit_images=16), "lc": dict(at_epochs=0, steps=1),
-             "lf": dict(source_epochs=0, steps=2), "trojannn": dict(source_epochs=0, iterations=2)}
+             "lf": dict(source_epochs=0, steps=2), "trojannn": dict(source_epochs=0, iterations=2),
+             "input_aware": dict(epochs=1, mask_epochs=1, batch_size=8, victim_model="preact_small")}
 
 
 def fitted(name: str, train: ImageSet, target: int):

@@ -121,7 +121,7 @@ def add_experiment_commands(sub) -> None:
                       help="the paper's four attacks (BadNets, Blended, SSBA, LC) with every defense: Table 1 in full")
     demo.add_argument("--attacks", action="store_true",
                       help="the attacks beyond the paper's that implant on Fashion-MNIST (Adap-Blend, LF, "
-                           "TrojanNN) with the paper's defenses")
+                           "TrojanNN, Input-aware) with the paper's defenses")
     demo.add_argument("--set", action="append", metavar="KEY=VALUE", help="spec override")
     report = sub.add_parser("report", help="(re)write report.md / report.html from DIR/results.json")
     report.add_argument("dir", help="experiment directory")

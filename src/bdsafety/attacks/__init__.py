@@ -10,7 +10,7 @@ all-to-all (class y to (y + 1) mod C), the spec's `labels` policy.
 from ._common import (ATTACKS, LABEL_POLICIES, Attack, PoisonedSet, attack_labels, check_poisoning, map_uint8, poison,
                       triggered_test_set)
 from ._assets import fit_attack, fit_report
-from . import adap_blend, badnets, blended, bpp, lc, lf, sig, ssba, trojannn, wanet  # noqa: F401  (registration)
+from . import adap_blend, badnets, blended, bpp, input_aware, lc, lf, sig, ssba, trojannn, wanet  # noqa: F401  (registration)
 
 __all__ = ["ATTACKS", "LABEL_POLICIES", "Attack", "PoisonedSet", "attack_labels", "check_poisoning", "fit_attack",
            "fit_report", "map_uint8", "poison", "triggered_test_set"]

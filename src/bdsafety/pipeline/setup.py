@@ -110,7 +110,8 @@ def prepare(data: DataSpec, attack: AttackSpec, seed: int, bundle: DataBundle | 
     check_poisoning(train.labels, ATTACKS.get(attack.name).clean_label, attack.poison_rate, attack.target,
                     bundle.num_classes, attack.labels)  # before a fit that may take minutes
     # fitted on the attacker's split only: the defender's reserve never shapes the trigger
-    trigger = fit_attack(attack.build(seed, profile or default_profile(data.name)), train, attack.target,
+    context = {"mean": bundle.mean, "std": bundle.std, "num_classes": bundle.num_classes}
+    trigger = fit_attack(attack.build(seed, profile or default_profile(data.name), context), train, attack.target,
                          asset_cache_dir(), device=device)
     poisoned = poison(train, trigger, attack.poison_rate, attack.target, bundle.num_classes, seed_for(seed, "poison"),
                       attack.labels)

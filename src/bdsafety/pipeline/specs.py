@@ -68,11 +68,16 @@ class AttackSpec:
             del inputs["labels"]
         return inputs
 
-    def build(self, seed: int, profile: str = "paper") -> Attack:
-        """The (unfitted) attack: the profile's lengths, then the spec's parameters; its seed derives from `seed`."""
+    def build(self, seed: int, profile: str = "paper", context: dict | None = None) -> Attack:
+        """The (unfitted) attack: the profile's lengths, then the spec's parameters; its seed derives from `seed`.
+
+        `context` (the dataset's normalisation and class count, when loaded) and the spec's poison rate fill
+        the fields of those names that an attack has and the spec leaves unset (Input-aware trains its victim
+        with them)."""
         params = dict(self.params)
-        if "seed" in parameter_names(ATTACKS.get(self.name)) and "seed" not in params:
-            params["seed"] = seed_for(seed, "trigger")
+        known = parameter_names(ATTACKS.get(self.name))
+        filled = {"seed": seed_for(seed, "trigger"), "poison_rate": self.poison_rate, **(context or {})}
+        params.update({name: value for name, value in filled.items() if name in known and name not in params})
         return ATTACKS.create(self.name, profile, **params)
 
 
@@ -141,13 +146,16 @@ def build_plan(spec: ExperimentSpec) -> Plan:
     except TypeError as exc:
         raise UsageError(f"spec 'train': {exc}") from None
     augmentation = training_augmentation(config)  # every defense and RA fine-tune like the backdoored model
+    model = spec.model or MODEL_FOR_PROFILE[profile]
     for attack in spec.attacks:
         for seed in spec.resolved_seeds:
-            attack.build(seed, profile)
+            built = attack.build(seed, profile)
+            if hasattr(built, "check_model"):  # an attack that trains its victim itself trains this model
+                built.check_model(model)
     defenses = {name: DEFENSES.create(name, profile, augmentation, **spec.defense_params.get(name, {}))
                 for name in spec.defenses}
     audits = create_audits(spec.checks, profile, augmentation, spec.audit_params)
-    return Plan(spec, profile, spec.model or MODEL_FOR_PROFILE[profile], config, defenses, audits)
+    return Plan(spec, profile, model, config, defenses, audits)
 
 
 def load_plan(path: str | Path | None, overrides: list[str] | None = None) -> Plan:

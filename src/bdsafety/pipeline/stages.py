@@ -52,15 +52,22 @@ def train_inputs(data: DataSpec, attack: AttackSpec, seed: int, model: str, conf
 
 def train_model(setup: Setup, model_name: str, config: TrainConfig, seed: int, device: torch.device,
                 progress: bool = False) -> tuple[nn.Module, dict]:
-    """Train a backdoored (or, for attack "none", clean) model on the attacker's training set."""
-    torch.manual_seed(seed_for(seed, "init"))
-    model = create_model(setup.model_spec(model_name)).to(device).to(memory_format=torch.channels_last)
+    """Train a backdoored (or, for attack "none", clean) model on the attacker's training set; an attack that
+    trains its victim itself (Input-aware, `trains_victim`) gives it from its fit instead."""
     started = time.perf_counter()
-    history = fit(model, setup.attacker_train, config, seed_for(seed, "train"), progress=progress)
-    train_s = time.perf_counter() - started
+    if getattr(setup.attack, "trains_victim", False):
+        model, history = setup.attack.trained_victim(setup.model_spec(model_name))
+        model = model.to(device).to(memory_format=torch.channels_last)
+        train_s = history["duration_s"]
+    else:
+        torch.manual_seed(seed_for(seed, "init"))
+        model = create_model(setup.model_spec(model_name)).to(device).to(memory_format=torch.channels_last)
+        history = fit(model, setup.attacker_train, config, seed_for(seed, "train"), progress=progress)
+        train_s = time.perf_counter() - started
+    evaluated = time.perf_counter()
     metrics = evaluate_setup(model, setup)
     return model, {"history": history, "metrics": metrics, "train_s": train_s,
-                   "eval_s": time.perf_counter() - started - train_s}
+                   "eval_s": time.perf_counter() - evaluated}
 
 
 def train(setup: Setup, data: DataSpec, model_name: str, config: TrainConfig, profile: str, seed: int,
