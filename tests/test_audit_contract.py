@@ -13,7 +13,8 @@ from bdsafety.defenses import DEFENSES
 
 TINY = {"ra": {"clean_fraction": 0.05, "batch_size": 32, "epochs": 1, "repeats": 1},
         "qra": {"epochs": 1, "clean_count": 32, "poison_count": 32, "batch_size": 32, "hidden": 32},
-        "lmc": {"points": 3}, "trajectory": {"points": 2}}
+        "lmc": {"points": 3}, "trajectory": {"points": 2},
+        "ra_curve": {"clean_fraction": 0.05, "batch_size": 32, "epochs": 2, "poison_counts": (0, 5), "test_images": 100}}
 SHARED = {"crop_pad": 1, "flip": False}
 
 

@@ -39,7 +39,7 @@ def superficial(badnets_setup, backdoored):
 
 
 def test_registry_and_profiles():
-    assert AUDITS.names() == ["lmc", "qra", "ra", "trajectory"]
+    assert AUDITS.names() == ["bec", "lmc", "position", "qra", "ra", "ra_curve", "trajectory", "uap"]
     assert AUDITS.create("qra", "cpu").epochs == 50  # the official length on the CPU profile too
     assert AUDITS.create("qra").epochs == 50
     assert AUDITS.create("ra", "cpu", epochs=2).epochs == 2

@@ -260,3 +260,23 @@ def test_mcr_row_with_its_curve_gets_the_curve_figure():
     block["rows"].append({**block["rows"][0], "defense": "mcr", "mode_curve": {"t": 0.1, "points": scan}})
     names = [name for name, _, _ in attack_figures(results)]
     assert "fig-1-badnets-mcr.png" in names and "fig-2-blended-mcr.png" not in names
+
+
+def test_budget_curves_and_verdict_cards_get_their_figure_and_their_ranked_table():
+    from bdsafety.audits.verdict import verdict_card
+    from bdsafety.report.figures import attack_figures
+    from bdsafety.report.tables import to_markdown, verdict_table
+
+    results = fake_results()
+    block = results["attacks"][0]
+    clean_curve = {"asr": {"0": [0.0, 0.0], "5": [0.05, 0.1]}, "epochs": 2, "relearn_asr": 0.0}
+    block["clean"] = {**block["clean"], "ra_curve": clean_curve}
+    for row, revived in zip(block["rows"][:2], (0.9, 0.1)):
+        row["ra_curve"] = {"asr": {"0": [0.0, 0.0], "5": [0.1, revived]}, "epochs": 2, "relearn_asr": 0.0}
+        row["card"] = verdict_card({"asr": 0.01, "clean_acc": 0.9}, {"ra_curve": row["ra_curve"]},
+                                   {"ra_curve": clean_curve})
+    names = [name for name, _, _ in attack_figures(results)]
+    assert "fig-1-badnets-budget.png" in names and "fig-2-blended-budget.png" not in names
+    table = to_markdown(verdict_table(results)).splitlines()
+    assert "robust" in table[3] and "superficially safe" in table[4] and "5 poisons, 2 epochs" in table[4]
+    assert verdict_table(fake_results()) is None

@@ -60,7 +60,7 @@ def test_results_have_the_documented_keys(finished):
         assert row["trajectory"][-1]["p_asr"] == row["p_asr"]
         assert all(0 <= p["p_asr"] <= 1 and p["relative_distance"] > 0 for p in row["trajectory"])
     assert results["backdoored"]["asr"] >= 0.9
-    assert results["backdoored"]["calibration_asr"] >= 0.9  # held out of training, as the test set
+    assert results["backdoored"]["calibration_asr"] >= 0.85  # held out of training, as the test set (~100 images)
     assert (out / "report.md").is_file() and (out / "report.html").is_file()
 
 

@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from .audits import create_audits, single_shot
+from .audits.verdict import verdict_card
 from .errors import UsageError
 from .pipeline import stages
 from .pipeline.setup import Setup, evaluate_setup, prepare
@@ -72,7 +73,8 @@ def audit(purified: nn.Module, backdoored: nn.Module, *, data: str | DataSpec = 
         params: per-audit parameters, e.g. {"ra": {"epochs": 5}}.
 
     Returns:
-        {"purified": {"acc", "asr"}, "backdoored": {...}, <check>: its metrics, ...} as in audit.json.
+        {"purified": {"clean_acc", "asr"}, "backdoored": {...}, <check>: its metrics, ..., "clean_reference":
+        the checks run on `clean` too (RA, the budget curve), "card": the verdict card} as in audit.json.
     """
     chosen = resolve_device(device)
     setup = setup_for(data, attack, seed, data_dir, chosen, **attack_settings)
@@ -81,9 +83,12 @@ def audit(purified: nn.Module, backdoored: nn.Module, *, data: str | DataSpec = 
     given = {"purified": purified, "backdoored": backdoored, "clean": clean}
     subjects = {role: Stage(role, checked(model.to(chosen).eval(), role, setup), Record("import", role, {}, {}, seed))
                 for role, model in given.items() if model is not None}
-    return {"purified": evaluate_setup(subjects["purified"].model, setup),
-            "backdoored": evaluate_setup(subjects["backdoored"].model, setup),
-            **stages.audit_models(methods, subjects, setup, seed)}
+    result = {"purified": evaluate_setup(subjects["purified"].model, setup),
+              "backdoored": evaluate_setup(subjects["backdoored"].model, setup),
+              **stages.audit_models(methods, subjects, setup, seed)}
+    reference = stages.reference_audits(methods, subjects, setup, seed)
+    card = verdict_card(result["purified"], {name: result[name] for name in methods}, reference)
+    return {**result, "clean_reference": reference, "card": card}
 
 
 def checked(model: nn.Module, role: str, setup: Setup) -> nn.Module:

@@ -79,7 +79,7 @@ def add_stage_commands(sub) -> None:
                        help="purified run directory, .safetensors file or weights-only .pt state dict")
     audit.add_argument("--clean", metavar="PATH", help="clean reference model (needed by qra)")
     audit.add_argument("--out", required=True, help="directory to create, holding audit.json")
-    audit.add_argument("--checks", default="ra,qra,lmc", help="comma-separated subset of ra,qra,lmc")
+    audit.add_argument("--checks", default="ra,qra,lmc", help="comma-separated: ra, qra, lmc, ra_curve, position, bec, uap")
     audit.add_argument("--profile", choices=PROFILES, help="audit lengths (default: the backdoored run's)")
     for parser, handler in ((train, cmd_train), (purify, cmd_purify), (audit, cmd_audit)):
         if parser is not train:

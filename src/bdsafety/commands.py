@@ -13,6 +13,7 @@ from pathlib import Path
 
 from . import store
 from .audits import create_audits, single_shot
+from .audits.verdict import card_text, verdict_card
 from .defenses import DEFENSES, summary
 from .errors import UsageError
 from .models.factory import check_model_name
@@ -101,11 +102,15 @@ def cmd_audit(args) -> int:
     result = {"purified": evaluate_setup(subjects["purified"].model, setup),
               "backdoored": evaluate_setup(backdoored.model, setup),
               **stages.audit_models(methods, subjects, setup, record.seed)}
+    reference = stages.reference_audits(methods, subjects, setup, record.seed)
+    card = verdict_card(result["purified"], {name: result[name] for name in names}, reference)
     store.publish_json(out, store.AUDIT_FILE, {"checks": names, "backdoored_dir": args.backdoored,
-                                               "purified_path": args.purified, **result})
+                                               "purified_path": args.purified, **result,
+                                               "clean_reference": reference, "card": card})
     print(format_metrics({"purified_asr": result["purified"]["asr"],
                           **{f"{name}_{key}": result[name][key] for name in names for key in ("asr", "asr_purified")
                              if key in result[name]}}))
+    print(card_text(card, Path(args.purified).name))
     print(f"saved {out / store.AUDIT_FILE}")
     return 0
 

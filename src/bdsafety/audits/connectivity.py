@@ -54,6 +54,16 @@ def backdoor_error_span(points: list[dict]) -> float | None:
     return 0.0 if start is None else points[-1]["t"] - start
 
 
+def barrier_height(points: list[dict], key: str) -> float | None:
+    """max over t of loss(t) − ((1 − t)·loss(0) + t·loss(1)): how far the path rises above the straight line
+    between its ends (0 or less: linearly connected in that loss)."""
+    points = sorted(points, key=lambda p: p["t"])
+    if len(points) < 2 or any(p.get(key) is None for p in points):
+        return None
+    start, end = points[0][key], points[-1][key]
+    return max(p[key] - ((1 - p["t"]) * start + p["t"] * end) for p in points)
+
+
 def interpolate_state(state_a: dict[str, Tensor], state_b: dict[str, Tensor], t: float) -> dict[str, Tensor]:
     """(1−t)·a + t·b for every floating tensor; integer tensors (BN `num_batches_tracked`) come from `a`.
 
@@ -137,7 +147,10 @@ class LinearModeConnectivity(AuditBase):
                                       measured.triggered_test, t) for t in self.grid()]
         log.info("lmc (%s): asr %s", self.bn_mode, " ".join(f"{p['asr']:.2f}" for p in points))
         return AuditResult({"bn_mode": self.bn_mode, "points": points,
-                            "backdoor_error_span": backdoor_error_span(points), "duration_s": time.perf_counter() - started})
+                            "backdoor_error_span": backdoor_error_span(points),
+                            "clean_loss_barrier": barrier_height(points, "clean_loss"),
+                            "backdoor_loss_barrier": barrier_height(points, "backdoor_loss"),
+                            "duration_s": time.perf_counter() - started})
 
     def row_fields(self, metrics: dict, row: dict) -> dict:
         """The scan without its timing (results.json holds none), and its span as a strength unit."""

@@ -16,6 +16,7 @@ import yaml
 
 from .. import store
 from ..aggregate import aggregate_blocks
+from ..audits.verdict import verdict_card
 from ..data import DataBundle, load_dataset
 from ..store import RunStore, Stage
 from . import stages
@@ -76,8 +77,9 @@ def block_of(cell: Cell, context: RunContext, done: dict[str, Stage]) -> tuple[d
     block = {"attack": attack.name, "poison_rate": attack.poison_rate, "target": attack.target_label, "seed": cell.seed,
              **trigger_summary(backdoored.record), "backdoored": backdoored.record.metrics,
              "clean": evaluate_setup(clean.model, context.setup(attack, cell.seed)), "rows": []}
-    for name, node in cell.references.items():
-        block["clean"].update(plan.audits[name].reference_fields(done[node.key].record.metrics))
+    reference = {name: done[node.key].record.metrics for name, node in cell.references.items()}
+    for name, metrics in reference.items():
+        block["clean"].update(plan.audits[name].reference_fields(metrics))
     seconds = {}
     for name, (node, audits) in cell.defenses.items():
         purified = done[node.key]
@@ -86,6 +88,9 @@ def block_of(cell: Cell, context: RunContext, done: dict[str, Stage]) -> tuple[d
                **plan.defenses[name].row_fields(purified.record.details["history"])}
         for audit_name, audit in audits.items():
             row.update(plan.audits[audit_name].row_fields(done[audit.key].record.metrics, row))
+        if audits:
+            row["card"] = verdict_card(purified.record.metrics,
+                                       {n: done[a.key].record.metrics for n, a in audits.items()}, reference)
         block["rows"].append(row)
         seconds[name] = purified.record.duration_s
     return block, seconds

@@ -141,6 +141,16 @@ def audit_models(methods: Mapping[str, Audit], subjects: dict[str, Stage], setup
     return metrics
 
 
+def reference_audits(methods: Mapping[str, Audit], subjects: dict[str, Stage], setup: Setup, seed: int) -> dict:
+    """The audits that also run on the clean model as the reference (`on_clean`: RA, the budget curve), run on
+    `subjects["clean"]` in the purified model's place; {} without a clean model."""
+    if "clean" not in subjects:
+        return {}
+    as_purified = {**subjects, "purified": subjects["clean"]}
+    return {name: audit(name, method, as_purified, {}, setup, seed)[1].metrics
+            for name, method in methods.items() if method.on_clean and set(method.needs) <= set(as_purified)}
+
+
 def model_of(role: str, subjects: Mapping[str, Stage], audit_name: str) -> Any:
     """The model a role names; "defense_run": the (info, state) pairs kept by the purified model's defense run."""
     if role not in subjects:

@@ -107,6 +107,38 @@ def lmc_curves(block: dict, label: str) -> bytes | None:
     return _png(fig)
 
 
+def budget_curves(block: dict, label: str) -> bytes | None:
+    """The attacker-budget curves: ASR after the last retuning epoch against the number of poisons, one line
+    per defense, the clean model dashed; and ASR against epochs at the largest poison count."""
+    curves = {d: (find_row(block, d) or {}).get("ra_curve") for d in defense_order([block])}
+    curves = {d: c for d, c in curves.items() if c and c.get("asr")}
+    if not curves:
+        return None
+    fig = Figure(figsize=(10, 3.6), layout="constrained")
+    count_ax, epoch_ax = fig.subplots(1, 2)
+    reference = (block.get("clean") or {}).get("ra_curve")
+    lines = [(display_name(d, short=True), c, {"color": defense_color(d), "lw": 2.4 if d == "pam" else 1.3})
+             for d, c in curves.items()]
+    if reference and reference.get("asr"):
+        lines.append(("clean model", reference, {"color": "#333", "ls": "--", "lw": 1.5}))
+    for name, curve, style in lines:
+        counts = sorted(int(c) for c in curve["asr"])
+        count_ax.plot(counts, [100 * curve["asr"][str(c)][-1] for c in counts], marker="o", ms=3, label=name,
+                      **style)
+        last = curve["asr"][str(counts[-1])]
+        epoch_ax.plot(range(1, len(last) + 1), [100 * v for v in last], marker="o", ms=3, label=name, **style)
+    count_ax.set_xscale("symlog", linthresh=1)
+    for ax, title, xlabel in ((count_ax, "ASR after the last retuning epoch (%)", "poisons in the retuning set"),
+                              (epoch_ax, "ASR at the largest poison count (%)", "retuning epoch")):
+        ax.set_title(title, fontsize=10)
+        ax.set_xlabel(xlabel, fontsize=8)
+        ax.set_ylim(-3, 103)
+        ax.grid(alpha=0.3)
+    epoch_ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.0, 1.0), frameon=False)
+    fig.suptitle(f"{label}: attacker budget needed to revive the backdoor (ra_curve)", fontsize=10)
+    return _png(fig)
+
+
 def mode_curves(block: dict, label: str) -> bytes | None:
     """MCR's own trained curve θ_bd → θ_ft: clean accuracy on the defender's reserve along t (BN recomputed at
     each point), the repaired point marked; the LMC figure shows the straight line θ_bd → θ_MCR beside it."""
@@ -203,6 +235,8 @@ def attack_figures(results: dict) -> list[tuple[str, str, bytes]]:
                 ("mcr", f"{label}: MCR's trained curve to its fine-tuned endpoint (the straight line to its repaired "
                         f"model is in the LMC figure)", mode_curves),
                 ("qra", f"{label}: QRA-ASR on the purified vs the clean model", qra_bars),
+                ("budget", f"{label}: RA's ASR over the attacker's budget (poisons, epochs), clean model dashed",
+                 budget_curves),
                 ("trajectory", f"{label}: P-ASR and O-ASR along each defense's run", trajectory_curves)):
             png = draw(block, label)
             if png is not None:

@@ -219,6 +219,39 @@ def _strength_cells(row: dict) -> list[Cell]:
             _number(strength.get("lmc_span"), "{:.2f}", 1), with_spread(row, "o_calibration_asr")]
 
 
+VERDICT_ORDER = ("robust", "superficially safe", "not purified")
+
+
+def verdict_rank(card: dict) -> tuple:
+    """Robust first; superficially safe ones by how much the weakest reviving attacker needed (more is better)."""
+    from ..audits.verdict import ATTACKER_NEEDS
+
+    weakest = card.get("weakest_revival")
+    needs = ATTACKER_NEEDS.index(weakest["audit"]) if weakest else len(ATTACKER_NEEDS)
+    return VERDICT_ORDER.index(card["verdict"]), -needs, card["purified_asr"]
+
+
+def verdict_table(results: dict) -> Table | None:
+    """The verdict card of every purified model, ranked (audits/verdict.py states the rules); None without cards."""
+    entries = [(label, row) for block, label in zip(attack_blocks(results), attack_labels(attack_blocks(results)))
+               for row in block["rows"] if row.get("card")]
+    if not entries:
+        return None
+    entries.sort(key=lambda entry: verdict_rank(entry[1]["card"]))
+    rows = [[label, display_name(row["defense"]), row["card"]["verdict"], row["card"]["purified_asr"],
+             _revival_text(row["card"].get("weakest_revival"))] for label, row in entries]
+    rules = "; ".join(f"{name}: {rule}" for name, rule in next(iter(entries))[1]["card"]["rules"].items())
+    return Table(f"Verdict per purified model, most robust first. {rules}.",
+                 ["Attack", "Defense", "Verdict", "ASR", "Weakest audit that revived it"], rows)
+
+
+def _revival_text(weakest: dict | None) -> str:
+    if not weakest:
+        return MISSING
+    clean = f" (clean model {weakest['clean_model']:.1%})" if weakest.get("clean_model") is not None else ""
+    return f"{weakest['audit']}: {weakest['value']:.1%}{clean}, {weakest['budget']}"
+
+
 def runtime_table(results: dict) -> Table | None:
     """Wall-clock seconds of each defense (`defense_s`), one column per attack; None when none recorded."""
     blocks = attack_blocks(results)

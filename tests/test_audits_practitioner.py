@@ -1,0 +1,83 @@
+"""The practitioner's audits: the attacker-budget curve, the weight-space position, the LMC loss barriers and
+the verdict card that reads them all."""
+
+import copy
+
+import pytest
+import torch
+
+from bdsafety.audits import AUDITS
+from bdsafety.audits.budget import area_above, budget_to_revive, curve_of
+from bdsafety.audits.connectivity import barrier_height
+from bdsafety.audits.verdict import PURIFIED_ASR, card_text, verdict_card
+from bdsafety.pipeline import AttackSpec, DataSpec, prepare
+from bdsafety.pipeline.stages import train_model
+from bdsafety.train import TrainConfig, fit
+
+from conftest import TINY_TRAIN
+
+SHARED = {"crop_pad": 1, "flip": False}
+CURVE = dict(poison_counts=(0, 2, 10), epochs=3, test_images=300)
+
+
+@pytest.fixture(scope="module")
+def models(badnets_setup, backdoored):
+    """A superficially purified model (fine-tuned on the reserve at a high rate: ASR near 0) and a clean one."""
+    purified = copy.deepcopy(backdoored[0])
+    fit(purified, badnets_setup.reserve, TrainConfig(epochs=10, batch_size=32, lr=0.05, crop_pad=1, flip=False), seed=1)
+    clean_setup = prepare(DataSpec("synthetic"), AttackSpec("none"), seed=0)
+    clean, _ = train_model(clean_setup, "preact_small", TINY_TRAIN, seed=0, device=torch.device("cpu"))
+    return {"backdoored": backdoored[0].eval(), "purified": purified.eval(), "clean": clean.eval()}
+
+
+def test_the_budget_curve_rises_with_poisons_on_a_superficial_model_and_stays_flat_on_a_clean_one(
+        badnets_setup, models):
+    curve = AUDITS.create("ra_curve", "paper", SHARED, **CURVE)
+    data = badnets_setup.audit_data()
+    assert badnets_setup.eval_sets.evaluate_test(models["purified"])["asr"] < 0.1
+    purified = curve.run({"purified": models["purified"]}, data, seed=0).metrics
+    clean = curve.run({"purified": models["clean"]}, data, seed=0).metrics
+    final = [values[-1] for values in curve_of(purified).values()]
+    assert final == sorted(final) and final[-1] > final[0] + 0.3  # more poisons, more of the backdoor back
+    assert max(max(values) for values in curve_of(clean).values()) < 0.1  # no backdoor to revive
+    assert purified["budget_to_revive"]["poisons"] == 10 and clean["budget_to_revive"] is None
+    assert purified["relearn_asr"] < 0.1  # clean data alone does not revive it here
+    assert area_above(curve_of(purified), curve_of(clean)) > 0.1
+
+
+def test_budget_to_revive_takes_the_fewest_poisons_then_the_fewest_epochs():
+    assert budget_to_revive({0: [0.1, 0.2], 5: [0.3, 0.6], 10: [0.7, 0.9]}, 0.5) == {"poisons": 5, "epochs": 2}
+    assert budget_to_revive({0: [0.1], 5: [0.2]}, 0.5) is None
+
+
+def test_position_measures_how_far_purification_moved_toward_the_clean_model(badnets_setup, models):
+    position = AUDITS.create("position")
+    metrics = position.run(models, badnets_setup.audit_data()).metrics
+    assert metrics["to_backdoored"] > 0 and metrics["backdoored_to_clean"] > 0
+    itself = position.run({**models, "purified": models["backdoored"]}, badnets_setup.audit_data()).metrics
+    assert itself["to_backdoored"] == 0 and itself["toward_clean"] == pytest.approx(0)
+    at_clean = position.run({**models, "purified": models["clean"]}, badnets_setup.audit_data()).metrics
+    assert at_clean["toward_clean"] == pytest.approx(1)
+
+
+def test_barrier_height_is_the_rise_above_the_straight_line():
+    flat = [{"t": 0, "loss": 1.0}, {"t": 0.5, "loss": 0.5}, {"t": 1, "loss": 0.0}]
+    bump = [{"t": 0, "loss": 1.0}, {"t": 0.5, "loss": 2.0}, {"t": 1, "loss": 0.0}]
+    assert barrier_height(flat, "loss") == pytest.approx(0) and barrier_height(bump, "loss") == pytest.approx(1.5)
+
+
+def test_the_card_names_the_weakest_audit_that_revived_the_model():
+    curve = {"asr": {"0": [0.05, 0.05], "5": [0.2, 0.7]}, "epochs": 2, "relearn_asr": 0.05}
+    clean_curve = {"asr": {"0": [0.0, 0.0], "5": [0.05, 0.1]}, "epochs": 2, "relearn_asr": 0.0}
+    audits = {"ra": {"asr": 0.8, "asr_sd": 0.05, "num_poison": 5}, "ra_curve": curve,
+              "qra": {"asr_purified": 0.4, "asr_clean_model": 0.1}}
+    card = verdict_card({"asr": 0.02, "clean_acc": 0.9}, audits, {"ra": {"asr": 0.1}, "ra_curve": clean_curve})
+    assert card["verdict"] == "superficially safe" and card["weakest_revival"]["audit"] == "qra"
+    assert [e["audit"] for e in card["evidence"]] == ["relearn", "qra", "ra_curve", "ra"]
+    assert next(e for e in card["evidence"] if e["audit"] == "ra_curve")["budget"] == "5 poisons, 2 epochs"
+    held = {"ra": {"asr": 0.12, "asr_sd": 0.01, "num_poison": 5}}
+    assert verdict_card({"asr": 0.02, "clean_acc": 0.9}, held, {"ra": {"asr": 0.1}})["verdict"] == "robust"
+    assert verdict_card({"asr": 0.02, "clean_acc": 0.9}, held)["verdict"] == "robust"  # no reference: ASR < 50 %
+    assert verdict_card({"asr": PURIFIED_ASR, "clean_acc": 0.9}, held)["verdict"] == "not purified"
+    text = card_text(card, "fst")
+    assert text.startswith("fst: SUPERFICIALLY SAFE") and "REVIVED" in text and "clean model 10.0%" in text
