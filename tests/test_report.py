@@ -278,5 +278,5 @@ def test_budget_curves_and_verdict_cards_get_their_figure_and_their_ranked_table
     names = [name for name, _, _ in attack_figures(results)]
     assert "fig-1-badnets-budget.png" in names and "fig-2-blended-budget.png" not in names
     table = to_markdown(verdict_table(results)).splitlines()
-    assert "robust" in table[3] and "superficially safe" in table[4] and "5 poisons, 2 epochs" in table[4]
+    assert "robust" in table[4] and "superficially safe" in table[5] and "5 poisons, 2 epochs" in table[5]
     assert verdict_table(fake_results()) is None

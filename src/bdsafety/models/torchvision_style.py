@@ -33,6 +33,22 @@ from torch import Tensor, nn
 from ._common import MODELS, Classifier, Normalize
 
 
+def init_like_torchvision(model: nn.Module) -> None:
+    """VGG's and MobileNetV3's initialisation in torchvision: He-normal convolutions (fan-out; the default
+    leaky-ReLU gain with slope 0 is ReLU's), unit BN, N(0, 0.01) linear layers, zero biases."""
+    for m in model.modules():
+        if isinstance(m, nn.Conv2d):
+            nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+        elif isinstance(m, nn.BatchNorm2d):
+            nn.init.ones_(m.weight)
+            nn.init.zeros_(m.bias)
+        elif isinstance(m, nn.Linear):
+            nn.init.normal_(m.weight, 0, 0.01)
+            nn.init.zeros_(m.bias)
+
+
 class FeatureStack(nn.Sequential):
     """An `nn.Sequential` of torchvision's `features` layers that normalises its input first (with the
     model's `normalize`, held by reference and not as a child, so keys and child indices stay torchvision's)
@@ -185,16 +201,7 @@ class TorchvisionVGG(StackModel):
         self.classifier = nn.Sequential(nn.Linear(channels * 7 * 7, 4096), nn.ReLU(), nn.Dropout(0.5),
                                         nn.Linear(4096, 4096), nn.ReLU(), nn.Dropout(0.5),
                                         nn.Linear(4096, num_classes))
-        for m in self.modules():
-            if isinstance(m, nn.Conv2d):
-                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
-                nn.init.zeros_(m.bias)
-            elif isinstance(m, nn.BatchNorm2d):
-                nn.init.ones_(m.weight)
-                nn.init.zeros_(m.bias)
-            elif isinstance(m, nn.Linear):
-                nn.init.normal_(m.weight, 0, 0.01)
-                nn.init.zeros_(m.bias)
+        init_like_torchvision(self)
 
     @property
     def linear(self) -> nn.Linear:  # type: ignore[override]
@@ -379,17 +386,7 @@ class TorchvisionMobileNetV3(StackModel):
         self.avgpool = nn.AdaptiveAvgPool2d(1)
         self.classifier = nn.Sequential(nn.Linear(6 * last_in, last_channel), nn.Hardswish(), nn.Dropout(0.2),
                                         nn.Linear(last_channel, num_classes))
-        for m in self.modules():
-            if isinstance(m, nn.Conv2d):
-                nn.init.kaiming_normal_(m.weight, mode="fan_out")
-                if m.bias is not None:
-                    nn.init.zeros_(m.bias)
-            elif isinstance(m, nn.BatchNorm2d):
-                nn.init.ones_(m.weight)
-                nn.init.zeros_(m.bias)
-            elif isinstance(m, nn.Linear):
-                nn.init.normal_(m.weight, 0, 0.01)
-                nn.init.zeros_(m.bias)
+        init_like_torchvision(self)
 
     @property
     def linear(self) -> nn.Linear:  # type: ignore[override]
