@@ -109,7 +109,7 @@ def cmd_audit(args) -> int:
                                                "clean_reference": reference, "card": card})
     print(format_metrics({"purified_asr": result["purified"]["asr"],
                           **{f"{name}_{key}": result[name][key] for name in names for key in ("asr", "asr_purified")
-                             if key in result[name]}}))
+                             if isinstance(result[name].get(key), (int, float))}}))
     print(card_text(card, Path(args.purified).name))
     print(f"saved {out / store.AUDIT_FILE}")
     return 0
