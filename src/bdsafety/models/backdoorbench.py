@@ -13,33 +13,21 @@ from __future__ import annotations
 from typing import Iterable, NamedTuple
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..errors import UsageError
 from ._common import MODELS, Classifier, Normalize
+from .preact import PreActBlock
 
 
-class BackdoorBenchPreActBlock(nn.Module):
-    """BackdoorBench's `PreActBlock`: BN-ReLU-conv twice; the projection `shortcut.0` (a one-conv Sequential,
-    present only when the shape changes) reads the first BN-ReLU's output."""
+class BackdoorBenchPreActBlock(PreActBlock):
+    """BackdoorBench's `PreActBlock`: bdsafety's pre-activation block (BN-ReLU-conv twice, the projection
+    reading the first BN-ReLU's output) with the projection keyed `shortcut.0` (a one-conv Sequential)."""
 
     def __init__(self, in_planes: int, planes: int, stride: int):
-        super().__init__()
-        self.bn1 = nn.BatchNorm2d(in_planes)
-        self.conv1 = nn.Conv2d(in_planes, planes, 3, stride, 1, bias=False)
-        self.bn2 = nn.BatchNorm2d(planes)
-        self.conv2 = nn.Conv2d(planes, planes, 3, 1, 1, bias=False)
-        if stride != 1 or in_planes != planes:
-            self.shortcut = nn.Sequential(nn.Conv2d(in_planes, planes, 1, stride, bias=False))
-        else:
-            self.shortcut = None
-
-    def forward(self, x: Tensor) -> Tensor:
-        out = F.relu(self.bn1(x))
-        skip = x if self.shortcut is None else self.shortcut(out)
-        out = self.conv2(F.relu(self.bn2(self.conv1(out))))
-        return out + skip
+        super().__init__(in_planes, planes, stride)
+        if self.shortcut is not None:
+            self.shortcut = nn.Sequential(self.shortcut)
 
 
 class BackdoorBenchPreActResNet(Classifier):
