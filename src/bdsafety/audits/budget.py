@@ -15,7 +15,7 @@ import logging
 import statistics
 import time
 from dataclasses import dataclass
-from typing import Any, ClassVar, Mapping
+from typing import Any, Callable, ClassVar, Mapping
 
 import torch
 from torch import nn
@@ -29,13 +29,20 @@ from .retuning import Retuning
 log = logging.getLogger(__name__)
 
 
-def budget_to_revive(curve: dict[int, list[float]], threshold: float) -> dict | None:
-    """The smallest budget whose ASR reaches `threshold`: fewest poisons first, then fewest epochs."""
+def first_budget(curve: dict[int, list[float]], revived: Callable[[int, int, float], bool]) -> tuple | None:
+    """(poisons, epochs, ASR) of the smallest budget for which `revived(poisons, epochs, asr)` holds: fewest
+    poisons first, then fewest epochs; None when none does."""
     for count in sorted(curve):
         for epoch, asr in enumerate(curve[count], start=1):
-            if asr >= threshold:
-                return {"poisons": count, "epochs": epoch}
+            if revived(count, epoch, asr):
+                return count, epoch, asr
     return None
+
+
+def budget_to_revive(curve: dict[int, list[float]], threshold: float) -> dict | None:
+    """The smallest budget whose ASR reaches `threshold`: fewest poisons first, then fewest epochs."""
+    hit = first_budget(curve, lambda count, epoch, asr: asr >= threshold)
+    return {"poisons": hit[0], "epochs": hit[1]} if hit else None
 
 
 def area_above(curve: dict[int, list[float]], reference: dict[int, list[float]]) -> float:
