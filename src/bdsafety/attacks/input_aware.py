@@ -262,11 +262,11 @@ class InputAware(AttackBase):
                 x1, x2 = self.augmented(images[first], gen), self.augmented(images[second], gen)
                 y1 = labels[first]
                 with torch.no_grad():
-                    masks = threshold(nets.mask(nets.normalise(x1[:2 * poisoned])))
+                    masks = threshold(nets.mask(nets.normalise(x1[:poisoned])))
                     cross_masks = threshold(nets.mask(nets.normalise(x2[poisoned:2 * poisoned])))
                 patterns = nets.pattern(nets.normalise(x1[:poisoned]))
                 cross_patterns = nets.pattern(nets.normalise(x2[poisoned:2 * poisoned]))
-                triggered = blend(x1[:poisoned], patterns, masks[:poisoned])
+                triggered = blend(x1[:poisoned], patterns, masks)
                 crossed = blend(x1[poisoned:2 * poisoned], cross_patterns, cross_masks)
                 inputs = torch.cat([triggered, crossed, x1[2 * poisoned:]])
                 targets = torch.cat([torch.full_like(y1[:poisoned], target), y1[poisoned:]])
