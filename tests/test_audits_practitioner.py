@@ -9,7 +9,7 @@ import torch
 from bdsafety.audits import AUDITS
 from bdsafety.audits.budget import area_above, budget_to_revive, curve_of
 from bdsafety.audits.connectivity import barrier_height
-from bdsafety.audits.verdict import PURIFIED_ASR, card_text, verdict_card
+from bdsafety.audits.verdict import PURIFIED_ASR, card_text, combine_cards, verdict_card
 from bdsafety.pipeline import AttackSpec, DataSpec, prepare
 from bdsafety.pipeline.stages import train_model
 from bdsafety.train import TrainConfig, fit
@@ -82,3 +82,31 @@ def test_the_card_names_the_weakest_audit_that_revived_the_model():
     assert verdict_card({"asr": PURIFIED_ASR, "clean_acc": 0.9}, held)["verdict"] == "not purified"
     text = card_text(card, "fst")
     assert text.startswith("fst: SUPERFICIALLY SAFE") and "REVIVED" in text and "clean model 10.0%" in text
+
+
+def test_a_card_over_seeds_judges_the_means_and_flags_a_seed_that_disagrees():
+    def card(ra_asr, qra_asr, budget_poisons):
+        curve = {"asr": {"0": [0.0], str(budget_poisons): [0.9]}, "epochs": 1, "relearn_asr": 0.0}
+        audits = {"ra": {"asr": ra_asr, "asr_sd": 0.05, "num_poison": 5}, "ra_curve": curve,
+                  "qra": {"asr_purified": qra_asr, "asr_clean_model": 0.0}}
+        return verdict_card({"asr": 0.02, "clean_acc": 0.9}, audits, {"ra": {"asr": 0.1}})
+
+    cards = [card(0.9, 0.1, 5), card(0.8, 0.1, 5), card(0.2, 0.1, 10)]
+    assert [c["verdict"] for c in cards] == ["superficially safe"] * 3  # seed 2 revived by the curve only
+    combined = combine_cards(cards, [0, 1, 2])
+    ra = next(e for e in combined["evidence"] if e["audit"] == "ra")
+    assert ra["value"] == pytest.approx(1.9 / 3) and ra["min"] == 0.2 and ra["max"] == 0.9
+    assert ra["sd"] == pytest.approx(0.3785939) and ra["revived"] and ra["revived_on_seeds"] == [0, 1]
+    assert next(e for e in combined["evidence"] if e["audit"] == "ra_curve")["budget"] == \
+        "5 poisons, 1 epochs (seed 0, 1); 10 poisons, 1 epochs (seed 2)"
+    assert combined["verdict"] == "superficially safe" and not combined["changes_within_spread"]
+    assert combined["purified_asr"] == pytest.approx(0.02) and combined["purified_asr_sd"] == 0.0
+
+    def ra_only(asr):
+        return verdict_card({"asr": 0.02, "clean_acc": 0.9}, {"ra": {"asr": asr, "num_poison": 5}}, {"ra": {"asr": 0.1}})
+
+    split = combine_cards([ra_only(0.12), ra_only(0.12), ra_only(0.9)], [0, 1, 2])
+    assert split["verdicts_by_seed"] == ["robust", "robust", "superficially safe"]
+    assert split["verdict"] == "superficially safe" and split["changes_within_spread"]  # mean 38 % vs clean 10 %
+    assert split["weakest_revival"]["revived_on_seeds"] == [2]
+    assert "by seed: robust, robust, superficially safe" in card_text(split, "anp")

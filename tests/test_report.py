@@ -280,3 +280,22 @@ def test_budget_curves_and_verdict_cards_get_their_figure_and_their_ranked_table
     table = to_markdown(verdict_table(results)).splitlines()
     assert "robust" in table[4] and "superficially safe" in table[5] and "5 poisons, 2 epochs" in table[5]
     assert verdict_table(fake_results()) is None
+
+
+def test_a_several_seed_run_ranks_the_cards_combined_over_its_seeds():
+    from bdsafety.audits.verdict import verdict_card
+    from bdsafety.pipeline.run import seed_summary
+    from bdsafety.report.tables import to_markdown, verdict_table
+
+    def block(seed, ra_asr):
+        card = verdict_card({"asr": 0.02, "clean_acc": 0.9}, {"ra": {"asr": ra_asr, "num_poison": 5}}, {"ra": {"asr": 0.1}})
+        return {"attack": "badnets", "poison_rate": 0.05, "target": 0, "seed": seed,
+                "rows": [{"defense": "anp", "o_asr": 0.02, "card": card}]}
+
+    blocks = [block(0, 0.12), block(1, 0.15), block(2, 0.9)]
+    (summary,) = seed_summary(blocks)
+    card = summary["rows"][0]["card"]
+    assert card["seeds"] == [0, 1, 2] and card["verdict"] == "superficially safe" and card["changes_within_spread"]
+    table = to_markdown(verdict_table({"summary": [summary], "attacks": blocks})).splitlines()
+    assert "superficially safe (seed 0: robust, seed 1: robust, seed 2: superficially safe)" in table[4]
+    assert "± " in table[4] and "judged on the means" in table[0]

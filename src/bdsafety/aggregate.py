@@ -19,13 +19,22 @@ def block_key(block: dict) -> tuple:
     return block.get("attack"), block.get("poison_rate"), block.get("target")
 
 
-def aggregate_blocks(blocks: list[dict]) -> list[dict]:
-    """One block per (attack, poison rate, target), in first-seen order, with `seeds` listing its seeds."""
+def seed_groups(blocks: list[dict]) -> list[list[dict]]:
+    """The blocks grouped by (attack, poison rate, target), in first-seen order."""
     groups: dict[tuple, list[dict]] = {}
     for block in blocks:
         groups.setdefault(block_key(block), []).append(block)
-    return [{**{k: v for k, v in aggregate(group).items() if k != "seed"}, "seeds": [b.get("seed") for b in group]}
-            for group in groups.values()]
+    return list(groups.values())
+
+
+def aggregate_blocks(blocks: list[dict]) -> list[dict]:
+    """One block per (attack, poison rate, target), in first-seen order, with `seeds` listing its seeds."""
+    return [aggregate_group(group) for group in seed_groups(blocks)]
+
+
+def aggregate_group(group: list[dict]) -> dict:
+    """The blocks of one (attack, poison rate, target) as one block, with `seeds` listing its seeds."""
+    return {**{k: v for k, v in aggregate(group).items() if k != "seed"}, "seeds": [b.get("seed") for b in group]}
 
 
 def aggregate(values: list):
@@ -36,9 +45,11 @@ def aggregate(values: list):
     if isinstance(first, list) and all(isinstance(v, list) and len(v) == len(first) for v in values) \
             and first and isinstance(first[0], dict):
         return [aggregate([v[i] for v in values]) for i in range(len(first))]
+    if all(v == first for v in values):
+        return first
     if is_number(first) and all(is_number(v) for v in values):
         return statistics.fmean(values)
-    return first if all(v == first for v in values) else values
+    return values
 
 
 def aggregate_mapping(mappings: list[dict]) -> dict:

@@ -15,8 +15,8 @@ import torch
 import yaml
 
 from .. import store
-from ..aggregate import aggregate_blocks
-from ..audits.verdict import verdict_card
+from ..aggregate import aggregate_group, seed_groups
+from ..audits.verdict import combine_cards, verdict_card
 from ..data import DataBundle, load_dataset
 from ..store import RunStore, Stage
 from . import stages
@@ -111,8 +111,22 @@ def results_of(graph: StageGraph, context: RunContext, done: dict[str, Stage]) -
     results = {"dataset": plan.spec.dataset, "model": plan.model, "seed": seeds[0], "profile": plan.profile,
                **({"seeds": list(plan.spec.seeds)} if plan.spec.seeds else {}), "spec_hash": plan.spec.digest(),
                **{k: blocks[0][k] for k in ("backdoored", "clean", "rows")}, "attacks": list(blocks),
-               **({"summary": aggregate_blocks(list(blocks))} if len(seeds) > 1 else {})}
+               **({"summary": seed_summary(list(blocks))} if len(seeds) > 1 else {})}
     return results, list(seconds)
+
+
+def seed_summary(blocks: list[dict]) -> list[dict]:
+    """The blocks aggregated over seeds, each purified model's verdict card combined over its seeds' cards
+    (the verdict on the means, each seed's verdict beside it)."""
+    summary = []
+    for group in seed_groups(blocks):
+        entry = aggregate_group(group)
+        for i, row in enumerate(entry["rows"]):
+            cards = [block["rows"][i].get("card") for block in group]
+            if all(cards):
+                row["card"] = combine_cards(cards, entry["seeds"])
+        summary.append(entry)
+    return summary
 
 
 def dry_run(plan: Plan, out: Path) -> dict:

@@ -238,18 +238,28 @@ def verdict_table(results: dict) -> Table | None:
     if not entries:
         return None
     entries.sort(key=lambda entry: verdict_rank(entry[1]["card"]))
-    rows = [[label, display_name(row["defense"]), row["card"]["verdict"], row["card"]["purified_asr"],
+    rows = [[label, display_name(row["defense"]), _verdict_text(row["card"]), with_spread(row["card"], "purified_asr"),
              _revival_text(row["card"].get("weakest_revival"))] for label, row in entries]
     rules = "; ".join(f"{name}: {rule}" for name, rule in next(iter(entries))[1]["card"]["rules"].items())
-    return Table(f"Verdict per purified model, most robust first. {rules}.",
+    over_seeds = " Over several seeds the verdict is judged on the means; each seed's own verdict is in brackets " \
+                 "where one differs." if any(row["card"].get("seeds") for _, row in entries) else ""
+    return Table(f"Verdict per purified model, most robust first. {rules}.{over_seeds}",
                  ["Attack", "Defense", "Verdict", "ASR", "Weakest audit that revived it"], rows)
+
+
+def _verdict_text(card: dict) -> str:
+    if not card.get("changes_within_spread"):
+        return card["verdict"]
+    by_seed = ", ".join(f"seed {seed}: {verdict}" for seed, verdict in zip(card["seeds"], card["verdicts_by_seed"]))
+    return f"{card['verdict']} ({by_seed})"
 
 
 def _revival_text(weakest: dict | None) -> str:
     if not weakest:
         return MISSING
     clean = f" (clean model {weakest['clean_model']:.1%})" if weakest.get("clean_model") is not None else ""
-    return f"{weakest['audit']}: {weakest['value']:.1%}{clean}, {weakest['budget']}"
+    sd = f" ± {weakest['sd']:.1%}" if weakest.get("sd") else ""
+    return f"{weakest['audit']}: {weakest['value']:.1%}{sd}{clean}, {weakest['budget']}"
 
 
 def runtime_table(results: dict) -> Table | None:
