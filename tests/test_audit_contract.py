@@ -34,15 +34,27 @@ def test_audit_contract(name, badnets_setup, subjects):
     assert cls.__doc__ and all(isinstance(role, str) for role in cls.needs)
     assert all(used in AUDITS for used in cls.uses)
     audits = create_audits(run_order([*cls.uses, name]), "cpu", SHARED, TINY)
-    models = {role: subjects[role] for role in cls.needs}
-    states = {role: copy.deepcopy(m.state_dict()) for role, m in models.items() if hasattr(m, "state_dict")}
-    result = audits[name].run(models, badnets_setup.audit_data(), seed=0)
+    data = badnets_setup.audit_data()
+    if cls.scope == "cell":  # once per run, over every purified model ("ft" here) and the clean model
+        assert cls.scope == "cell" and all(need in AUDITS for need in cls.needs)
+        models = {"ft": subjects["purified"], "clean": subjects["clean"]}
+        needed = create_audits(list(cls.needs), "cpu", SHARED, TINY)
+        tensors = {need: {who: needed[need].run({"purified": model}, data, seed=0).tensors
+                          for who, model in models.items()} for need in cls.needs}
+        states = {role: copy.deepcopy(m.state_dict()) for role, m in models.items()}
+        result = audits[name].run_cell(models, tensors, data, seed=0)
+        assert audits[name].for_defense(result.metrics, "ft") is None  # no other purified model to transfer from
+    else:
+        assert cls.scope == "model"
+        models = {role: subjects[role] for role in cls.needs}
+        states = {role: copy.deepcopy(m.state_dict()) for role, m in models.items() if hasattr(m, "state_dict")}
+        result = audits[name].run(models, data, seed=0)
     assert isinstance(result, AuditResult)
     assert json.loads(json.dumps(result.metrics)) == result.metrics  # JSON-able as it is
     for role, state in states.items():  # the models it was given are left alone
         for key, value in models[role].state_dict().items():
             assert torch.equal(value, state[key]), (role, key)
-    row = {"o_clean_acc": 0.9, "o_asr": 0.1, "p_clean_acc": 0.9, "p_asr": 0.5, "strength": {"relative_distance": 0.1}}
+    row = {"defense": "ft", "o_clean_acc": 0.9, "o_asr": 0.1, "p_clean_acc": 0.9, "p_asr": 0.5, "strength": {"relative_distance": 0.1}}
     assert isinstance(audits[name].row_fields(result.metrics, row), dict)
     if cls.on_clean:
         assert audits[name].reference_fields(result.metrics)

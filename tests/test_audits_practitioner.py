@@ -110,3 +110,48 @@ def test_a_card_over_seeds_judges_the_means_and_flags_a_seed_that_disagrees():
     assert split["verdict"] == "superficially safe" and split["changes_within_spread"]  # mean 38 % vs clean 10 %
     assert split["weakest_revival"]["revived_on_seeds"] == [2]
     assert "by seed: robust, robust, superficially safe" in card_text(split, "anp")
+
+
+TRANSFER_SPEC = """
+dataset: synthetic
+attacks: [{name: badnets, poison_rate: 0.1, target: 0}]
+train: {epochs: 2, batch_size: 64, lr: 0.05, crop_pad: 1, flip: false}
+defenses: [ft, ep]
+defense_params: {ft: {epochs: 1}, ep: {epochs: 1}}
+checks: [uap, uap_transfer]
+audit_params: {uap: {outer_steps: 2}, uap_transfer: {test_images: 0}}
+"""
+
+
+def test_every_universal_perturbation_of_a_run_is_tried_on_every_other_purified_model(tmp_path, capsys):
+    import json
+
+    from bdsafety.cli import main
+
+    spec, out = tmp_path / "spec.yaml", tmp_path / "out"
+    spec.write_text(TRANSFER_SPEC)
+    assert main(["run", str(spec), "--out", str(out), "--device", "cpu", "-q"]) == 0
+    results = json.loads((out / "results.json").read_text())
+    matrix = results["attacks"][0]["uap_transfer"]["asr"]
+    assert set(matrix) == set(matrix["ft"]) == {"ft", "ep", "clean"}
+    rows = {row["defense"]: row for row in results["rows"]}
+    for defense, other in (("ft", "ep"), ("ep", "ft")):
+        assert matrix[defense][defense] == rows[defense]["uap_asr"]  # the diagonal is the white-box UAP
+        assert rows[defense]["uap_transfer_source"] == other
+        assert rows[defense]["uap_transfer_asr"] == matrix[other][defense]
+        assert rows[defense]["uap_transfer_clean_model"] == matrix[other]["clean"]
+        (line,) = [e for e in rows[defense]["card"]["evidence"] if e["audit"] == "uap_transfer"]
+        assert line["value"] == matrix[other][defense] and line["budget"] == f"δ found on {other}"
+    assert matrix["clean"]["clean"] == results["clean"]["uap_asr"]
+    capsys.readouterr()
+    assert main(["run", str(spec), "--out", str(out), "--dry-run"]) == 0
+    assert "0 to compute" in capsys.readouterr().out
+    assert main(["audit", "--backdoored", str(next((out / "stages").glob("train-badnets-*"))), "--purified",
+                 str(next((out / "stages").glob("defense-*-ft-*"))), "--checks", "uap_transfer",
+                 "--out", str(tmp_path / "single")]) == 2
+    assert "uap_transfer every purified model of a run" in capsys.readouterr().err
+    from bdsafety.report.tables import to_markdown, transfer_tables
+
+    (table,) = transfer_tables(results)
+    lines = to_markdown(table).splitlines()
+    assert "δ found on" in lines[2] and "clean model" in lines[2] and len(lines) == 4 + 3

@@ -68,10 +68,14 @@ def test_backdoorbench_attack_result_imports_without_trust_and_audits_end_to_end
     if not on_disk:
         return  # the audit below is the same for every architecture; MobileNet's is the fast one
     capsys.readouterr()
-    assert main(["audit", "--backdoored", str(tmp_path / "imported"), "--purified", str(tmp_path / "imported"),
-                 "--checks", "lmc", "--out", str(tmp_path / "audit"), "--device", "cpu", "-q"]) == 0
+    audit = ["audit", "--backdoored", str(tmp_path / "imported"), "--purified", str(tmp_path / "imported"),
+             "--checks", "lmc", "--device", "cpu", "-q"]
+    assert main([*audit, "--out", str(tmp_path / "audit"), "--set", "lmc.points=3"]) == 0
     assert "purified_asr=" in capsys.readouterr().out
-    assert "lmc" in json.loads((tmp_path / "audit" / "audit.json").read_text())
+    assert len(json.loads((tmp_path / "audit" / "audit.json").read_text())["lmc"]["points"]) == 3
+    for wrong, message in (("points=3", "audit.key=value"), ("ra.epochs=1", "'ra' is not among the checks")):
+        assert main([*audit, "--out", str(tmp_path / "wrong"), "--set", wrong]) == 2
+        assert message in capsys.readouterr().err and not (tmp_path / "wrong").exists()
 
 
 def test_weights_read_from_backdoorbench_give_the_reference_logits(tmp_path, reference):

@@ -109,7 +109,9 @@ def test_full_demo_spec_holds_the_four_paper_attacks_and_every_defense():
     assert [(a.name, a.poison_rate, a.target) for a in spec.attacks] == [
         ("badnets", 0.05, 0), ("blended", 0.05, 0), ("ssba", 0.05, 0), ("lc", 0.09, 0)]  # LC: see full.yaml
     assert spec.defenses[:len(PAPER_DEFENSES)] == PAPER_DEFENSES and sorted(spec.defenses) == DEFENSES.names()
-    assert spec.checks == CHECKS and spec.resolved_profile == "cpu"
+    assert spec.checks[:len(CHECKS)] == CHECKS and spec.resolved_profile == "cpu"
+    from bdsafety.audits import AUDITS
+    assert sorted(spec.checks) == AUDITS.names()  # --full turns every audit on
     assert spec.calibration_fraction == 0.02
 
 

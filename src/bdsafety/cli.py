@@ -81,6 +81,9 @@ def add_stage_commands(sub) -> None:
     audit.add_argument("--out", required=True, help="directory to create, holding audit.json")
     audit.add_argument("--checks", default="ra,qra,lmc", help="comma-separated: ra, qra, lmc, ra_curve, position, bec, uap")
     audit.add_argument("--profile", choices=PROFILES, help="audit lengths (default: the backdoored run's)")
+    audit.add_argument("--set", action="append", metavar="AUDIT.KEY=VALUE",
+                       help="an audit's parameter, e.g. lmc.points=21 (the CPU profile scans 11 points on 2,000 "
+                            "+ 2,000 test images; the paper profile 21 on all)")
     for parser, handler in ((train, cmd_train), (purify, cmd_purify), (audit, cmd_audit)):
         if parser is not train:
             add_common(parser)

@@ -90,14 +90,30 @@ def audit_names(text: str) -> list[str]:
     return single_shot([c.strip() for c in text.split(",") if c.strip()])
 
 
+def audit_params(items: list[str] | None) -> dict[str, dict]:
+    """`audit.key=value` pairs (e.g. `lmc.points=21`) as {audit: {key: value}}."""
+    params: dict[str, dict] = {}
+    for item in items or []:
+        key, value = parse_assignment(item)
+        audit, dot, name = key.partition(".")
+        if not dot or not name:
+            raise UsageError(f"--set expects audit.key=value (e.g. lmc.points=21), got '{item}'")
+        params.setdefault(audit, {})[name] = value
+    return params
+
+
 def cmd_audit(args) -> int:
     out, device, names = free_out(args.out), resolve_device(args.device), audit_names(args.checks)
+    params = audit_params(args.set)
+    unknown = sorted(set(params) - set(names))
+    if unknown:
+        raise UsageError(f"--set {unknown[0]}.*: '{unknown[0]}' is not among the checks ({', '.join(names)})")
     backdoored, spec = stages.load_model_stage(args.backdoored, device)
     subjects = {"backdoored": backdoored, "purified": stages.load_model_file(Path(args.purified), spec, device)}
     if args.clean:
         subjects["clean"] = stages.load_model_file(Path(args.clean), spec, device)
     record = backdoored.record
-    methods = create_audits(names, stages.profile_of(args.profile, record), stages.augmentation_of(record))
+    methods = create_audits(names, stages.profile_of(args.profile, record), stages.augmentation_of(record), params)
     setup = stages.setup_of(record, args.data_dir)
     result = {"purified": evaluate_setup(subjects["purified"].model, setup),
               "backdoored": evaluate_setup(backdoored.model, setup),

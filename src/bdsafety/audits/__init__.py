@@ -6,7 +6,8 @@ One file per audit; the contract, `AuditData` and `AuditResult` are in `_common.
 
 from ._common import AUDITS, Audit, AuditBase, AuditData, AuditResult, create_audits, missing_dependencies, run_order, \
     single_shot, with_dependencies
-from . import budget, connectivity, existence, position, reactivation, retuning, trajectory, universal  # noqa: F401
+from . import budget, connectivity, existence, position, reactivation, retuning  # noqa: F401
+from . import trajectory, transfer, universal  # noqa: F401
 from .connectivity import LinearModeConnectivity, interpolate_state
 from .reactivation import QueryReactivation
 from .retuning import Retuning

@@ -12,6 +12,11 @@ source in a comment), registered with `@AUDITS.register(name)`, and
     row_fields(metrics, row) -> dict   what it adds to a purified model's results row
     reference_fields(metrics) -> dict  what it adds to the clean model's entry (when `on_clean`)
 
+An audit of `scope = "cell"` runs once per (attack, seed) of a run, after every defense: `needs` then names
+the audits whose stored tensors it reads for every purified model and the clean reference, and it has
+`run_cell(models, tensors, data, seed)` (models and tensors by defense name, "clean" for the clean model)
+and `for_defense(metrics, defense)`, the part of its metrics that concerns one purified model (its card).
+
 `cpu_overrides` (a ClassVar dict) scales lengths (epochs) for the CPU profile; the algorithm never
 changes. Audits measure on the test set; they are never defenses.
 """
@@ -79,6 +84,7 @@ class AuditResult:
 
     metrics: dict
     model: nn.Module | None = None  # taken by later audits under this audit's name (RA's retuned model)
+    tensors: dict[str, Tensor] | None = None  # kept in the stage's tensors.safetensors (UAP's δ)
 
 
 class Audit(Protocol):
@@ -99,6 +105,7 @@ class AuditBase:
     uses: ClassVar[tuple[str, ...]] = ()
     on_clean: ClassVar[bool] = False
     cpu_overrides: ClassVar[dict] = {}
+    scope: ClassVar[str] = "model"  # or "cell": once per (attack, seed), over every purified model
 
     def row_fields(self, metrics: dict, row: dict) -> dict:
         return {}
@@ -135,12 +142,13 @@ def with_dependencies(names: list[str] | tuple[str, ...]) -> list[str]:
 
 def single_shot(checks: list[str] | tuple[str, ...]) -> list[str]:
     """The audits a single-shot audit of given models runs for `checks`: validated (none needs the defense run,
-    which only `bdsafety run` keeps), with the audits they take a model or settings from, in run order."""
-    runnable = [name for name in AUDITS.names() if "defense_run" not in AUDITS.get(name).needs]
+    which only `bdsafety run` keeps, or the run's other purified models), with the audits they take a model or settings from, in run order."""
+    runnable = [name for name in AUDITS.names() if "defense_run" not in AUDITS.get(name).needs
+                and AUDITS.get(name).scope == "model"]
     for check in checks:
         if check not in runnable:
             raise UsageError(f"unknown check '{check}'; choose from: {', '.join(runnable)} (trajectories need "
-                             f"the defense run: use 'bdsafety run')")
+                             f"the defense run and uap_transfer every purified model of a run: use 'bdsafety run')")
     return with_dependencies(checks)
 
 

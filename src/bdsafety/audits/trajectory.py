@@ -36,7 +36,7 @@ class DefenseTrajectory(AuditBase):
     # the final point keeps the purify and RA stages' full test set).
     test_images: int = 0
     ra: Retuning = dataclasses.field(default_factory=Retuning)  # the run's RA (set from its `ra` settings)
-    cpu_overrides: ClassVar[dict] = {}
+    cpu_overrides: ClassVar[dict] = {"test_images": 2000}  # as LMC's
     needs: ClassVar[tuple[str, ...]] = ("backdoored", "defense_run")
     uses: ClassVar[tuple[str, ...]] = ("ra",)
 

@@ -28,9 +28,9 @@ are (the count is recorded). The audit also reports the δ-induced target rate o
 (does δ act as a trigger by itself, i.e. an adversarial rather than a re-activating perturbation?) and, with
 `on_clean`, the same attack on the clean model as the reference.
 
-δ is not in the metrics (too big for JSON): `UniversalReactivation.perturbation` returns it, and
-`optimise_universal` / `transfer_asr` are the pure functions behind it, so a caller can evaluate one δ on
-other (defense) models, the paper's black-box transfer.
+δ is not in the metrics (too big for JSON) but in the stage's tensors (`delta`), where `uap_transfer`
+(transfer.py) reads every purified model's δ of a run to apply it to the others, the paper's black-box
+transfer; `optimise_universal` / `transfer_asr` are the pure functions behind both.
 """
 
 from __future__ import annotations
@@ -200,7 +200,7 @@ class UniversalReactivation(AuditBase):
                   "num_images": count, "epoch_losses": losses, "duration_s": time.perf_counter() - started}
         log.info("uap: asr %.4f with δ, %.4f without (|δ|∞ %.4f, %d images, %.1fs)", result["asr"],
                  result["asr_without"], result["linf"], count, result["duration_s"])
-        return AuditResult(result)
+        return AuditResult(result, tensors={"delta": delta.contiguous()})
 
     def row_fields(self, metrics: dict, row: dict) -> dict:
         return {f"uap_{key}": metrics[key] for key in ROW_METRICS}

@@ -40,8 +40,8 @@ class Node:
 
 @dataclass(frozen=True)
 class Cell:
-    """The nodes of one (attack, seed): its backdoored model, the clean reference audits, and per defense
-    the purified model and its audits (name -> node), all in run order."""
+    """The nodes of one (attack, seed): its backdoored model, the clean reference audits, per defense the
+    purified model and its audits (name -> node), and the cell-scope audits over all of them, in run order."""
 
     attack: AttackSpec
     seed: int
@@ -49,6 +49,7 @@ class Cell:
     clean: Node
     references: dict[str, Node]
     defenses: dict[str, tuple[Node, dict[str, Node]]]
+    across: dict[str, Node] = dataclasses.field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -65,6 +66,7 @@ class StageGraph:
             ordered += [cell.backdoored, *cell.references.values()]
             for purified, audits in cell.defenses.values():
                 ordered += [purified, *audits.values()]
+            ordered += cell.across.values()
         return ordered
 
 
@@ -98,7 +100,7 @@ def defense_nodes(plan: Plan, backdoored: Node, clean: Node, name: str) -> tuple
     purified = purify_node(plan, backdoored, name)
     subjects = {"backdoored": backdoored, "purified": purified, "clean": clean, "defense_run": purified}
     audits = {}
-    for audit_name in plan.audits:
+    for audit_name in model_scope(plan):
         audits[audit_name] = subjects[audit_name] = audit_node(plan, audit_name, subjects, backdoored,
                                                                purified.label)
     return purified, audits
@@ -108,9 +110,31 @@ def cell_nodes(plan: Plan, attack: AttackSpec, seed: int, clean: Node) -> Cell:
     backdoored = train_node(plan, attack, seed, attack.label)
     references = {name: audit_node(plan, name, {"purified": clean, "backdoored": backdoored}, backdoored,
                                    f"{attack.label}-clean")
-                  for name, method in plan.audits.items() if method.on_clean}
+                  for name, method in plan.audits.items() if method.on_clean and method.scope == "model"}
     defenses = {name: defense_nodes(plan, backdoored, clean, name) for name in plan.defenses}
-    return Cell(attack, seed, backdoored, clean, references, defenses)
+    across = {name: across_node(plan, name, backdoored, clean, references, defenses)
+              for name, method in plan.audits.items() if method.scope == "cell"}
+    return Cell(attack, seed, backdoored, clean, references, defenses, across)
+
+
+def model_scope(plan: Plan) -> list[str]:
+    """The plan's audits that run on each purified model (not once per cell)."""
+    return [name for name, method in plan.audits.items() if method.scope == "model"]
+
+
+def across_node(plan: Plan, name: str, backdoored: Node, clean: Node, references: dict[str, Node],
+                defenses: dict[str, tuple[Node, dict[str, Node]]]) -> Node:
+    """A cell-scope audit: its parents are the clean model, every purified model and, for every audit it
+    needs, that audit's node on each of them ("<audit>@<defense>", "<audit>@clean")."""
+    method = plan.audits[name]
+    parents = {"setup": backdoored.key, "clean": clean.key,
+               **{f"purified@{defense}": purified.key for defense, (purified, _) in defenses.items()}}
+    for need in method.needs:
+        parents.update({f"{need}@{defense}": audits[need].key for defense, (_, audits) in defenses.items()})
+        if need in references:
+            parents[f"{need}@clean"] = references[need].key
+    key = stage_key("audit", {"audit": name, "params": dataclasses.asdict(method)}, parents)
+    return Node("audit", backdoored.label, key, backdoored.attack, backdoored.seed, name, tuple(parents.items()))
 
 
 def build_graph(plan: Plan) -> StageGraph:

@@ -53,6 +53,8 @@ def compute(node: Node, context: RunContext, parents: dict[str, Stage]) -> stage
     if node.kind == "purify":
         return stages.purify(node.name, plan.defenses[node.name], parents["backdoored"], setup, node.seed,
                              plan.profile, trajectory_points(plan))
+    if plan.audits[node.name].scope == "cell":
+        return stages.cell_audit(node.name, plan.audits[node.name], parents, node.parent_keys, setup, node.seed)
     subjects = {"backdoored": parents["setup"], **{role: stage for role, stage in parents.items() if role != "setup"}}
     return stages.audit(node.name, plan.audits[node.name], subjects, node.parent_keys, setup, node.seed)
 
@@ -80,6 +82,8 @@ def block_of(cell: Cell, context: RunContext, done: dict[str, Stage]) -> tuple[d
     reference = {name: done[node.key].record.metrics for name, node in cell.references.items()}
     for name, metrics in reference.items():
         block["clean"].update(plan.audits[name].reference_fields(metrics))
+    across = {name: done[node.key].record.metrics for name, node in cell.across.items()}
+    block.update({name: {k: v for k, v in metrics.items() if k != "duration_s"} for name, metrics in across.items()})
     seconds = {}
     for name, (node, audits) in cell.defenses.items():
         purified = done[node.key]
@@ -88,9 +92,14 @@ def block_of(cell: Cell, context: RunContext, done: dict[str, Stage]) -> tuple[d
                **plan.defenses[name].row_fields(purified.record.details["history"])}
         for audit_name, audit in audits.items():
             row.update(plan.audits[audit_name].row_fields(done[audit.key].record.metrics, row))
+        for audit_name, metrics in across.items():
+            row.update(plan.audits[audit_name].row_fields(metrics, row))
         if audits:
-            row["card"] = verdict_card(purified.record.metrics,
-                                       {n: done[a.key].record.metrics for n, a in audits.items()}, reference)
+            evidence = {n: done[a.key].record.metrics for n, a in audits.items()}
+            for audit_name, metrics in across.items():
+                if (part := plan.audits[audit_name].for_defense(metrics, name)) is not None:
+                    evidence[audit_name] = part
+            row["card"] = verdict_card(purified.record.metrics, evidence, reference)
         block["rows"].append(row)
         seconds[name] = purified.record.duration_s
     return block, seconds

@@ -1,4 +1,5 @@
-"""The three kinds of stage, each computed by one function that returns (model, Record, tensors).
+"""The kinds of stage (train, purify, audit, and the cell-scope audit over every purified model of an attack
+and seed), each computed by one function that returns (model, Record, tensors).
 
 `bdsafety run` caches them in a run directory under their key; the single-shot commands (`train`,
 `purify`, `audit`) call the same functions and write one directory. A stage's key hashes its own
@@ -24,8 +25,8 @@ from ..errors import UsageError
 from ..metrics import weight_distance
 from ..models import ModelSpec, create_model
 from ..profiles import default_profile
-from ..store import Record, Stage, canonical_hash, load_stage, load_trajectory_states, load_weights_into, \
-    read_state_dict, trajectory_tensors
+from ..store import TENSORS_FILE, Record, Stage, canonical_hash, load_stage, load_trajectory_states, \
+    load_weights_into, read_safetensors, read_state_dict, trajectory_tensors
 from ..train import TrainConfig, fit, training_augmentation
 from .setup import Setup, evaluate_setup, prepare, setup_details, setup_tensors, specs_from_record
 from .specs import AttackSpec, DataSpec
@@ -125,7 +126,25 @@ def audit(name: str, method: Audit, subjects: Mapping[str, Stage], parents: Mapp
     details = {k: source[k] for k in SETUP_KEYS if k in source}
     record = Record("audit", name, dataclasses.asdict(method), result.metrics, seed, dict(parents),
                     time.perf_counter() - started, details)
-    return result.model, record, None
+    return result.model, record, result.tensors
+
+
+def cell_audit(name: str, method: Audit, parents: Mapping[str, Stage], parent_keys: Mapping[str, str],
+               setup: Setup, seed: int) -> Built:
+    """Run the cell-scope audit `name` over one (attack, seed): its parents are the clean model ("clean"),
+    each purified model ("purified@<defense>") and each needed audit's stage per model ("<audit>@<defense>",
+    "<audit>@clean"), whose stored tensors it reads."""
+    log.info("audit %s", name)
+    started = time.perf_counter()
+    models = {"clean": parents["clean"].model, **{role.split("@", 1)[1]: stage.model for role, stage in parents.items()
+                                                   if role.startswith("purified@")}}
+    tensors = {need: {role.split("@", 1)[1]: read_safetensors(stage.path / TENSORS_FILE)
+                      for role, stage in parents.items() if role.startswith(f"{need}@")} for need in method.needs}
+    result = method.run_cell(models, tensors, setup.audit_data(), seed)
+    details = {k: parents["setup"].record.details[k] for k in SETUP_KEYS if k in parents["setup"].record.details}
+    record = Record("audit", name, dataclasses.asdict(method), result.metrics, seed, dict(parent_keys),
+                    time.perf_counter() - started, details)
+    return None, record, None
 
 
 def audit_models(methods: Mapping[str, Audit], subjects: dict[str, Stage], setup: Setup, seed: int) -> dict:

@@ -13,8 +13,8 @@ from ..store import HTML_FILE, MARKDOWN_FILE, RESULTS_FILE, TIMINGS_FILE, atomic
 from .claims import evaluate_claims
 from .figures import attack_figures
 from .html import ReportContent, render_html, render_markdown
-from .tables import (qra_table, robustness_table, runtime_table, setup_table, strength_table, trigger_table,
-                     verdict_table)
+from .tables import (qra_table, robustness_table, runtime_table, setup_table, strength_table, transfer_tables,
+                     trigger_table, verdict_table)
 
 log = logging.getLogger(__name__)
 
@@ -23,7 +23,7 @@ def build_content(results: dict) -> ReportContent:
     """Everything the report shows, from the content of `results.json` (pure)."""
     meta = [(key, str(results[key])) for key in ("dataset", "model", "seed", "profile") if key in results]
     tables = [setup_table(results), trigger_table(results), robustness_table(results), verdict_table(results),
-              qra_table(results), strength_table(results), runtime_table(results)]
+              qra_table(results), *transfer_tables(results), strength_table(results), runtime_table(results)]
     return ReportContent("bdsafety report: superficial safety of backdoor defenses", meta,
                          [t for t in tables if t is not None], evaluate_claims(results), attack_figures(results))
 

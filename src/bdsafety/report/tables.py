@@ -167,6 +167,28 @@ def qra_table(results: dict) -> Table | None:
                  [(label, len(QRA_COLUMNS)) for label in attack_labels(blocks)])
 
 
+def transfer_tables(results: dict) -> list[Table]:
+    """One table per attack whose run has `uap_transfer`: every universal perturbation (row: the model it was
+    found on) applied to every purified model and the clean model (columns)."""
+    tables = []
+    for block, label in zip(attack_blocks(results), attack_labels(attack_blocks(results))):
+        matrix = block.get("uap_transfer", {}).get("asr")
+        if not matrix:
+            continue
+        names = [row["defense"] for row in block["rows"] if row["defense"] in matrix] + ["clean"]
+        rows = [[_model_name(source)] + [with_spread(matrix[source], target) for target in names]
+                for source in names if source in matrix]
+        tables.append(Table(f"Universal re-activation with transfer (%), {label}: ASR of the triggered test images "
+                            "+ δ, where δ was found white-box on the row's model (Zhu et al.) and is applied to the "
+                            "column's; the diagonal is the white-box UAP, the rest black-box transfer.",
+                            ["δ found on"] + [_model_name(target) for target in names], rows))
+    return tables
+
+
+def _model_name(name: str) -> str:
+    return "clean model" if name == "clean" else display_name(name)
+
+
 TRIGGER_COLUMNS = (("psnr_mean", "PSNR (dB)", "{:.1f}"), ("linf_mean", "mean L∞", "{:.3f}"),
                    ("linf_max", "max L∞", "{:.3f}"), ("bit_accuracy", "bit accuracy", "{:.3f}"),
                    ("source_clean_acc", "source model clean acc.", "{:.3f}"),
