@@ -155,3 +155,9 @@ def test_every_universal_perturbation_of_a_run_is_tried_on_every_other_purified_
     (table,) = transfer_tables(results)
     lines = to_markdown(table).splitlines()
     assert "δ found on" in lines[2] and "clean model" in lines[2] and len(lines) == 4 + 3
+    from bdsafety.pipeline.table import results_rows
+
+    transfer_rows = {row["defense"]: row for row in results_rows([out]) if row["audit"] == "uap_transfer"}
+    assert set(transfer_rows) == {"ft", "ep"}
+    assert transfer_rows["ft"]["asr"] == rows["ft"]["uap_transfer_asr"] and transfer_rows["ft"]["source"] == "ep"
+    assert transfer_rows["ep"]["attack"] == "badnets" and "o_asr" in transfer_rows["ep"]

@@ -53,10 +53,30 @@ def audited_model(audit: Record, records: dict[str, Record]) -> tuple[Record, Re
     return None
 
 
+def cell_rows(run_dir: Path, audit: Record, records: dict[str, Record]) -> list[dict]:
+    """The rows of a cell-scope audit (one stage over every purified model of an attack and seed, e.g.
+    `uap_transfer`): one per purified model, with the audit's part that concerns it (`for_defense`)."""
+    from ..audits import AUDITS
+
+    method, setup, rows = AUDITS.create(audit.name, **audit.params), records.get(audit.parents["setup"]), []
+    for role, key in audit.parents.items():
+        purified = records.get(key)
+        if not role.startswith("purified@") or purified is None or setup is None:
+            continue
+        part = method.for_defense(audit.metrics, purified.name) or {}
+        rows.append({"run": str(run_dir), **model_columns(setup, purified.name),
+                     **scalars(purified.details.get("strength", {})), **scalars(purified.metrics, "o_"),
+                     "audit": audit.name, **scalars(part)})
+    return rows
+
+
 def run_rows(run_dir: Path) -> list[dict]:
     records = records_of(run_dir)
     rows = []
     for record in records.values():
+        if record.stage == "audit" and any(role.startswith("purified@") for role in record.parents):
+            rows += cell_rows(run_dir, record, records)
+            continue
         if record.stage != "audit" or (found := audited_model(record, records)) is None:
             continue
         source, purified, defense = found
