@@ -31,3 +31,11 @@ def test_seeds_become_one_block_with_mean_and_spread():
 def test_different_attacks_stay_apart():
     other = {**block(0, 0.1, [0.2], 0.0), "attack": "blended"}
     assert [b["attack"] for b in aggregate_blocks([block(0, 0.1, [0.2], 0.0), other])] == ["badnets", "blended"]
+
+
+def test_a_field_that_is_a_record_on_one_seed_and_empty_on_another_is_kept_per_seed():
+    revived, held = block(0, 0.1, [0.2], 0.0), block(1, 0.3, [0.6], 0.2)
+    revived["rows"][0]["weakest"] = {"audit": "ra", "value": 0.9}
+    held["rows"][0]["weakest"] = None
+    (summary,) = aggregate_blocks([revived, held])
+    assert summary["rows"][0]["weakest"] == [{"audit": "ra", "value": 0.9}, None]

@@ -40,7 +40,7 @@ def aggregate_group(group: list[dict]) -> dict:
 def aggregate(values: list):
     """The aggregate of one field over seeds (see the module docstring)."""
     first = values[0]
-    if isinstance(first, dict):
+    if isinstance(first, dict) and all(isinstance(v, dict) for v in values):
         return aggregate_mapping(values)
     if isinstance(first, list) and all(isinstance(v, list) and len(v) == len(first) for v in values) \
             and first and isinstance(first[0], dict):

@@ -142,7 +142,8 @@ def with_dependencies(names: list[str] | tuple[str, ...]) -> list[str]:
 
 def single_shot(checks: list[str] | tuple[str, ...]) -> list[str]:
     """The audits a single-shot audit of given models runs for `checks`: validated (none needs the defense run,
-    which only `bdsafety run` keeps, or the run's other purified models), with the audits they take a model or settings from, in run order."""
+    which only `bdsafety run` keeps, or the run's other purified models), with the audits they take a model
+    or settings from, in run order."""
     runnable = [name for name in AUDITS.names() if "defense_run" not in AUDITS.get(name).needs
                 and AUDITS.get(name).scope == "model"]
     for check in checks:
