@@ -22,7 +22,7 @@ def test_without_a_terminal_each_stage_start_and_end_is_a_log_line(caplog):
         progress.finish("defense-b", reused=True)
     lines = [r.getMessage() for r in caplog.records]
     assert lines[0] == "stage 1/2 running train-a"
-    assert lines[1].startswith("stage 1/2 done train-a (") and "left at most" in lines[1]
+    assert lines[1].startswith("stage 1/2 done train-a (") and "left)" in lines[1]
     assert lines[2] == "stage 2/2 running defense-b" and lines[3].startswith("stage 2/2 reused defense-b")
 
 
@@ -39,7 +39,7 @@ def test_on_a_terminal_the_status_line_shows_the_running_stage_and_log_lines_pri
     # the message replaces the status line, which is drawn again below it
     assert stream.getvalue().endswith(CLEAR_LINE + "qra: asr=0.5\n" + status.text)
     progress.finish("train-badnets-3e24e8dbc6ac7d79", reused=False)
-    assert "1/4" in status.text and "running -" in status.text and "left at most" in status.text
+    assert "1/4" in status.text and "running -" in status.text and "left" in status.text
     progress.close()
     assert stream.getvalue().endswith(CLEAR_LINE) and status.text == ""
 
@@ -49,3 +49,41 @@ def test_a_status_line_never_wraps():
     status = StatusLine(stream, width=30)
     status.show("x" * 100)
     assert stream.getvalue() == CLEAR_LINE + "x" * 30
+
+
+class FakeClock:
+    def __init__(self):
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_the_estimate_charges_each_stage_left_the_mean_time_of_its_kind():
+    clock = FakeClock()
+    kinds = {"train-a": "train", "ra-a": "audit:ra", "train-b": "train", "ra-b": "audit:ra", "ra-c": "audit:ra",
+             "qra-a": "audit:qra"}
+    progress = Progress(kinds, status=None, stored=["qra-a"], clock=clock)
+    assert progress.left() == "time left unknown"
+    for directory, seconds in (("train-a", 100.0), ("ra-a", 10.0)):
+        progress.start(directory)
+        clock.now += seconds
+        progress.finish(directory, reused=False)
+    # train-b 100 s, ra-b and ra-c 10 s each; the stored qra-a costs nothing
+    assert progress.estimate() == 120.0 and progress.left() == "about 2 min 00 s left"
+    progress.start("train-b")
+    clock.now += 30.0  # a running stage is charged what its kind has left
+    assert progress.estimate() == 90.0
+
+
+def test_the_estimate_scales_stage_time_by_wall_time_and_names_the_kinds_not_timed_yet():
+    clock = FakeClock()
+    progress = Progress({"ra-a": "audit:ra", "ra-b": "audit:ra", "ra-c": "audit:ra", "qra-a": "audit:qra"},
+                        status=None, clock=clock)
+    progress.start("ra-a")
+    progress.start("ra-b")  # two stages side by side, as under Ray: 20 s of stage time in 10 s of wall time
+    clock.now += 10.0
+    progress.finish("ra-a", reused=False)
+    progress.finish("ra-b", reused=False)
+    assert progress.estimate() == 10.0  # ra-c and qra-a (untimed: the mean stage), 20 s of work at 2x
+    assert progress.left() == "about 10 s left (1 kinds not timed yet)"

@@ -37,6 +37,11 @@ class Node:
     def parent_keys(self) -> dict[str, str]:
         return dict(self.parents)
 
+    @property
+    def work(self) -> str:
+        """The kind of work, for estimates of time: "train", "purify:<defense>" or "audit:<audit>"."""
+        return f"{self.kind}:{self.name}" if self.name else self.kind
+
 
 @dataclass(frozen=True)
 class Cell:
@@ -68,6 +73,10 @@ class StageGraph:
                 ordered += [purified, *audits.values()]
             ordered += cell.across.values()
         return ordered
+
+    def work(self) -> dict[str, str]:
+        """Every node's directory -> its kind of work (`Node.work`), for the progress estimate."""
+        return {node.directory: node.work for node in self.nodes}
 
 
 def train_node(plan: Plan, attack: AttackSpec, seed: int, label: str) -> Node:

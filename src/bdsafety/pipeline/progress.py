@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import shutil
 import time
+from collections.abc import Callable, Iterable
 from typing import TextIO
 
 log = logging.getLogger(__name__)
@@ -84,26 +85,39 @@ def duration(seconds: float) -> str:
 class Progress:
     """Stages done / total, the stages running now and an estimate of the time left.
 
-    The estimate is the mean time of the stages computed so far times the stages left (reused stages cost
-    nothing), so it is an upper bound early in a run whose first stages are the slow model trainings.
+    `stages` maps every stage's directory to its kind of work (`Node.work`: "train", "purify:anp", "audit:qra",
+    ...) and `stored` names the stages already finished, which cost nothing. The estimate charges each stage
+    still to compute the mean time of the stages of its kind computed so far (of all kinds while its own has
+    none yet), less the time a running one has already taken, and scales that work by the run's own wall
+    time per second of stage time, so that executor overhead and stages running side by side (Ray) count.
+    While some kinds have no timed stage yet the line says how many: their share is a guess. Given only a
+    number of stages, every stage left is charged the mean of those computed.
     """
 
-    def __init__(self, total: int, status: StatusLine | None = None):
-        self.total, self.done, self.computed = total, 0, 0
-        self.started, self.running = time.perf_counter(), []
+    def __init__(self, stages: dict[str, str] | int, status: StatusLine | None = None,
+                 stored: Iterable[str] = (), clock: Callable[[], float] = time.perf_counter):
+        self.kinds = stages if isinstance(stages, dict) else {}
+        self.total = len(stages) if isinstance(stages, dict) else stages
+        self.done, self.computed, self.clock = 0, 0, clock
+        self.started, self.running = clock(), {}
+        self.pending = set(self.kinds) - set(stored)  # to compute, not yet finished
+        self.seconds: dict[str, list[float]] = {}  # kind -> durations of its computed stages
         self.status = status if status is not None else _status
 
     def start(self, directory: str) -> None:
-        self.running.append(directory)
+        self.running[directory] = self.clock()
         if self.status is None:
             log.info("stage %d/%d running %s", self.done + len(self.running), self.total, directory)
         self._draw()
 
     def finish(self, directory: str, reused: bool) -> None:
-        if directory in self.running:
-            self.running.remove(directory)
+        began = self.running.pop(directory, None)
+        self.pending.discard(directory)
         self.done += 1
-        self.computed += not reused
+        if not reused:
+            self.computed += 1
+            if began is not None:
+                self.seconds.setdefault(self.kinds.get(directory, ""), []).append(self.clock() - began)
         message = (f"stage {self.done}/{self.total} {'reused' if reused else 'done'} {directory} "
                    f"({duration(self.elapsed())} so far, {self.left()})")
         if self.status is None or not reused:
@@ -115,12 +129,30 @@ class Progress:
             self.status.clear()
 
     def elapsed(self) -> float:
-        return time.perf_counter() - self.started
+        return self.clock() - self.started
+
+    def estimate(self) -> float | None:
+        """Seconds of wall time left, or None before any stage was computed."""
+        timed = [s for durations in self.seconds.values() for s in durations]
+        if not timed:
+            return None
+        if not self.kinds:  # only a count of stages: the mean stage for each one left
+            return self.elapsed() / self.computed * (self.total - self.done)
+        overall, now, work = sum(timed) / len(timed), self.clock(), 0.0
+        for directory in self.pending:
+            durations = self.seconds.get(self.kinds[directory])
+            expected = sum(durations) / len(durations) if durations else overall
+            began = self.running.get(directory)
+            work += max(expected - (now - began), 0.0) if began is not None else expected
+        busy = sum(timed) + sum(now - began for began in self.running.values())
+        return work * self.elapsed() / max(busy, 1e-9)
 
     def left(self) -> str:
-        if not self.computed:
+        seconds = self.estimate()
+        if seconds is None:
             return "time left unknown"
-        return f"about {duration(self.elapsed() / self.computed * (self.total - self.done))} left at most"
+        untimed = len({self.kinds[d] for d in self.pending} - set(self.seconds))
+        return f"about {duration(seconds)} left" + (f" ({untimed} kinds not timed yet)" if untimed else "")
 
     def line(self) -> str:
         running = ", ".join(name.rsplit("-", 1)[0] for name in self.running) or "-"  # without the key's hash

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from ...store import RunStore, Stage
+from ...store import RunStore, Stage, is_finished
 from ..graph import StageGraph
 from ..progress import Progress
 from ..run import RunContext, run_node
@@ -15,7 +15,8 @@ class LocalExecutor:
 
     def run(self, graph: StageGraph, context: RunContext, runs: RunStore) -> dict[str, Stage]:
         done: dict[str, Stage] = {}
-        progress = Progress(len(graph.nodes))
+        stored = [node.directory for node in graph.nodes if is_finished(runs.stages / node.directory)]
+        progress = Progress(graph.work(), stored=stored)
         try:
             for node in graph.nodes:
                 progress.start(node.directory)

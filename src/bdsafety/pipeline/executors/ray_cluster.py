@@ -87,7 +87,7 @@ class RayExecutor:
         finished = {key for key, node in nodes.items() if is_finished(runs.stages / node.directory)}
         stored = [nodes[key].directory for key in finished]
         waiting, running = [k for k in nodes if k not in finished], {}
-        progress = Progress(len(nodes))
+        progress = Progress(graph.work(), stored=stored)
         for directory in stored:
             progress.finish(directory, reused=True)
         try:
