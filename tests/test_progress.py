@@ -72,18 +72,21 @@ def test_the_estimate_charges_each_stage_left_the_mean_time_of_its_kind():
     # train-b 100 s, ra-b and ra-c 10 s each; the stored qra-a costs nothing
     assert progress.estimate() == 120.0 and progress.left() == "about 2 min 00 s left"
     progress.start("train-b")
-    clock.now += 30.0  # a running stage is charged what its kind has left
-    assert progress.estimate() == 90.0
+    clock.now += 30.0  # the estimate moves when a stage ends, not while one runs
+    assert progress.estimate() == 120.0
+    clock.now += 70.0
+    progress.finish("train-b", reused=False)
+    assert progress.estimate() == 20.0
 
 
 def test_the_estimate_scales_stage_time_by_wall_time_and_names_the_kinds_not_timed_yet():
     clock = FakeClock()
     progress = Progress({"ra-a": "audit:ra", "ra-b": "audit:ra", "ra-c": "audit:ra", "qra-a": "audit:qra"},
                         status=None, clock=clock)
-    progress.start("ra-a")
-    progress.start("ra-b")  # two stages side by side, as under Ray: 20 s of stage time in 10 s of wall time
-    clock.now += 10.0
-    progress.finish("ra-a", reused=False)
-    progress.finish("ra-b", reused=False)
+    for directory in ("ra-a", "ra-b", "ra-c"):  # Ray starts every ready stage; two workers run them
+        progress.start(directory)
+    clock.now += 10.0  # 20 s of stage time in 10 s of wall time, each stage's own time from its worker
+    progress.finish("ra-a", reused=False, seconds=10.0)
+    progress.finish("ra-b", reused=False, seconds=10.0)
     assert progress.estimate() == 10.0  # ra-c and qra-a (untimed: the mean stage), 20 s of work at 2x
     assert progress.left() == "about 10 s left (1 kinds not timed yet)"

@@ -88,10 +88,10 @@ class Progress:
     `stages` maps every stage's directory to its kind of work (`Node.work`: "train", "purify:anp", "audit:qra",
     ...) and `stored` names the stages already finished, which cost nothing. The estimate charges each stage
     still to compute the mean time of the stages of its kind computed so far (of all kinds while its own has
-    none yet), less the time a running one has already taken, and scales that work by the run's own wall
-    time per second of stage time, so that executor overhead and stages running side by side (Ray) count.
-    While some kinds have no timed stage yet the line says how many: their share is a guess. Given only a
-    number of stages, every stage left is charged the mean of those computed.
+    none yet) and scales that work by the run's wall time per second of stage time at the last stage's end,
+    so that executor overhead and stages running side by side (Ray) count. While some kinds have no timed
+    stage yet the line says how many: their share is a guess. Given only a number of stages, every stage left
+    is charged the mean of those computed.
     """
 
     def __init__(self, stages: dict[str, str] | int, status: StatusLine | None = None,
@@ -99,7 +99,7 @@ class Progress:
         self.kinds = stages if isinstance(stages, dict) else {}
         self.total = len(stages) if isinstance(stages, dict) else stages
         self.done, self.computed, self.clock = 0, 0, clock
-        self.started, self.running = clock(), {}
+        self.started, self.running, self.last_end = clock(), {}, 0.0
         self.pending = set(self.kinds) - set(stored)  # to compute, not yet finished
         self.seconds: dict[str, list[float]] = {}  # kind -> durations of its computed stages
         self.status = status if status is not None else _status
@@ -110,14 +110,19 @@ class Progress:
             log.info("stage %d/%d running %s", self.done + len(self.running), self.total, directory)
         self._draw()
 
-    def finish(self, directory: str, reused: bool) -> None:
+    def finish(self, directory: str, reused: bool, seconds: float | None = None) -> None:
+        """`directory` is finished; `seconds` is its own compute time where the executor knows it (a Ray task
+        may wait in a queue after `start`), else the time since `start`."""
         began = self.running.pop(directory, None)
         self.pending.discard(directory)
         self.done += 1
         if not reused:
             self.computed += 1
-            if began is not None:
-                self.seconds.setdefault(self.kinds.get(directory, ""), []).append(self.clock() - began)
+            if seconds is None and began is not None:
+                seconds = self.clock() - began
+            if seconds is not None:
+                self.seconds.setdefault(self.kinds.get(directory, ""), []).append(seconds)
+            self.last_end = self.elapsed()
         message = (f"stage {self.done}/{self.total} {'reused' if reused else 'done'} {directory} "
                    f"({duration(self.elapsed())} so far, {self.left()})")
         if self.status is None or not reused:
@@ -137,15 +142,12 @@ class Progress:
         if not timed:
             return None
         if not self.kinds:  # only a count of stages: the mean stage for each one left
-            return self.elapsed() / self.computed * (self.total - self.done)
-        overall, now, work = sum(timed) / len(timed), self.clock(), 0.0
+            return self.last_end / self.computed * (self.total - self.done)
+        overall, work = sum(timed) / len(timed), 0.0
         for directory in self.pending:
             durations = self.seconds.get(self.kinds[directory])
-            expected = sum(durations) / len(durations) if durations else overall
-            began = self.running.get(directory)
-            work += max(expected - (now - began), 0.0) if began is not None else expected
-        busy = sum(timed) + sum(now - began for began in self.running.values())
-        return work * self.elapsed() / max(busy, 1e-9)
+            work += sum(durations) / len(durations) if durations else overall
+        return work * self.last_end / max(sum(timed), 1e-9)
 
     def left(self) -> str:
         seconds = self.estimate()

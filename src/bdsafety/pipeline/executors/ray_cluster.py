@@ -11,6 +11,7 @@ to a local run with the same thread count on the same machine.
 from __future__ import annotations
 
 import logging
+import time
 
 import torch
 
@@ -34,14 +35,17 @@ def worker_context(plan: Plan, device: str) -> RunContext:
     return _CONTEXTS[key]
 
 
-def execute(root: str, plan: Plan, node: Node, parents: dict[str, Node], device: str, threads: int) -> str:
-    """The Ray task: stage `node` computed from its stored `parents` (role -> node); returns its directory."""
+def execute(root: str, plan: Plan, node: Node, parents: dict[str, Node], device: str,
+            threads: int) -> tuple[str, float]:
+    """The Ray task: stage `node` computed from its stored `parents` (role -> node); returns its directory and
+    the task's seconds (for the progress estimate: a task may wait in Ray's queue before it starts)."""
+    started = time.perf_counter()
     torch.set_num_threads(threads)
     context = worker_context(plan, device)
     runs = RunStore(root, torch.device(device), clean=False)  # never remove another task's temp files
     done = {parent.key: load(runs, context, parent) for parent in parents.values()}
     run_node(node, context, runs, done)
-    return node.directory
+    return node.directory, time.perf_counter() - started
 
 
 def load(runs: RunStore, context: RunContext, node: Node) -> Stage:
@@ -99,10 +103,10 @@ class RayExecutor:
                     waiting.remove(key)
                     progress.start(node.directory)
                 ready, _ = ray.wait(list(running), num_returns=1)
-                directory = ray.get(ready[0])  # a task that failed for good raises here
+                directory, seconds = ray.get(ready[0])  # a task that failed for good raises here
                 finished.add(running.pop(ready[0]))
                 runs.computed.append(directory)
-                progress.finish(directory, reused=False)
+                progress.finish(directory, reused=False, seconds=seconds)
         finally:
             progress.close()
         done = {key: load(runs, context, node) for key, node in nodes.items()}
