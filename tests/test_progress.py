@@ -89,4 +89,4 @@ def test_the_estimate_scales_stage_time_by_wall_time_and_names_the_kinds_not_tim
     progress.finish("ra-a", reused=False, seconds=10.0)
     progress.finish("ra-b", reused=False, seconds=10.0)
     assert progress.estimate() == 10.0  # ra-c and qra-a (untimed: the mean stage), 20 s of work at 2x
-    assert progress.left() == "about 10 s left (1 kinds not timed yet)"
+    assert progress.left() == "about 10 s left (1 kind not timed yet)"

@@ -154,7 +154,8 @@ class Progress:
         if seconds is None:
             return "time left unknown"
         untimed = len({self.kinds[d] for d in self.pending} - set(self.seconds))
-        return f"about {duration(seconds)} left" + (f" ({untimed} kinds not timed yet)" if untimed else "")
+        kinds = f"{untimed} kind{'s' if untimed > 1 else ''}"
+        return f"about {duration(seconds)} left" + (f" ({kinds} not timed yet)" if untimed else "")
 
     def line(self) -> str:
         running = ", ".join(name.rsplit("-", 1)[0] for name in self.running) or "-"  # without the key's hash
