@@ -14,7 +14,7 @@ def test_bar_and_duration():
 
 
 def test_without_a_terminal_each_stage_start_and_end_is_a_log_line(caplog):
-    progress = Progress(2, status=None)
+    progress = Progress({"train-a": "train", "defense-b": "train"}, status=None)
     with caplog.at_level(logging.INFO, logger="bdsafety.pipeline.progress"):
         progress.start("train-a")
         progress.finish("train-a", reused=False)
@@ -32,7 +32,8 @@ def test_on_a_terminal_the_status_line_shows_the_running_stage_and_log_lines_pri
     logger = logging.getLogger("test-progress-live")
     logger.propagate, logger.level = False, logging.INFO
     logger.addHandler(StatusLogHandler(status))
-    progress = Progress(4, status=status)
+    progress = Progress({"train-badnets-3e24e8dbc6ac7d79": "train", "defense-b": "purify:b", "ra-b": "audit:ra",
+                         "qra-b": "audit:qra"}, status=status)
     progress.start("train-badnets-3e24e8dbc6ac7d79")
     assert "0/4 · running train-badnets · " in stream.getvalue() and stream.getvalue().endswith(status.text)
     logger.info("qra: asr=0.5")

@@ -90,14 +90,12 @@ class Progress:
     still to compute the mean time of the stages of its kind computed so far (of all kinds while its own has
     none yet) and scales that work by the run's wall time per second of stage time at the last stage's end,
     so that executor overhead and stages running side by side (Ray) count. While some kinds have no timed
-    stage yet the line says how many: their share is a guess. Given only a number of stages, every stage left
-    is charged the mean of those computed.
+    stage yet the line says how many: their share is a guess.
     """
 
-    def __init__(self, stages: dict[str, str] | int, status: StatusLine | None = None,
+    def __init__(self, stages: dict[str, str], status: StatusLine | None = None,
                  stored: Iterable[str] = (), clock: Callable[[], float] = time.perf_counter):
-        self.kinds = stages if isinstance(stages, dict) else {}
-        self.total = len(stages) if isinstance(stages, dict) else stages
+        self.kinds, self.total = stages, len(stages)
         self.done, self.computed, self.clock = 0, 0, clock
         self.started, self.running, self.last_end = clock(), {}, 0.0
         self.pending = set(self.kinds) - set(stored)  # to compute, not yet finished
@@ -141,8 +139,6 @@ class Progress:
         timed = [s for durations in self.seconds.values() for s in durations]
         if not timed:
             return None
-        if not self.kinds:  # only a count of stages: the mean stage for each one left
-            return self.last_end / self.computed * (self.total - self.done)
         overall, work = sum(timed) / len(timed), 0.0
         for directory in self.pending:
             durations = self.seconds.get(self.kinds[directory])
