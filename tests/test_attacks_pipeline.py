@@ -115,6 +115,30 @@ def test_demo_takes_one_of_quick_full_and_attacks(tmp_path, capsys):
     assert not (tmp_path / "demo").exists()
 
 
+def stage_count(printed: str) -> int:
+    """The stage count of a --dry-run's last line ('N cells, M stages: ...')."""
+    return int(printed.strip().splitlines()[-1].split(" stages:")[0].rsplit(" ", 1)[-1])
+
+
+@pytest.mark.parametrize("variant, spec", [([], "demo.yaml"), (["--full"], "full.yaml"), (["--attacks"], "attacks.yaml")])
+def test_demo_practitioner_adds_the_practitioners_audits_after_the_specs_own(tmp_path, capsys, variant, spec):
+    from importlib import resources
+
+    from bdsafety.cli import build_parser
+    from bdsafety.commands import demo_overrides
+    from bdsafety.pipeline.specs import CHECKS, PRACTITIONER_CHECKS, load_spec
+    path = resources.files("bdsafety") / "configs" / spec
+    own = load_spec(path).checks
+    assert set(own) <= set(CHECKS)
+    args = build_parser().parse_args(["demo", *variant, "--practitioner", "--out", "x", "--set", "seed=1"])
+    assert demo_overrides(path, args) == ["seed=1", f"checks=[{', '.join(own + PRACTITIONER_CHECKS)}]"]
+    out = tmp_path / "demo"
+    assert main(["demo", *variant, "--out", str(out), "--dry-run"]) == 0
+    plain = stage_count(capsys.readouterr().out)
+    assert main(["demo", *variant, "--practitioner", "--out", str(out), "--dry-run"]) == 0
+    assert stage_count(capsys.readouterr().out) > plain and not out.exists()
+
+
 @pytest.mark.parametrize("value, expected", [("1", 1), ("3", 3), ("", None), ("0", None), ("x", None)])
 def test_thread_count_follows_omp_num_threads(monkeypatch, value, expected):
     from bdsafety.cli import available_cores, thread_count

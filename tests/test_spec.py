@@ -1,7 +1,7 @@
 import re
 
 import pytest
-from hypothesis import example, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from bdsafety.errors import UsageError
@@ -57,7 +57,7 @@ values = st.one_of(st.none(), st.booleans(), st.integers(-5, 5), st.floats(allow
                    st.lists(st.integers(), max_size=3), st.dictionaries(st.text(max_size=5), st.integers(), max_size=2))
 
 
-@settings(max_examples=300, deadline=None)
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])  # timing-free
 @example({"checks": "0\n0"})  # a name with a line break must not break the one-line error
 @given(st.dictionaries(st.sampled_from(["dataset", "seed", "reserve_fraction", "attacks", "checks", "model",
                                         "profile", "train", "defenses", "bogus"]), values, max_size=5))
@@ -109,10 +109,14 @@ def test_full_demo_spec_holds_the_four_paper_attacks_and_every_defense():
     assert [(a.name, a.poison_rate, a.target) for a in spec.attacks] == [
         ("badnets", 0.05, 0), ("blended", 0.05, 0), ("ssba", 0.05, 0), ("lc", 0.09, 0)]  # LC: see full.yaml
     assert spec.defenses[:len(PAPER_DEFENSES)] == PAPER_DEFENSES and sorted(spec.defenses) == DEFENSES.names()
-    assert spec.checks[:len(CHECKS)] == CHECKS and spec.resolved_profile == "cpu"
-    from bdsafety.audits import AUDITS
-    assert sorted(spec.checks) == AUDITS.names()  # --full turns every audit on
+    assert spec.checks == CHECKS and spec.resolved_profile == "cpu"  # the paper's audit; --practitioner adds more
     assert spec.calibration_fraction == 0.02
+
+
+def test_every_audit_is_the_papers_or_the_practitioners():
+    from bdsafety.audits import AUDITS
+    from bdsafety.pipeline.specs import CHECKS, PRACTITIONER_CHECKS
+    assert sorted(CHECKS + PRACTITIONER_CHECKS) == AUDITS.names()
 
 
 def test_attacks_demo_spec_runs_every_attack_beyond_the_papers_through_the_papers_defenses():

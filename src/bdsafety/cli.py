@@ -122,6 +122,10 @@ def add_experiment_commands(sub) -> None:
     demo.add_argument("--quick", action="store_true", help="a shorter first look (about 10 minutes on 2 cores)")
     demo.add_argument("--full", action="store_true",
                       help="the paper's four attacks (BadNets, Blended, SSBA, LC) with every defense: Table 1 in full")
+    demo.add_argument("--practitioner", action="store_true",
+                      help="add the practitioner's audits (attacker-budget curve, weight-space position, backdoor "
+                           "existence, universal re-activation and its transfer) to the demo's RA, QRA, LMC and "
+                           "trajectories")
     demo.add_argument("--attacks", action="store_true",
                       help="the attacks beyond the paper's that implant on Fashion-MNIST (Adap-Blend, LF, "
                            "TrojanNN, Input-aware) with the paper's defenses")

@@ -19,7 +19,8 @@ from .errors import UsageError
 from .models.factory import check_model_name
 from .pipeline import stages
 from .pipeline.setup import evaluate_setup, prepare
-from .pipeline.specs import AttackSpec, DataSpec, ExperimentSpec, build_plan, load_plans, parse_assignment, validate
+from .pipeline.specs import (CHECKS, PRACTITIONER_CHECKS, AttackSpec, DataSpec, ExperimentSpec, build_plan, load_plans,
+                             parse_assignment, read_raw, validate)
 from .train import resolve_device
 
 log = logging.getLogger("bdsafety")
@@ -142,8 +143,18 @@ def cmd_demo(args) -> int:
     chosen = [variant for variant in ("quick", "full", "attacks") if getattr(args, variant, False)]
     if len(chosen) > 1:
         raise UsageError(f"choose one of --quick, --full and --attacks, got --{' and --'.join(chosen)}")
-    name = DEMO_SPECS[chosen[0] if chosen else "default"]
-    return run_grid(load_plans(resources.files("bdsafety") / "configs" / name, args.set), args)
+    spec = resources.files("bdsafety") / "configs" / DEMO_SPECS[chosen[0] if chosen else "default"]
+    return run_grid(load_plans(spec, demo_overrides(spec, args)), args)
+
+
+def demo_overrides(spec, args) -> list[str]:
+    """The demo's --set overrides, then --practitioner's: the practitioner's audits after the spec's own checks."""
+    overrides = list(args.set or [])
+    if args.practitioner:
+        checks = read_raw(spec, overrides).get("checks") or list(CHECKS)
+        checks += [name for name in PRACTITIONER_CHECKS if name not in checks]
+        overrides.append(f"checks=[{', '.join(checks)}]")
+    return overrides
 
 
 def run_grid(plans: dict, args) -> int:

@@ -29,6 +29,8 @@ from ..store import canonical_hash
 from ..train import TrainConfig, training_augmentation
 
 CHECKS = ("ra", "qra", "lmc", "trajectory")
+# The practitioner's audits beyond the paper's (bdsafety demo --practitioner adds them to a demo)
+PRACTITIONER_CHECKS = ("ra_curve", "position", "bec", "uap", "uap_transfer")
 PAPER_DEFENSES = ("ep", "ft", "fst", "ft_sam", "anp", "i_bau", "bti_dbf", "pam")
 
 
