@@ -262,6 +262,20 @@ def test_mcr_row_with_its_curve_gets_the_curve_figure():
     assert "fig-1-badnets-mcr.png" in names and "fig-2-blended-mcr.png" not in names
 
 
+def test_a_one_defense_run_draws_its_bar_figures_without_squeezing_the_axes():
+    import warnings
+
+    from bdsafety.report.figures import attack_figures
+
+    results = fake_results()
+    for block in results["attacks"]:
+        block["rows"] = [r for r in block["rows"] if r["defense"] == "pam"]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # constrained layout warns when the outside legend leaves the axes no room
+        names = [name for name, _, _ in attack_figures(results)]
+    assert "fig-1-badnets-asr.png" in names and "fig-1-badnets-qra.png" in names
+
+
 def test_budget_curves_and_verdict_cards_get_their_figure_and_their_ranked_table():
     from bdsafety.audits.verdict import verdict_card
     from bdsafety.report.figures import attack_figures

@@ -37,6 +37,12 @@ def _png(fig: Figure) -> bytes:
     return buffer.getvalue()
 
 
+def _bar_figure(groups: int) -> Figure:
+    """A figure for `groups` bar groups with its legend outside on the right; wide enough for that legend when
+    the groups are few (a one-defense run), where constrained layout would otherwise squeeze the axes to nothing."""
+    return Figure(figsize=(max(4.5, 1.0 + 0.75 * groups), 3.4), layout="constrained")
+
+
 def _grouped_bars(ax, names: list[str], series: list[tuple[str, list[float | None]]]) -> None:
     """Bars of fractions (shown in %), one group per name; a missing value is marked 'n/a'."""
     width = 0.8 / len(series)
@@ -67,7 +73,7 @@ def asr_bars(block: dict, label: str) -> bytes | None:
     names = ["Clean"] + [display_name(d, short=True) for d in defenses]
     o_asr = [block["clean"].get("asr")] + [(find_row(block, d) or {}).get("o_asr") for d in defenses]
     p_asr = [block["clean"].get("asr_after_ra")] + [(find_row(block, d) or {}).get("p_asr") for d in defenses]
-    fig = Figure(figsize=(1.0 + 0.75 * len(names), 3.4), layout="constrained")
+    fig = _bar_figure(len(names))
     ax = fig.add_subplot()
     _grouped_bars(ax, names, [("O-ASR (after defense)", o_asr), ("P-ASR (after RA)", p_asr)])
     backdoored = block["backdoored"].get("asr")
@@ -208,7 +214,7 @@ def qra_bars(block: dict, label: str) -> bytes | None:
            for k in ("qra_asr_purified", "qra_asr_clean_model")):
         return None
     rows = [find_row(block, d) for d in defenses]
-    fig = Figure(figsize=(1.0 + 0.75 * len(defenses), 3.4), layout="constrained")
+    fig = _bar_figure(len(defenses))
     ax = fig.add_subplot()
     _grouped_bars(ax, [display_name(d, short=True) for d in defenses],
                   [("QRA-ASR on purified model", [r.get("qra_asr_purified") for r in rows]),
