@@ -154,7 +154,7 @@ def test_hypergradient_matches_finite_differences_of_the_solved_problem():
             for sign in (1, -1):
                 with torch.no_grad():
                     p.view(-1)[i] += sign * h
-                values.append(float(outer(solve(model, x, y)[0])))
+                values.append(float(outer(solve(model, x, y)[0]).detach()))
                 with torch.no_grad():
                     p.view(-1)[i] -= sign * h
             numeric.view(-1)[i] = (values[0] - values[1]) / (2 * h)

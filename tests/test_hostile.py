@@ -67,6 +67,7 @@ def hostile_corpus(folder, marker, backdoored_dir):
                                           "garbage.pt", "list.pt")]
 
 
+@pytest.mark.filterwarnings("ignore:Detected pickle protocol")  # the hostile files are plain pickles on purpose
 def test_hostile_checkpoints_are_refused_without_running_code(tmp_path, backdoored_dir, capsys, monkeypatch):
     monkeypatch.chdir(tmp_path)
     marker = tmp_path / MARKER
