@@ -203,9 +203,9 @@ class SAU(DefenseBase):
     augment_pad: int = 0  # official: the test transform, no random crop (docstring)
     augment_flip: bool = False  # official: no flip
 
-    # Fashion-MNIST: an SAU epoch costs ~11 plain training epochs (5 PGD steps through two models, one
-    # unlearning step on the doubled batch; measured on the synthetic set), ~28 s over the 3,000-image
-    # reserve on 2 cores, so 5 of 100 epochs fit ~2.5 min (estimate; not run on Fashion-MNIST here)
+    # An SAU epoch costs ~11 plain training epochs (5 PGD steps through two models, one unlearning step on
+    # the doubled batch), so only 5 of the 100 epochs fit the CPU profile's few minutes per defense (the
+    # README gives both lengths' times and results)
     cpu_overrides: ClassVar[dict] = {"epochs": 5}
     uses_attack: ClassVar[bool] = False
 
