@@ -1,6 +1,7 @@
 """BackdoorBench's architectures: state dicts of independent reference definitions (written here after
-torchvision's and BackdoorBench's structure) load strictly into bdsafety's models, which then give the same
-logits; and the choice of model for a BackdoorBench checkpoint."""
+torchvision's and BackdoorBench's structure; for ConvNeXt-Tiny, ViT-B/16 and EfficientNet-B3, key lists with
+functional forward passes) load strictly into bdsafety's models, which then give the same logits; and the
+choice of model for a BackdoorBench checkpoint."""
 
 from __future__ import annotations
 
@@ -460,7 +461,9 @@ def test_mobilenet_v3_keeps_torchvision_batchnorm_settings_and_key_names():
 
 def test_parameter_counts_are_torchvisions_published_ones():
     published = {"resnet18_torchvision": 11_689_512, "vgg19_bn_torchvision": 143_678_248,
-                 "densenet161_torchvision": 28_681_000, "mobilenet_v3_large_torchvision": 5_483_032}
+                 "densenet161_torchvision": 28_681_000, "mobilenet_v3_large_torchvision": 5_483_032,
+                 "convnext_tiny_torchvision": 28_589_128, "vit_b_16_torchvision": 86_567_656,
+                 "efficientnet_b3_torchvision": 12_233_232}
     for name, count in published.items():
         with torch.device("meta"):  # shapes only: no memory, no initialisation cost
             model = create_model(ModelSpec(name, 3, 1000, (0.0,) * 3, (1.0,) * 3))
@@ -546,15 +549,20 @@ def test_backdoorbench_architecture_choices():
         "resnet18_torchvision", False)
     assert backdoorbench_architecture("resnet18", {"conv1.weight", "bn1.weight", "linear.weight"}) == ("resnet18", True)
     assert backdoorbench_architecture("resnet50", {"conv1.weight", "linear.weight"}) == ("resnet50", True)
-    for theirs in ("vgg19_bn", "densenet161", "mobilenet_v3_large"):
+    for theirs in ("vgg19_bn", "densenet161", "mobilenet_v3_large", "convnext_tiny", "efficientnet_b3"):
         ours = f"{theirs}_torchvision"
         chosen = backdoorbench_architecture(theirs, keys_of(ours))
         assert chosen == (ours, False) and chosen.name == ours and not chosen.needs_renaming
+    for wrapped in ("1.", "module.1."):  # BackdoorBench's Sequential(Resize, vit), and that under DataParallel
+        assert backdoorbench_architecture("vit_b_16", {wrapped + k for k in keys_of("vit_b_16_torchvision")}) == (
+            "vit_b_16_torchvision", False)
+    with pytest.raises(UsageError, match="no 'class_token' key"):
+        backdoorbench_architecture("vit_b_16", {"2.class_token"})
 
 
 def test_backdoorbench_architecture_refuses_unknown_names_and_foreign_keys():
     with pytest.raises(UsageError, match="supported: preactresnet18, resnet18") as caught:
-        backdoorbench_architecture("vit_b_16", {"heads.head.weight"})
+        backdoorbench_architecture("vit_b_32", {"1.heads.head.weight"})
     assert "\n" not in str(caught.value)
     with pytest.raises(UsageError, match="'fc.weight' or 'linear.weight'"):
         backdoorbench_architecture("resnet18", {"conv1.weight", "head.weight"})
@@ -562,3 +570,267 @@ def test_backdoorbench_architecture_refuses_unknown_names_and_foreign_keys():
         backdoorbench_architecture("vgg19_bn", {"body.0.weight", "linear.weight"})  # bdsafety's CIFAR vgg19_bn
     with pytest.raises(UsageError, match="'linear.weight'"):
         backdoorbench_architecture("resnet50", {"conv1.weight", "fc.weight"})  # torchvision's resnet50
+
+
+# --- ConvNeXt-Tiny, ViT-B/16, EfficientNet-B3: state dicts written key by key from torchvision's structure ----------
+# Each `*_shapes` lists the keys and shapes torchvision's model (as BackdoorBench builds it) saves; `random_state`
+# fills them; each `*_reference` is the forward pass written from torchvision's source, reading that state dict.
+
+def convnext_tiny_shapes(channels: int = 3) -> dict[str, tuple]:
+    """torchvision's convnext_tiny: stem `features.0`, stages `features.1/3/5/7` (3, 3, 9, 3 CNBlocks),
+    downsampling `features.2/4/6`, `classifier.0` (LayerNorm2d) and `classifier.2` (linear)."""
+    shapes = {"features.0.0.weight": (96, channels, 4, 4), "features.0.0.bias": (96,),
+              "features.0.1.weight": (96,), "features.0.1.bias": (96,)}
+    widths, depths = (96, 192, 384, 768), (3, 3, 9, 3)
+    for stage, (dim, depth) in enumerate(zip(widths, depths)):
+        for b in range(depth):
+            p = f"features.{2 * stage + 1}.{b}."
+            shapes.update({p + "layer_scale": (dim, 1, 1), p + "block.0.weight": (dim, 1, 7, 7),
+                           p + "block.0.bias": (dim,), p + "block.2.weight": (dim,), p + "block.2.bias": (dim,),
+                           p + "block.3.weight": (4 * dim, dim), p + "block.3.bias": (4 * dim,),
+                           p + "block.5.weight": (dim, 4 * dim), p + "block.5.bias": (dim,)})
+        if stage < 3:
+            p = f"features.{2 * stage + 2}."
+            shapes.update({p + "0.weight": (dim,), p + "0.bias": (dim,), p + "1.weight": (widths[stage + 1], dim, 2, 2),
+                           p + "1.bias": (widths[stage + 1],)})
+    shapes.update({"classifier.0.weight": (768,), "classifier.0.bias": (768,),
+                   "classifier.2.weight": (NUM_CLASSES, 768), "classifier.2.bias": (NUM_CLASSES,)})
+    return shapes
+
+
+def vit_b_16_shapes(channels: int = 3, legacy_mlp: bool = False) -> dict[str, tuple]:
+    """torchvision's vit_b_16 with a NUM_CLASSES `heads.head`; `legacy_mlp`: torchvision < 0.14's MLP names."""
+    shapes = {"class_token": (1, 1, 768), "conv_proj.weight": (768, channels, 16, 16), "conv_proj.bias": (768,),
+              "encoder.pos_embedding": (1, 197, 768)}
+    first, second = ("linear_1", "linear_2") if legacy_mlp else ("0", "3")
+    for i in range(12):
+        p = f"encoder.layers.encoder_layer_{i}."
+        shapes.update({p + "ln_1.weight": (768,), p + "ln_1.bias": (768,),
+                       p + "self_attention.in_proj_weight": (3 * 768, 768),
+                       p + "self_attention.in_proj_bias": (3 * 768,),
+                       p + "self_attention.out_proj.weight": (768, 768), p + "self_attention.out_proj.bias": (768,),
+                       p + "ln_2.weight": (768,), p + "ln_2.bias": (768,),
+                       p + f"mlp.{first}.weight": (3072, 768), p + f"mlp.{first}.bias": (3072,),
+                       p + f"mlp.{second}.weight": (768, 3072), p + f"mlp.{second}.bias": (768,)})
+    shapes.update({"encoder.ln.weight": (768,), "encoder.ln.bias": (768,),
+                   "heads.head.weight": (NUM_CLASSES, 768), "heads.head.bias": (NUM_CLASSES,)})
+    return shapes
+
+
+# EfficientNet-B3's stages after torchvision's width (1.2) and depth (1.4) scaling, worked out by hand:
+# (expand ratio, kernel, stride, input width, output width, blocks)
+EFFICIENTNET_B3_STAGES = ((1, 3, 1, 40, 24, 2), (6, 3, 2, 24, 32, 3), (6, 5, 2, 32, 48, 3), (6, 3, 2, 48, 96, 5),
+                          (6, 5, 1, 96, 136, 5), (6, 5, 2, 136, 232, 6), (6, 3, 1, 232, 384, 2))
+
+
+def efficientnet_b3_blocks():
+    """(key prefix, expand ratio, kernel, stride, input width, output width) of each MBConv block."""
+    for stage, (expand, kernel, stride, c_in, c_out, count) in enumerate(EFFICIENTNET_B3_STAGES):
+        for b in range(count):
+            first = b == 0  # the first block of a stage changes stride and width
+            yield (f"features.{stage + 1}.{b}.block.", expand, kernel, stride if first else 1,
+                   c_in if first else c_out, c_out)
+
+
+def batchnorm_shapes(prefix: str, width: int) -> dict[str, tuple]:
+    return {prefix + "weight": (width,), prefix + "bias": (width,), prefix + "running_mean": (width,),
+            prefix + "running_var": (width,), prefix + "num_batches_tracked": ()}
+
+
+def efficientnet_b3_shapes(channels: int = 3) -> dict[str, tuple]:
+    """torchvision's efficientnet_b3: stem `features.0`, MBConv stages `features.1..7`, `features.8` (1x1 to
+    1536), `classifier.1`; an MBConv's `block` is [expand], depthwise, squeeze-excitation (`fc1`/`fc2`), project."""
+    shapes = {"features.0.0.weight": (40, channels, 3, 3), **batchnorm_shapes("features.0.1.", 40)}
+    for p, expand, kernel, _, c_in, c_out in efficientnet_b3_blocks():
+        wide, squeeze, i = c_in * expand, c_in // 4, 0
+        if expand != 1:
+            shapes.update({p + "0.0.weight": (wide, c_in, 1, 1), **batchnorm_shapes(p + "0.1.", wide)})
+            i = 1
+        shapes.update({f"{p}{i}.0.weight": (wide, 1, kernel, kernel), **batchnorm_shapes(f"{p}{i}.1.", wide),
+                       f"{p}{i + 1}.fc1.weight": (squeeze, wide, 1, 1), f"{p}{i + 1}.fc1.bias": (squeeze,),
+                       f"{p}{i + 1}.fc2.weight": (wide, squeeze, 1, 1), f"{p}{i + 1}.fc2.bias": (wide,),
+                       f"{p}{i + 2}.0.weight": (c_out, wide, 1, 1), **batchnorm_shapes(f"{p}{i + 2}.1.", c_out)})
+    shapes.update({"features.8.0.weight": (1536, 384, 1, 1), **batchnorm_shapes("features.8.1.", 1536),
+                   "classifier.1.weight": (NUM_CLASSES, 1536), "classifier.1.bias": (NUM_CLASSES,)})
+    return shapes
+
+
+def random_state(shapes: dict[str, tuple], seed: int = 0) -> OrderedDict:
+    """Values for every key that make every tensor matter: weights ~ N(0, 1/fan_in), norm scales near 1, biases,
+    layer scales, tokens and BatchNorm statistics random."""
+    gen = torch.Generator().manual_seed(seed)
+    state = OrderedDict()
+    for key, shape in shapes.items():
+        name = key.rsplit(".", 1)[-1]
+        if name == "num_batches_tracked":
+            state[key] = torch.tensor(7)
+        elif name == "running_var":
+            state[key] = torch.rand(shape, generator=gen) + 0.5
+        elif len(shape) >= 2 and name in ("weight", "in_proj_weight"):
+            fan_in = torch.Size(shape[1:]).numel()
+            state[key] = torch.randn(shape, generator=gen) / fan_in ** 0.5
+        elif name == "weight":
+            state[key] = 1 + 0.2 * torch.randn(shape, generator=gen)
+        else:  # biases, running means, layer_scale, class_token, pos_embedding
+            state[key] = 0.2 * torch.randn(shape, generator=gen)
+    return state
+
+
+def layer_norm_2d(x, state, p):
+    channels_last = x.permute(0, 2, 3, 1)
+    return F.layer_norm(channels_last, x.shape[1:2], state[p + "weight"], state[p + "bias"], 1e-6).permute(0, 3, 1, 2)
+
+
+def convnext_tiny_reference(state, x):
+    x = layer_norm_2d(F.conv2d(x, state["features.0.0.weight"], state["features.0.0.bias"], stride=4), state,
+                      "features.0.1.")
+    for stage, depth in enumerate((3, 3, 9, 3)):
+        for b in range(depth):
+            p = f"features.{2 * stage + 1}.{b}."
+            y = F.conv2d(x, state[p + "block.0.weight"], state[p + "block.0.bias"], padding=3, groups=x.shape[1])
+            y = y.permute(0, 2, 3, 1)
+            y = F.layer_norm(y, y.shape[-1:], state[p + "block.2.weight"], state[p + "block.2.bias"], 1e-6)
+            y = F.linear(F.gelu(F.linear(y, state[p + "block.3.weight"], state[p + "block.3.bias"])),
+                         state[p + "block.5.weight"], state[p + "block.5.bias"])
+            x = x + state[p + "layer_scale"] * y.permute(0, 3, 1, 2)
+        if stage < 3:
+            p = f"features.{2 * stage + 2}."
+            x = F.conv2d(layer_norm_2d(x, state, p + "0."), state[p + "1.weight"], state[p + "1.bias"], stride=2)
+    x = layer_norm_2d(x.mean((2, 3), keepdim=True), state, "classifier.0.").flatten(1)
+    return F.linear(x, state["classifier.2.weight"], state["classifier.2.bias"])
+
+
+def vit_b_16_reference(state, x):
+    """BackdoorBench's `nn.Sequential(Resize((224, 224)), vit_b_16)` (torchvision 0.12's tensor Resize: bilinear,
+    no antialiasing), with attention written out (12 heads of 64)."""
+    x = F.interpolate(x, size=(224, 224), mode="bilinear", align_corners=False)
+    x = F.conv2d(x, state["conv_proj.weight"], state["conv_proj.bias"], stride=16).flatten(2).transpose(1, 2)
+    x = torch.cat([state["class_token"].expand(len(x), -1, -1), x], 1) + state["encoder.pos_embedding"]
+    n, length, width = x.shape
+    for i in range(12):
+        p = f"encoder.layers.encoder_layer_{i}."
+        h = F.layer_norm(x, (width,), state[p + "ln_1.weight"], state[p + "ln_1.bias"], 1e-6)
+        q, k, v = F.linear(h, state[p + "self_attention.in_proj_weight"],
+                           state[p + "self_attention.in_proj_bias"]).view(n, length, 3, 12, 64).permute(2, 0, 3, 1, 4)
+        attention = torch.softmax(q @ k.transpose(-1, -2) / 8.0, -1) @ v
+        merged = attention.transpose(1, 2).reshape(n, length, width)
+        x = x + F.linear(merged, state[p + "self_attention.out_proj.weight"], state[p + "self_attention.out_proj.bias"])
+        h = F.layer_norm(x, (width,), state[p + "ln_2.weight"], state[p + "ln_2.bias"], 1e-6)
+        h = F.gelu(F.linear(h, state[p + "mlp.0.weight"], state[p + "mlp.0.bias"]))
+        x = x + F.linear(h, state[p + "mlp.3.weight"], state[p + "mlp.3.bias"])
+    x = F.layer_norm(x, (width,), state["encoder.ln.weight"], state["encoder.ln.bias"], 1e-6)
+    return F.linear(x[:, 0], state["heads.head.weight"], state["heads.head.bias"])
+
+
+def conv_bn(x, state, p, stride=1, groups=1, act=True):
+    weight = state[p + "0.weight"]
+    x = F.conv2d(x, weight, None, stride, (weight.shape[-1] - 1) // 2, groups=groups)
+    x = F.batch_norm(x, state[p + "1.running_mean"], state[p + "1.running_var"], state[p + "1.weight"],
+                     state[p + "1.bias"], False, 0.1, 1e-5)
+    return F.silu(x) if act else x
+
+
+def efficientnet_b3_reference(state, x):
+    x = conv_bn(x, state, "features.0.", stride=2)
+    for p, expand, _, stride, c_in, c_out in efficientnet_b3_blocks():
+        i = 0 if expand == 1 else 1
+        y = x if expand == 1 else conv_bn(x, state, p + "0.")
+        y = conv_bn(y, state, f"{p}{i}.", stride, groups=y.shape[1])
+        scale = F.silu(F.conv2d(y.mean((2, 3), keepdim=True), state[f"{p}{i + 1}.fc1.weight"],
+                                state[f"{p}{i + 1}.fc1.bias"]))
+        y = y * torch.sigmoid(F.conv2d(scale, state[f"{p}{i + 1}.fc2.weight"], state[f"{p}{i + 1}.fc2.bias"]))
+        y = conv_bn(y, state, f"{p}{i + 2}.", act=False)
+        x = y + x if stride == 1 and c_in == c_out else y
+    x = conv_bn(x, state, "features.8.").mean((2, 3))
+    return F.linear(x, state["classifier.1.weight"], state["classifier.1.bias"])
+
+
+def strictly_loaded(name: str, state: dict, channels: int = 3) -> nn.Module:
+    """bdsafety's model `name` (identity normalisation) with `state` loaded strictly, in eval mode."""
+    model = create_model(ModelSpec(name, channels, NUM_CLASSES, (0.0,) * channels, (1.0,) * channels))
+    assert list(model.state_dict()) and set(model.state_dict()) == set(state)
+    model.load_state_dict(state, strict=True)
+    return model.eval()
+
+
+def refused_in_one_line(defense, model: nn.Module, match: str) -> None:
+    """`defense` run the way the pipeline runs it refuses `model` with one line naming the defense and the model."""
+    from bdsafety.data import ImageSet
+    from bdsafety.defenses import DefenderData, trace_defense
+
+    reserve = ImageSet(torch.randint(0, 256, (4, 3, 32, 32), dtype=torch.uint8), torch.arange(4) % NUM_CLASSES)
+    with pytest.raises(UsageError, match=match) as caught:
+        trace_defense(defense, model, DefenderData(reserve, NUM_CLASSES), seed=0, keep_snapshots=False)
+    assert "\n" not in str(caught.value) and type(model).__name__ in str(caught.value)
+
+
+@pytest.fixture(scope="module")
+def vit_pair():
+    """ViT-B/16 (86 M parameters): built once for this file, with its random state dict."""
+    state = random_state(vit_b_16_shapes(), seed=5)
+    return strictly_loaded("vit_b_16_torchvision", state), state
+
+
+@pytest.mark.parametrize("name,shapes,reference", [
+    ("convnext_tiny_torchvision", convnext_tiny_shapes, convnext_tiny_reference),
+    ("efficientnet_b3_torchvision", efficientnet_b3_shapes, efficientnet_b3_reference)])
+def test_convnext_and_efficientnet_state_dicts_load_strictly_and_give_the_reference_logits(name, shapes, reference):
+    state = random_state(shapes(), seed=3)
+    model = strictly_loaded(name, state)
+    x = torch.rand(2, 3, 32, 32, generator=torch.Generator().manual_seed(6))
+    assert_same_logits(model, lambda images: reference(state, images), x)
+    assert_contract(model, x)
+    with torch.no_grad():
+        assert model.pool(model.features(x)).shape == (2, model.linear.in_features)  # what FP and TrojanNN read
+
+
+def test_vit_b_16_state_dict_loads_strictly_and_resizes_like_backdoorbench(vit_pair):
+    model, state = vit_pair
+    assert model.linear is model.heads.head and not batchnorm_layers(model)
+    x = torch.rand(1, 3, 32, 32, generator=torch.Generator().manual_seed(7))  # one image: each pass is 17.6 GFLOPs
+    with torch.no_grad():
+        expected, z = vit_b_16_reference(state, x), model.features(x)
+        assert z.shape == (1, 768, 1, 1)  # the class token after encoder.ln: the input of heads.head
+        assert model.pool(z).shape == (1, model.linear.in_features)
+        logits = model.head(z)
+        assert model(torch.rand(1, 3, 64, 64)).shape == (1, NUM_CLASSES)  # Tiny-ImageNet, resized alike
+    assert expected.shape == (1, NUM_CLASSES) and expected.std() > 1e-2
+    torch.testing.assert_close(logits, expected, rtol=1e-4, atol=1e-4 * float(expected.abs().max()))
+
+
+def test_backdoorbench_vit_checkpoints_load_whatever_torchvision_saved_them(vit_pair, tmp_path):
+    """BackdoorBench saves `Sequential(Resize, vit).state_dict()`: keys under `1.` (`module.1.` from DataParallel),
+    MLP layers `linear_1`/`linear_2` under torchvision < 0.14 (its sh/install.sh pins 0.12), `0`/`3` after."""
+    from bdsafety.interop import backdoorbench_export, current_vit_keys, read_backdoorbench, strip_wrappers
+
+    model, state = vit_pair
+    legacy_names = dict(zip(vit_b_16_shapes(), vit_b_16_shapes(legacy_mlp=True)))
+    for prefix, names in (("1.", {k: k for k in state}), ("module.1.", legacy_names)):
+        saved = {prefix + names[k]: v for k, v in state.items()}
+        assert backdoorbench_architecture("vit_b_16", saved) == ("vit_b_16_torchvision", False)
+        model.load_state_dict(current_vit_keys(strip_wrappers(saved, "vit_b_16")), strict=True)
+    small = {"module.1.class_token": torch.zeros(1, 1, 768),
+             "module.1.encoder.layers.encoder_layer_11.mlp.linear_2.bias": torch.zeros(768)}
+    torch.save({"model_name": "vit_b_16", "num_classes": NUM_CLASSES, "model": small}, tmp_path / "attack_result.pt")
+    assert set(read_backdoorbench(tmp_path / "attack_result.pt").state) == {
+        "class_token", "encoder.layers.encoder_layer_11.mlp.3.bias"}
+    exported = backdoorbench_export(model.state_dict(), "vit_b_16_torchvision", NUM_CLASSES)
+    assert exported["model_name"] == "vit_b_16" and set(exported["model"]) == {"1." + k for k in state}
+
+
+def test_new_architectures_refuse_defenses_they_lack_a_part_for_in_one_line(vit_pair):
+    from bdsafety.defenses.anp import ANP
+    from bdsafety.defenses.clp import ChannelLipschitzPruning
+    from bdsafety.defenses.nad import NAD
+    from bdsafety.models._common import check_model_parts
+
+    vit = vit_pair[0]
+    with torch.device("meta"):  # a refusal reads the structure only: no weights needed
+        convnext = create_model(ModelSpec("convnext_tiny_torchvision", 3, NUM_CLASSES, (0.0,) * 3, (1.0,) * 3))
+    for model in (vit, convnext):
+        refused_in_one_line(ANP(), model, "defense anp needs BatchNorm layers")
+        refused_in_one_line(ChannelLipschitzPruning(), model, "defense clp needs BatchNorm layers")
+    refused_in_one_line(NAD(), vit, "defense nad needs a block sequence")  # its blocks give tokens, not maps
+    effnet = create_model(ModelSpec("efficientnet_b3_torchvision", 3, NUM_CLASSES, (0.0,) * 3, (1.0,) * 3))
+    check_model_parts(effnet, ("batchnorm", "blocks", "pooled_linear"), torch.rand(2, 3, 32, 32), "defense anp")
+    assert len(stage_ends(effnet, torch.rand(1, 3, 32, 32))) >= 3  # what NAD distils

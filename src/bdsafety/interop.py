@@ -7,12 +7,16 @@ extended by exactly those numpy types and by a stand-in for PIL images that only
 nothing from the file runs, and any other object makes the file refused.
 
 BackdoorBench's own architectures load with their key names unchanged (`models/backdoorbench.py`,
-`models/torchvision_style.py`); the paper repository's CIFAR-style ResNets name layers `conv1`,
-`layer{s}.{i}.*`, `linear`, which `from_backdoorbench` renames into bdsafety's `body.` nesting.
+`models/torchvision_style.py`, `convnext.py`, `efficientnet.py`, `vit.py`) once the prefixes of wrappers are
+dropped (DataParallel's `module.`; for `vit_b_16`, the `1.` of BackdoorBench's `Sequential(Resize, net)`) and
+a ViT saved with torchvision < 0.14 has its MLP keys renamed as torchvision renames them; the paper
+repository's CIFAR-style ResNets name layers `conv1`, `layer{s}.{i}.*`, `linear`, which `from_backdoorbench`
+renames into bdsafety's `body.` nesting.
 """
 
 from __future__ import annotations
 
+import functools
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,6 +27,7 @@ from torch import Tensor
 
 from . import store
 from .errors import UsageError
+from .models.backdoorbench import WRAPPER_PREFIXES, backdoorbench_architecture, unwrapped_key
 
 BLOCK_COUNTS = {"resnet18": (2, 2, 2, 2), "resnet50": (3, 4, 6, 3), "preact_resnet18": (2, 2, 2, 2)}
 LAYER_KEY = re.compile(r"^layer(\d)\.(\d+)\.(.*)$")
@@ -60,9 +65,23 @@ def to_backdoorbench(state: dict[str, Tensor], model_name: str) -> dict[str, Ten
     return renamed
 
 
-def strip_wrappers(state: dict[str, Tensor]) -> dict[str, Tensor]:
-    """Keys without the `module.` (DataParallel) and `model.` prefixes that training wrappers add."""
-    return {key.removeprefix("module.").removeprefix("model."): value for key, value in state.items()}
+def strip_wrappers(state: dict[str, Tensor], model_name: str | None = None) -> dict[str, Tensor]:
+    """Keys without the `module.` (DataParallel) and `model.` prefixes that training wrappers add, and without
+    the one BackdoorBench's own wrapper of `model_name` adds (`vit_b_16`: `1.`, after its Resize)."""
+    return {unwrapped_key(key, model_name): value for key, value in state.items()}
+
+
+# torchvision < 0.14 (BackdoorBench's sh/install.sh pins 0.12) named a ViT block's MLP layers `linear_1`, `linear_2`;
+# later versions, and bdsafety, `0`, `3` (pytorch/vision#6053, whose ViT renames old keys the same way on loading).
+LEGACY_VIT_MLP = re.compile(r"^(encoder\.layers\.encoder_layer_\d+\.mlp\.)linear_([12])\.")
+
+
+def current_vit_keys(state: dict[str, Tensor]) -> dict[str, Tensor]:
+    """A torchvision ViT state dict with its MLP layers named as torchvision >= 0.14 names them."""
+    def renamed(key: str) -> str:
+        return LEGACY_VIT_MLP.sub(lambda m: f"{m[1]}{3 * (int(m[2]) - 1)}.", key)
+
+    return {renamed(key): value for key, value in state.items()}
 
 
 def rename_key(key: str, counts: tuple[int, ...], preact: bool) -> str:
@@ -108,9 +127,17 @@ REFUSED_GLOBAL = re.compile(r"GLOBAL ([\w.]+)|but got <class '([\w.]+)'>")
 
 
 def load_restricted(path: Path) -> object:
-    """`torch.load` of a BackdoorBench result with only `backdoorbench_globals` admitted beyond weights."""
+    """`torch.load` of a BackdoorBench result with only `backdoorbench_globals` admitted beyond weights (read once
+    per process while the file is unchanged: an audit of a record reads its attack_result.pt in several places).
+    The result is shared: never modify it."""
     if not path.is_file():
         raise UsageError(f"{path} not found; pass BackdoorBench's attack_result.pt or defense_result.pt")
+    stat = path.stat()
+    return cached_load(path.resolve(), stat.st_mtime_ns, stat.st_size)
+
+
+@functools.lru_cache(maxsize=2)
+def cached_load(path: Path, mtime_ns: int, size: int) -> object:
     try:
         with torch.serialization.safe_globals(backdoorbench_globals()):
             return torch.load(path, map_location="cpu", weights_only=True)
@@ -148,7 +175,8 @@ def read_backdoorbench(path: Path) -> BackdoorBenchResult:
         raise UsageError(f"{path} holds no model state dict under 'model'; is it attack_result.pt or "
                          "defense_result.pt?")
     name, classes, data = loaded.get("model_name"), loaded.get("num_classes"), loaded.get("clean_data")
-    return BackdoorBenchResult(strip_wrappers(state), name if isinstance(name, str) else None,
+    name = name if isinstance(name, str) else None
+    return BackdoorBenchResult(current_vit_keys(strip_wrappers(state, name)), name,
                                int(classes) if isinstance(classes, (int, np.integer)) else None,
                                BACKDOORBENCH_DATASETS.get(data, data) if isinstance(data, str) else None,
                                poisoned_count(loaded.get("bd_train")))
@@ -167,8 +195,6 @@ def read_any(path: Path, fmt: str, model_name: str | None) -> tuple[dict[str, Te
         if model_name is None:
             raise UsageError("a plain state dict does not name its architecture; pass --model")
         return store.read_state_dict(path), model_name, {}
-    from .models.backdoorbench import backdoorbench_architecture
-
     result = read_backdoorbench(path)
     if result.model_name is None:
         if model_name is None:
@@ -186,7 +212,9 @@ def read_any(path: Path, fmt: str, model_name: str | None) -> tuple[dict[str, Te
 # bdsafety architecture -> BackdoorBench's `model_name`, for models whose keys need no renaming.
 BACKDOORBENCH_EXPORTS = {"preact_resnet18_backdoorbench": "preactresnet18", "resnet18_torchvision": "resnet18",
                          "vgg19_bn_torchvision": "vgg19_bn", "densenet161_torchvision": "densenet161",
-                         "mobilenet_v3_large_torchvision": "mobilenet_v3_large"}
+                         "mobilenet_v3_large_torchvision": "mobilenet_v3_large",
+                         "convnext_tiny_torchvision": "convnext_tiny", "vit_b_16_torchvision": "vit_b_16",
+                         "efficientnet_b3_torchvision": "efficientnet_b3"}
 
 
 def backdoorbench_export(state: dict[str, Tensor], model_name: str, num_classes: int) -> dict:
@@ -194,9 +222,12 @@ def backdoorbench_export(state: dict[str, Tensor], model_name: str, num_classes:
 
     The paper repository's CIFAR-style `resnet18` (bdsafety's `resnet18`) is exported in its key names; in
     BackdoorBench itself `resnet18` is torchvision's (`resnet18_torchvision`). Models normalise their own
-    input in bdsafety and in a BackdoorBench data transform; both use the dataset's mean and std."""
+    input in bdsafety and in a BackdoorBench data transform; both use the dataset's mean and std. A ViT's keys
+    get the prefix of BackdoorBench's resize wrapper (`1.`) and torchvision >= 0.14's MLP names (`mlp.0`/`mlp.3`;
+    BackdoorBench on torchvision 0.12 names them `mlp.linear_1`/`mlp.linear_2`)."""
     if model_name in BACKDOORBENCH_EXPORTS:
-        theirs, renamed = BACKDOORBENCH_EXPORTS[model_name], state
+        theirs = BACKDOORBENCH_EXPORTS[model_name]
+        renamed = {WRAPPER_PREFIXES.get(theirs, "") + key: value for key, value in state.items()}
     elif model_name == "resnet18":
         theirs, renamed = "resnet18", to_backdoorbench(state, model_name)
     else:

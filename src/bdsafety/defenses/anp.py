@@ -148,6 +148,7 @@ class ANP(DefenseBase):
     # 400 of 2,000 iterations to fit 2 cores; mask lr and threshold from the strength grid (docstring)
     cpu_overrides: ClassVar[dict] = {"iterations": 400, "mask_lr": 0.2, "prune_threshold": 0.4}
     uses_attack: ClassVar[bool] = False
+    model_parts: ClassVar[tuple[str, ...]] = ("batchnorm",)  # masks BN channels (ConvNeXt and ViT have none)
 
     def __post_init__(self):
         if self.iterations < 0 or self.batch_size < 1 or self.noise_steps < 1 or self.eps < 0:

@@ -139,6 +139,7 @@ class ChannelLipschitzPruning(DefenseBase):
     # CLP stops at 20.5 % (22.0 %) calibration O-ASR on the demo's model, at u = 2 it purifies (README)
     cpu_overrides: ClassVar[dict] = {"u": 2.0}
     uses_attack: ClassVar[bool] = False
+    model_parts: ClassVar[tuple[str, ...]] = ("batchnorm",)  # prunes BN channels (ConvNeXt and ViT have none)
 
     def __post_init__(self):
         if not 0 <= self.u < float("inf") or not 0 <= self.trajectory_u_max < float("inf"):

@@ -1,6 +1,7 @@
-"""Model registry: one file per architecture family; every model has features()/head()."""
+"""Model registry: one file per architecture family (imported below, which registers it); every model has
+features()/head()."""
 
 from ._common import MODELS, Classifier, ModelSpec, batchnorm_layers, create_model
-from . import backdoorbench, preact, resnet, torchvision_style, vgg  # noqa: F401  (registration)
+from . import backdoorbench, convnext, efficientnet, preact, resnet, torchvision_style, vgg, vit  # noqa: F401
 
 __all__ = ["MODELS", "ModelSpec", "create_model", "Classifier", "batchnorm_layers"]

@@ -181,6 +181,7 @@ MODEL_PARTS = {
     "features": "features(x) (the feature map) and head(z) (pool and classify), as bdsafety's models have",
     "pooled_linear": "a classifier layer that reads the pooled feature map (features(x), then pool(z))",
     "blocks": "a block sequence (`body` or `block_containers`) to take stage outputs from",
+    "batchnorm": "BatchNorm layers (it acts on their channels)",
 }
 
 
@@ -193,13 +194,16 @@ def check_model_parts(model: nn.Module, parts: tuple[str, ...], probe: Tensor, u
         with torch.no_grad():
             for part in parts:
                 if not has_part(model, part, probe):
-                    raise UsageError(f"{user} needs {MODEL_PARTS[part]}, which {type(model).__name__} lacks; use a "
-                                     f"bdsafety architecture or add it to your model")
+                    remedy = ("choose another architecture" if isinstance(model, Classifier) else
+                              "use a bdsafety architecture or add it to your model")
+                    raise UsageError(f"{user} needs {MODEL_PARTS[part]}, which {type(model).__name__} lacks; {remedy}")
     finally:
         model.train(training)
 
 
 def has_part(model: nn.Module, part: str, probe: Tensor) -> bool:
+    if part == "batchnorm":
+        return bool(batchnorm_layers(model))
     if part == "linear":
         layer, seen = classifier_layer(model), []
         handle = layer.register_forward_hook(lambda module, args, output: seen.append(output))

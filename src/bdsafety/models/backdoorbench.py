@@ -81,19 +81,32 @@ LAYOUTS: dict[str, tuple[tuple[str, str, bool], ...]] = {
     "vgg19_bn": (("classifier.6.weight", "vgg19_bn_torchvision", False),),
     "densenet161": (("features.denseblock1.denselayer1.norm1.weight", "densenet161_torchvision", False),),
     "mobilenet_v3_large": (("features.1.block.0.0.weight", "mobilenet_v3_large_torchvision", False),),
+    "convnext_tiny": (("features.1.0.layer_scale", "convnext_tiny_torchvision", False),),
+    "vit_b_16": (("class_token", "vit_b_16_torchvision", False),),
+    "efficientnet_b3": (("features.1.0.block.1.fc1.weight", "efficientnet_b3_torchvision", False),),
 }
+# BackdoorBench `model_name` -> the prefix its own wrapper puts before the network's keys: `generate_cls_model`
+# (utils/aggregate_block/model_trainer_generate.py) returns its ViTs as `nn.Sequential(Resize((224, 224)), net)`.
+WRAPPER_PREFIXES = {"vit_b_16": "1."}
+
+
+def unwrapped_key(key: str, model_name: str | None = None) -> str:
+    """`key` without the `module.` (DataParallel) and `model.` prefixes of training wrappers, and without the
+    prefix of BackdoorBench's own wrapper of `model_name` (`WRAPPER_PREFIXES`)."""
+    return key.removeprefix("module.").removeprefix("model.").removeprefix(WRAPPER_PREFIXES.get(model_name, ""))
 
 
 def backdoorbench_architecture(model_name: str, keys: Iterable[str]) -> Architecture:
     """The bdsafety model for a BackdoorBench (or paper-repository) checkpoint, from its `model_name` and the
-    keys of its state dict (`module.`/`model.` wrapper prefixes are ignored).
+    keys of its state dict (wrapper prefixes are ignored: `module.`, `model.` and, for `vit_b_16`, `1.`).
 
     * `preactresnet18` -> `preact_resnet18_backdoorbench`;
     * `resnet18` with `fc.*` (BackdoorBench: torchvision's) -> `resnet18_torchvision`; with `linear.*` (the
       paper repository's CIFAR-style `models/resnet.py`) -> bdsafety's `resnet18`, whose keys need renaming
       (`needs_renaming=True`: `interop.from_backdoorbench`); `resnet50` with `linear.*` (the paper
       repository's) -> `resnet50`, renamed likewise;
-    * `vgg19_bn`, `densenet161`, `mobilenet_v3_large` -> their `_torchvision` models.
+    * `vgg19_bn`, `densenet161`, `mobilenet_v3_large`, `convnext_tiny`, `vit_b_16`, `efficientnet_b3` -> their
+      `_torchvision` models.
 
     Raises:
         UsageError: an unsupported `model_name`, or keys of neither layout the name has.
@@ -101,7 +114,7 @@ def backdoorbench_architecture(model_name: str, keys: Iterable[str]) -> Architec
     layouts = LAYOUTS.get(model_name)
     if layouts is None:
         raise UsageError(f"BackdoorBench model '{model_name}' is not supported; supported: {', '.join(LAYOUTS)}")
-    present = {key.removeprefix("module.").removeprefix("model.") for key in keys}
+    present = {unwrapped_key(key, model_name) for key in keys}
     for marker, name, renamed in layouts:
         if marker in present:
             return Architecture(name, renamed)

@@ -1,4 +1,6 @@
-"""torchvision's ResNet-18, VGG-19-BN, DenseNet-161 and MobileNetV3-Large, in torchvision's state-dict layout.
+"""torchvision's ResNet-18, VGG-19-BN, DenseNet-161 and MobileNetV3-Large, in torchvision's state-dict layout
+(ConvNeXt-Tiny, ViT-B/16 and EfficientNet-B3, built from the pieces here, are in `convnext.py`, `vit.py` and
+`efficientnet.py`).
 
 BackdoorBench builds these four with `torchvision.models.<name>(num_classes=...)`, so its checkpoints load
 into them with `strict=True` and no renaming. Written here (torchvision is not a dependency) to give the same
@@ -98,6 +100,23 @@ class KeepOneAvgPool2d(nn.AvgPool2d):
         if min(x.shape[-2:]) >= self.kernel_size:
             return super().forward(x)
         return F.avg_pool2d(x, self.kernel_size, self.stride, ceil_mode=True)
+
+
+class StochasticDepth(nn.Module):
+    """torchvision's `StochasticDepth` in "row" mode (Huang et al. 2016): in training, each sample's residual
+    branch is dropped with probability `p` and kept ones are scaled by 1 / (1 - p); the identity in eval mode.
+    Like dropout, it draws from PyTorch's global generator."""
+
+    def __init__(self, p: float):
+        super().__init__()
+        self.p = p
+
+    def forward(self, x: Tensor) -> Tensor:
+        if not self.training or self.p == 0.0:
+            return x
+        survival = 1.0 - self.p
+        keep = torch.empty((x.shape[0],) + (1,) * (x.dim() - 1), dtype=x.dtype, device=x.device).bernoulli_(survival)
+        return x * (keep / survival if survival > 0.0 else keep)
 
 
 # --- ResNet-18 -----------------------------------------------------------------------------------------------
@@ -312,26 +331,29 @@ def make_divisible(value: float, divisor: int = 8) -> int:
 
 
 def conv_norm_act(in_channels: int, out_channels: int, kernel: int, stride: int = 1, groups: int = 1,
-                  activation: Callable[[], nn.Module] | None = None) -> nn.Sequential:
-    """torchvision's `Conv2dNormActivation` with MobileNetV3's BatchNorm: keys `0.weight`, `1.*`."""
+                  activation: Callable[[], nn.Module] | None = None, eps: float = 0.001,
+                  momentum: float = 0.01) -> nn.Sequential:
+    """torchvision's `Conv2dNormActivation` (keys `0.weight`, `1.*`); the BatchNorm defaults are MobileNetV3's
+    (EfficientNet-B3 passes PyTorch's, eps 1e-5 and momentum 0.1)."""
     layers = [nn.Conv2d(in_channels, out_channels, kernel, stride, (kernel - 1) // 2, groups=groups, bias=False),
-              nn.BatchNorm2d(out_channels, eps=0.001, momentum=0.01)]
+              nn.BatchNorm2d(out_channels, eps=eps, momentum=momentum)]
     if activation is not None:
         layers.append(activation())
     return nn.Sequential(*layers)
 
 
 class SqueezeExcitation(nn.Module):
-    """torchvision's `SqueezeExcitation` as MobileNetV3 uses it: global pool, 1x1 `fc1`, ReLU, 1x1 `fc2`,
-    hard sigmoid, times the input."""
+    """torchvision's `SqueezeExcitation`: global pool, 1x1 `fc1`, activation, 1x1 `fc2`, scale activation, times
+    the input. The activations default to MobileNetV3's (ReLU, hard sigmoid); EfficientNet's are SiLU, sigmoid."""
 
-    def __init__(self, channels: int, squeeze_channels: int):
+    def __init__(self, channels: int, squeeze_channels: int, activation: Callable[[], nn.Module] = nn.ReLU,
+                 scale_activation: Callable[[], nn.Module] = nn.Hardsigmoid):
         super().__init__()
         self.avgpool = nn.AdaptiveAvgPool2d(1)
         self.fc1 = nn.Conv2d(channels, squeeze_channels, 1)
         self.fc2 = nn.Conv2d(squeeze_channels, channels, 1)
-        self.activation = nn.ReLU()
-        self.scale_activation = nn.Hardsigmoid()
+        self.activation = activation()
+        self.scale_activation = scale_activation()
 
     def forward(self, x: Tensor) -> Tensor:
         return self.scale_activation(self.fc2(self.activation(self.fc1(self.avgpool(x))))) * x
