@@ -1,4 +1,4 @@
-"""The Python API audits model objects of any architecture: here a class that exists only in this test."""
+"""The Python API audits model objects of any architecture: here classes that exist only in the tests."""
 
 import copy
 
@@ -10,21 +10,7 @@ import bdsafety
 from bdsafety.api import setup_for
 from bdsafety.errors import UsageError
 from bdsafety.train import TrainConfig, fit
-
-
-class PlainNet(nn.Module):
-    """No features()/head()/linear, no input normalisation: only forward."""
-
-    def __init__(self, in_channels: int = 1, classes: int = 4):
-        super().__init__()
-        self.conv1 = nn.Conv2d(in_channels, 16, 3, padding=1)
-        self.norm = nn.BatchNorm2d(16)
-        self.conv2 = nn.Conv2d(16, 32, 3, stride=2, padding=1)
-        self.out = nn.Linear(32, classes)
-
-    def forward(self, x):
-        x = torch.relu(self.norm(self.conv1(x)))
-        return self.out(torch.relu(self.conv2(x)).amax((2, 3)))
+from outside_models import PlainNet
 
 
 @pytest.fixture(scope="module")
@@ -51,10 +37,10 @@ def test_audit_of_a_model_defined_only_here_finds_the_unremoved_backdoor(backdoo
 def test_audit_refuses_models_that_do_not_fit_the_dataset_in_one_line(backdoored):
     for wrong, expected in ((PlainNet(in_channels=3), "fails on a 1x16x16 image"), (PlainNet(classes=10), "(1, 4)")):
         with pytest.raises(UsageError, match="purified model") as raised:
-            bdsafety.audit(wrong, backdoored, data="synthetic", checks=("lmc",), device="cpu")
+            bdsafety.audit(wrong, backdoored, data="synthetic", attack="badnets", poison_rate=0.1, checks=("lmc",), device="cpu")
         assert expected in str(raised.value) and "\n" not in str(raised.value)
     with pytest.raises(UsageError, match="unknown check 'trajectory'"):
-        bdsafety.audit(backdoored, backdoored, data="synthetic", checks=("trajectory",), device="cpu")
+        bdsafety.audit(backdoored, backdoored, data="synthetic", attack="badnets", poison_rate=0.1, checks=("trajectory",), device="cpu")
 
 
 def test_with_normalization_standardises_and_keeps_the_state_dict_keys():
@@ -118,8 +104,9 @@ def readme_example() -> str:
     from pathlib import Path
 
     text = (Path(__file__).resolve().parents[1] / "README.md").read_text()
-    section = text[text.index("### Audit your own model"):]
-    return section[section.index("```python\n") + len("```python\n"):section.index("\n```\n")]
+    section = text[text.index("### Audit a model trained elsewhere"):]
+    start = section.index("```python\n") + len("```python\n")
+    return section[start:section.index("\n```\n", start)]
 
 
 def test_the_readme_example_runs_as_written(tmp_path, monkeypatch, capsys):
@@ -134,7 +121,28 @@ def test_the_readme_example_runs_as_written(tmp_path, monkeypatch, capsys):
     exec(code[:code.index("backdoored, purified =")], namespace)  # the example's own class, for its weight files
     monkeypatch.chdir(tmp_path)
     torch.manual_seed(0)
-    torch.save(namespace["Net"]().state_dict(), "backdoored.pt")
+    backdoored = namespace["Net"]()
+    torch.save(backdoored.state_dict(), "backdoored.pt")
     torch.save(namespace["Net"]().state_dict(), "purified.pt")
+    write_followed_poisons(backdoored, tmp_path / "poisons")
     exec(code, {"__name__": "__main__"})
     assert "after the Retuning Attack" in capsys.readouterr().out
+
+
+def write_followed_poisons(model, root, count: int = 40) -> None:
+    """Poison folders that `model` follows: Fashion-MNIST images it already gives its most frequent class, filed under
+    that class (a random network has no backdoor, but the audit checks only that the model follows its poisons)."""
+    from PIL import Image
+
+    from bdsafety.data import load_dataset
+
+    test = load_dataset("fashion-mnist").test
+    images = test.images[:2000]
+    with torch.no_grad():
+        predicted = model.eval()(images.float() / 255).argmax(1)
+    target = int(predicted.mode().values)
+    chosen = images[predicted == target]
+    for part, part_images in (("train", chosen[:count // 2]), ("test", chosen[count // 2:count])):
+        (root / part / str(target)).mkdir(parents=True)
+        for i, image in enumerate(part_images):
+            Image.fromarray(image[0].numpy()).save(root / part / str(target) / f"{i}.png")

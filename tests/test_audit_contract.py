@@ -89,7 +89,8 @@ def test_a_new_audit_is_one_registration(tmp_path):
     try:
         spec = tmp_path / "spec.yaml"
         spec.write_text("dataset: synthetic\ntrain: {epochs: 1, batch_size: 64, crop_pad: 1, flip: false}\n"
-                        "defenses: [ft]\ndefense_params: {ft: {epochs: 1}}\nchecks: [distance]\n")
+                        "defenses: [ft]\ndefense_params: {ft: {epochs: 1}}\nchecks: [distance]\n"
+                        "audit_unimplanted: true\n")  # one epoch need not implant the backdoor
         assert main(["run", str(spec), "--out", str(tmp_path / "out"), "--device", "cpu", "-q"]) == 0
     finally:
         del AUDITS._entries["distance"]

@@ -120,6 +120,7 @@ defenses: [ft, ep]
 defense_params: {ft: {epochs: 1}, ep: {epochs: 1}}
 checks: [uap, uap_transfer]
 audit_params: {uap: {outer_steps: 2}, uap_transfer: {test_images: 0}}
+audit_unimplanted: true  # two epochs on synthetic data need not implant the backdoor
 """
 
 

@@ -103,7 +103,7 @@ def test_plain_state_dict_import_and_a_backdoorbench_file_that_names_no_architec
 
     state = load_file(backdoored_dir / "model.safetensors")
     torch.save(state, tmp_path / "plain.pt")
-    args = ["import", "--model", "preact_small", "--dataset", "synthetic", "--device", "cpu", "-q"]
+    args = ["import", "--model", "preact_small", "--dataset", "synthetic", "--device", "cpu", "-q", "--attack", "badnets"]
     assert main([*args, str(tmp_path / "plain.pt"), "--out", str(tmp_path / "imported")]) == 0
     assert "asr=" in capsys.readouterr().out
     record = json.loads((tmp_path / "imported" / "record.json").read_text())

@@ -9,12 +9,13 @@ import pytest
 import torch
 from PIL import Image
 
+from outside_models import write_trigger_files
+
 from bdsafety.cli import main
 from bdsafety.interop import read_backdoorbench
 from bdsafety.models import ModelSpec, create_model
 
-IMPORT = ["import", "--format", "backdoorbench", "--dataset", "synthetic", "--poison-rate", "0.1", "--device", "cpu",
-          "-q"]
+IMPORT = ["import", "--format", "backdoorbench", "--dataset", "synthetic", "--attack", "none", "--device", "cpu", "-q"]
 
 
 def bd_dataset_state(count: int, poisoned: list[int], on_disk: bool) -> dict:
@@ -70,8 +71,13 @@ def test_backdoorbench_attack_result_imports_without_trust_and_audits_end_to_end
     capsys.readouterr()
     audit = ["audit", "--backdoored", str(tmp_path / "imported"), "--purified", str(tmp_path / "imported"),
              "--checks", "lmc", "--device", "cpu", "-q"]
+    assert main([*audit, "--out", str(tmp_path / "audit"), "--set", "lmc.points=3"]) == 2  # a clean import: no trigger
+    assert "trigger is unknown" in capsys.readouterr().err
+    pattern, mask = write_trigger_files(tmp_path)
+    audit += ["--trigger", str(pattern), "--trigger-mask", str(mask), "--target", "0", "--audit-anyway"]
     assert main([*audit, "--out", str(tmp_path / "audit"), "--set", "lmc.points=3"]) == 0
-    assert "purified_asr=" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "purified_asr=" in printed and "WARNING: the backdoored model's ASR" in printed  # a random model
     assert len(json.loads((tmp_path / "audit" / "audit.json").read_text())["lmc"]["points"]) == 3
     for wrong, message in (("points=3", "audit.key=value"), ("ra.epochs=1", "'ra' is not among the checks")):
         assert main([*audit, "--out", str(tmp_path / "wrong"), "--set", wrong]) == 2

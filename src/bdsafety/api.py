@@ -1,13 +1,15 @@
 """The Python API: audit model objects you built yourself, of any architecture.
 
     import bdsafety
-    report = bdsafety.audit(purified, backdoored, data="fashion-mnist", attack="badnets", checks=("ra", "lmc"))
+    poisons = bdsafety.PoisonFolders(train="poisons/train", test="poisons/test")
+    report = bdsafety.audit(purified, backdoored, data="fashion-mnist", poisons=poisons, checks=("ra", "lmc"))
 
 The models need only `forward`: they take float [0, 1] images of the dataset's shape (wrap a model that
-expects normalised input with `with_normalization`) and give logits. The attack's trigger, the poisons
-and the test sets are rebuilt from (data, attack, seed) exactly as `bdsafety train` builds them, so the
-models must have been trained on that dataset and attacked with that trigger for the audit to mean
-anything.
+expects normalised input with `with_normalization`) and give logits. The poisons are the attacker's own
+(`poisons=`: folders of poisoned images, a trigger pattern and mask, or a BackdoorBench record), or, for
+models backdoored by bdsafety's own attack, rebuilt from (data, attack, seed) exactly as `bdsafety train`
+builds them (`attack=`). The backdoored model must follow them (ASR at least 50 %), or the audit is refused:
+poisons that are not its backdoor say nothing about the purified model.
 """
 
 from __future__ import annotations
@@ -17,13 +19,13 @@ from typing import Mapping, Sequence
 import torch
 from torch import nn
 
-from .audits import create_audits, single_shot
-from .audits.verdict import verdict_card
+from .audits import single_shot
 from .errors import UsageError
-from .pipeline import stages
-from .pipeline.setup import Setup, evaluate_setup, prepare
+from .pipeline.audit_inputs import AuditInputs, implanted_check, profile_augmentation, run_audit
+from .pipeline.setup import Setup, prepare, prepare_external
 from .pipeline.specs import AttackSpec, DataSpec
 from .profiles import default_profile
+from .poisons import TriggerSource
 from .store import Record, Stage
 from .train import resolve_device
 
@@ -55,40 +57,50 @@ def setup_for(data: str | DataSpec, attack: str | AttackSpec, seed: int = 0, dat
     return prepare(data_spec, attack_spec, seed, device=device)
 
 
-def audit(purified: nn.Module, backdoored: nn.Module, *, data: str | DataSpec = "fashion-mnist",
-          attack: str | AttackSpec = "badnets", clean: nn.Module | None = None,
+def audit(purified: nn.Module, backdoored: nn.Module | None = None, *, data: str | DataSpec = "fashion-mnist",
+          poisons: TriggerSource | None = None, attack: str | AttackSpec | None = None, clean: nn.Module | None = None,
           checks: Sequence[str] = ("ra", "qra", "lmc"), seed: int = 0, profile: str | None = None,
           params: Mapping[str, dict] | None = None, data_dir: str | None = None, device: str = "auto",
-          **attack_settings) -> dict:
+          audit_anyway: bool = False, **attack_settings) -> dict:
     """Audit `purified` (a defense's output of `backdoored`) for superficial safety; the models are not changed.
 
     Args:
         purified, backdoored, clean: any `nn.Module`s taking [0, 1] images; `clean` (a model trained without
-            the backdoor) is the reference QRA needs.
+            the backdoor) is the reference QRA needs; `backdoored` is needed by LMC, position and BEC, and by
+            the check that the poisons are its backdoor (its ASR under them must reach 50 %, else the audit is
+            refused unless `audit_anyway`).
         data: a dataset name (see `bdsafety.data.DATASET_NAMES`) or a DataSpec; `data_dir` where it lies.
-        attack: the attack name or an AttackSpec; `attack_settings` (`poison_rate`, `target`, `labels`,
-            `params`) complete a name as in `bdsafety train`.
+        poisons: the attacker's own poisons: `bdsafety.PoisonFolders(train=DIR, test=DIR)`,
+            `bdsafety.TriggerFile(pattern=PNG, mask=PNG, target=T, alpha=A)` or
+            `bdsafety.BackdoorBenchPoisons(RECORD_DIR)`.
+        attack: instead of `poisons`, for models backdoored by bdsafety's own attack of that name: its trigger and
+            poisons are rebuilt from (data, attack, seed) as `bdsafety train` builds them; `attack_settings`
+            (`poison_rate`, `target`, `labels`, `params`) complete the name.
         checks: audits by name (`bdsafety.audits.AUDITS.names()`), with their dependencies added.
         profile: audit lengths, "cpu" or "paper" (default: the dataset's).
         params: per-audit parameters, e.g. {"ra": {"epochs": 5}}.
 
     Returns:
-        {"purified": {"clean_acc", "asr"}, "backdoored": {...}, <check>: its metrics, ..., "clean_reference":
-        the checks run on `clean` too (RA, the budget curve), "card": the verdict card} as in audit.json.
+        {"trigger_source", "warnings", "purified": {"clean_acc", "asr"}, "backdoored": {...}, <check>: its
+        metrics, ..., "clean_reference": the checks run on `clean` too (RA, the budget curve), "card": the
+        verdict card} as in audit.json.
     """
+    if (poisons is None) == (attack is None):
+        raise UsageError("pass the attacker's poisons (poisons=bdsafety.PoisonFolders(...), TriggerFile(...) or "
+                         "BackdoorBenchPoisons(...)) or, for a bdsafety attack, attack=NAME; not both, not neither")
     chosen = resolve_device(device)
-    setup = setup_for(data, attack, seed, data_dir, chosen, **attack_settings)
+    if poisons is not None:
+        data_spec = data if isinstance(data, DataSpec) else DataSpec(data, data_dir)
+        setup = prepare_external(data_spec, poisons, seed)
+    else:
+        setup = setup_for(data, attack, seed, data_dir, chosen, **attack_settings)
     profile = profile or default_profile(setup.bundle.name)
-    methods = create_audits(single_shot(list(checks)), profile, params=params)
     given = {"purified": purified, "backdoored": backdoored, "clean": clean}
     subjects = {role: Stage(role, checked(model.to(chosen).eval(), role, setup), Record("import", role, {}, {}, seed))
                 for role, model in given.items() if model is not None}
-    result = {"purified": evaluate_setup(subjects["purified"].model, setup),
-              "backdoored": evaluate_setup(subjects["backdoored"].model, setup),
-              **stages.audit_models(methods, subjects, setup, seed)}
-    reference = stages.reference_audits(methods, subjects, setup, seed)
-    card = verdict_card(result["purified"], {name: result[name] for name in methods}, reference)
-    return {**result, "clean_reference": reference, "card": card}
+    inputs = AuditInputs(setup, subjects, profile, profile_augmentation(profile), seed,
+                         implanted_check(subjects, setup, audit_anyway))
+    return run_audit(inputs, single_shot(list(checks)), params)
 
 
 def checked(model: nn.Module, role: str, setup: Setup) -> nn.Module:

@@ -73,14 +73,41 @@ def add_stage_commands(sub) -> None:
     purify.add_argument("--out", required=True, help="run directory to create")
     purify.add_argument("--profile", choices=PROFILES, help="default: the backdoored run's profile")
     purify.add_argument("--set", action="append", metavar="KEY=VALUE", help="hyperparameter, e.g. epochs=5")
-    audit = sub.add_parser("audit", help="superficial-safety audit of a purified model (RA, QRA, LMC)")
-    audit.add_argument("--backdoored", required=True, metavar="DIR", help="backdoored run directory")
-    audit.add_argument("--purified", required=True, metavar="PATH",
-                       help="purified run directory, .safetensors file or weights-only .pt state dict")
-    audit.add_argument("--clean", metavar="PATH", help="clean reference model (needed by qra)")
+    audit = sub.add_parser("audit", help="superficial-safety audit of a purified model (RA, QRA, LMC), with the "
+                                         "attacker's own poisons")
+    models = audit.add_argument_group("the models: each a run directory, a .safetensors file, a weights-only .pt "
+                                      "state dict or a BackdoorBench result file")
+    models.add_argument("--purified", metavar="PATH", help="the model to audit (with --backdoorbench: default every "
+                                                           "defense_result.pt of the record)")
+    models.add_argument("--backdoored", metavar="PATH",
+                        help="the model before the defense; needed by lmc, position and bec, and by the check that "
+                             "the poisons are its backdoor (with --backdoorbench: the record's attack_result.pt)")
+    models.add_argument("--clean", metavar="PATH|train", help="clean reference model (needed by qra); 'train' trains "
+                                                              "one of the same architecture on the dataset (cached)")
+    models.add_argument("--model", help=f"architecture of weights files that do not name it: one of "
+                                        f"{', '.join(MODELS.names())}")
+    models.add_argument("--dataset", choices=DATASET_NAMES, metavar="NAME", help="where no input names it")
+    poisons = audit.add_argument_group("where the poisons come from (default: the bdsafety attack that a run "
+                                       "directory's record names; without one the audit is refused)")
+    poisons.add_argument("--backdoorbench", metavar="RECORD_DIR", help="a BackdoorBench record folder "
+                         "(record/<name>/: attack_result.pt, bd_train_dataset/, bd_test_dataset/, defense/)")
+    poisons.add_argument("--poisons-train", metavar="DIR", help="poisoned training images, DIR/<attack label>/<images>")
+    poisons.add_argument("--poisons-test", metavar="DIR", help="poisoned test images, DIR/<attack label>/<images>")
+    poisons.add_argument("--trigger", metavar="PNG", help="trigger pattern: x' = (1 - alpha*m)*x + alpha*m*t")
+    poisons.add_argument("--trigger-mask", metavar="PNG", help="the trigger's mask m (grey levels, the trigger's size)")
+    poisons.add_argument("--trigger-alpha", type=float, metavar="A", help="blend alpha in (0, 1] (default 1)")
+    poisons.add_argument("--target", type=int, help="the trigger's target class (with --trigger)")
+    poisons.add_argument("--labels", choices=("all2one", "all2all"),
+                         help="with --trigger or poison folders: all2one (default) or all2all ((y + 1) mod C)")
+    poisons.add_argument("--audit-anyway", action="store_true",
+                         help="audit even when the backdoored model does not follow the poisons (ASR < 50%%); "
+                              "the card then says so")
     audit.add_argument("--out", required=True, help="directory to create, holding audit.json")
-    audit.add_argument("--checks", default="ra,qra,lmc", help="comma-separated: ra, qra, lmc, ra_curve, position, bec, uap")
-    audit.add_argument("--profile", choices=PROFILES, help="audit lengths (default: the backdoored run's)")
+    audit.add_argument("--checks", default="ra,qra,lmc",
+                       help="comma-separated: ra, qra, lmc, ra_curve, position, bec, uap, or 'all'")
+    audit.add_argument("--profile", choices=PROFILES, help="audit lengths (default: the backdoored run's, else the "
+                                                           "dataset's)")
+    audit.add_argument("--seed", type=int, default=0, help="the audit's seed (a run directory's record sets its own)")
     audit.add_argument("--set", action="append", metavar="AUDIT.KEY=VALUE",
                        help="an audit's parameter, e.g. lmc.points=21 (the CPU profile scans 11 points on 2,000 "
                             "+ 2,000 test images; the paper profile 21 on all)")
@@ -98,11 +125,13 @@ def add_model_commands(sub) -> None:
     imp = sub.add_parser("import", help="turn a weights file trained elsewhere into a bdsafety run directory")
     imp.add_argument("file", help=".safetensors, weights-only .pt/.pth state dict, or BackdoorBench result file "
                                   "(attack_result.pt / defense_result.pt: read without running code from it)")
-    add_data_and_attack(imp, "the attack the model is suspected of (for ASR)")
+    add_data_and_attack(imp, "the bdsafety attack that made the model (required; 'none': a clean model); a "
+                             "BackdoorBench attack result is compared with it and refused unless its saved poisons "
+                             "are that attack's")
     imp.add_argument("--model", help=f"architecture: one of {', '.join(MODELS.names())} (needed for a state "
                                      "dict; a BackdoorBench file names its own)")
     imp.add_argument("--format", choices=("state_dict", "backdoorbench"), default="state_dict")
-    imp.set_defaults(handler=cmd_import)
+    imp.set_defaults(handler=cmd_import, attack=None)
     export = sub.add_parser("export", help="write a saved model in another toolkit's format")
     export.add_argument("dir", help="run directory of the model (from 'bdsafety train', 'purify' or 'import')")
     export.add_argument("--format", choices=("backdoorbench",), default="backdoorbench",

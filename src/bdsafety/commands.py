@@ -12,8 +12,8 @@ from importlib import resources
 from pathlib import Path
 
 from . import store
-from .audits import create_audits, single_shot
-from .audits.verdict import card_text, verdict_card
+from .audits import create_audits, single_shot, single_shot_checks
+from .audits.verdict import card_text
 from .defenses import DEFENSES, summary
 from .errors import UsageError
 from .models.factory import check_model_name
@@ -87,8 +87,10 @@ def cmd_purify(args) -> int:
 
 
 def audit_names(text: str) -> list[str]:
-    """The checks asked for, in run order with the audits they take a model from (QRA: RA)."""
-    return single_shot([c.strip() for c in text.split(",") if c.strip()])
+    """The checks asked for ('all': every single-model audit), in run order with the audits they take a model
+    from (QRA: RA)."""
+    names = [c.strip() for c in text.split(",") if c.strip()]
+    return single_shot(single_shot_checks() if names == ["all"] else names)
 
 
 def audit_params(items: list[str] | None) -> dict[str, dict]:
@@ -103,33 +105,94 @@ def audit_params(items: list[str] | None) -> dict[str, dict]:
     return params
 
 
+def trigger_source_of(args):
+    """The poisons the command line names (None: the attack a run directory's record names)."""
+    from .poisons import PoisonFolders, TriggerFile
+
+    given = {"--backdoorbench": args.backdoorbench, "--poisons-train/--poisons-test": args.poisons_train or
+             args.poisons_test, "--trigger": args.trigger or args.trigger_mask}
+    chosen = [flag for flag, value in given.items() if value]
+    if len(chosen) > 1:
+        raise UsageError(f"give one source of poisons, got {' and '.join(chosen)}")
+    loose = [flag for flag, value in (("--target", args.target), ("--trigger-alpha", args.trigger_alpha))
+             if value is not None and not args.trigger]
+    if loose:
+        raise UsageError(f"{loose[0]} goes with --trigger PNG --trigger-mask PNG")
+    if args.labels and not (args.trigger or args.poisons_train or args.poisons_test):
+        raise UsageError("--labels goes with --trigger or --poisons-train/--poisons-test")
+    if args.backdoorbench:
+        from .poisons.record import RecordSource
+
+        return RecordSource(args.backdoorbench)
+    if args.poisons_train or args.poisons_test:
+        if not (args.poisons_train and args.poisons_test):
+            raise UsageError("poison folders come in pairs: pass --poisons-train DIR and --poisons-test DIR")
+        return PoisonFolders(args.poisons_train, args.poisons_test, args.labels or "all2one")
+    if args.trigger or args.trigger_mask:
+        if not (args.trigger and args.trigger_mask) or args.target is None and args.labels != "all2all":
+            raise UsageError("a trigger file needs --trigger PNG --trigger-mask PNG and --target T (or --labels "
+                             "all2all)")
+        return TriggerFile(args.trigger, args.trigger_mask, args.target or 0,
+                           1.0 if args.trigger_alpha is None else args.trigger_alpha, args.labels or "all2one")
+    return None
+
+
 def cmd_audit(args) -> int:
+    from .pipeline.audit_inputs import resolve, run_audit
+
     out, device, names = free_out(args.out), resolve_device(args.device), audit_names(args.checks)
     params = audit_params(args.set)
     unknown = sorted(set(params) - set(names))
     if unknown:
         raise UsageError(f"--set {unknown[0]}.*: '{unknown[0]}' is not among the checks ({', '.join(names)})")
-    backdoored, spec = stages.load_model_stage(args.backdoored, device)
-    subjects = {"backdoored": backdoored, "purified": stages.load_model_file(Path(args.purified), spec, device)}
-    if args.clean:
-        subjects["clean"] = stages.load_model_file(Path(args.clean), spec, device)
-    record = backdoored.record
-    methods = create_audits(names, stages.profile_of(args.profile, record), stages.augmentation_of(record), params)
-    setup = stages.setup_of(record, args.data_dir)
-    result = {"purified": evaluate_setup(subjects["purified"].model, setup),
-              "backdoored": evaluate_setup(backdoored.model, setup),
-              **stages.audit_models(methods, subjects, setup, record.seed)}
-    reference = stages.reference_audits(methods, subjects, setup, record.seed)
-    card = verdict_card(result["purified"], {name: result[name] for name in names}, reference)
-    store.publish_json(out, store.AUDIT_FILE, {"checks": names, "backdoored_dir": args.backdoored,
-                                               "purified_path": args.purified, **result,
-                                               "clean_reference": reference, "card": card})
-    print(format_metrics({"purified_asr": result["purified"]["asr"],
-                          **{f"{name}_{key}": result[name][key] for name in names for key in ("asr", "asr_purified")
-                             if isinstance(result[name].get(key), (int, float))}}))
-    print(card_text(card, Path(args.purified).name))
+    source = trigger_source_of(args)
+    if args.model:
+        check_model_name(args.model)
+    paths = {"purified": args.purified, "backdoored": args.backdoored,
+             "clean": None if args.clean == "train" else args.clean}
+    if args.backdoorbench:
+        return audit_record(args, source, paths, names, params, out, device)
+    if not args.purified:
+        raise UsageError("pass --purified PATH, the model to audit")
+    inputs = resolve(paths, model_name=args.model, dataset=args.dataset, data_dir=args.data_dir, source=source,
+                     seed=args.seed, profile=args.profile, device=device, train_clean=args.clean == "train",
+                     audit_anyway=args.audit_anyway)
+    audited = run_audit(inputs, names, params)
+    write_audit(out, {"checks": names, "paths": {k: v for k, v in paths.items() if v}, **audited})
+    print_audit(audited, names, Path(args.purified).name)
     print(f"saved {out / store.AUDIT_FILE}")
     return 0
+
+
+def audit_record(args, source, paths: dict, names: list[str], params: dict, out: Path, device) -> int:
+    """`bdsafety audit --backdoorbench RECORD_DIR`: the given purified model, or every defense_result.pt of the
+    record, audited against the record's own poisons; one directory with audit.json per purified model."""
+    from .pipeline.audit_inputs import record_audits, run_audit
+
+    audits = record_audits(source, paths, model_name=args.model, dataset=args.dataset, data_dir=args.data_dir,
+                           seed=args.seed, profile=args.profile, device=device, train_clean=args.clean == "train",
+                           audit_anyway=args.audit_anyway)
+    results = {}
+    for name, inputs in audits:
+        results[name] = run_audit(inputs, names, params)
+        print_audit(results[name], names, name)
+    with store.publishing(out) as tmp:
+        for name, audited in results.items():
+            store.write_json(tmp / name / store.AUDIT_FILE, {"checks": names, "defense": name, **audited,
+                                                            "versions": store.versions()})
+    print(f"saved {len(results)} audits in {out}/<defense>/{store.AUDIT_FILE}")
+    return 0
+
+
+def write_audit(out: Path, content: dict) -> None:
+    store.publish_json(out, store.AUDIT_FILE, content)
+
+
+def print_audit(audited: dict, names: list[str], title: str) -> None:
+    print(format_metrics({"purified_asr": audited["purified"]["asr"],
+                          **{f"{name}_{key}": audited[name][key] for name in names for key in ("asr", "asr_purified")
+                             if isinstance(audited[name].get(key), (int, float))}}))
+    print(card_text(audited["card"], title))
 
 
 def cmd_run(args) -> int:
@@ -218,6 +281,10 @@ def cmd_report(args) -> int:
 def cmd_import(args) -> int:
     from . import interop
 
+    if args.attack is None:
+        raise UsageError("name the bdsafety attack that made the model (--attack NAME), or --attack none for a clean "
+                         "model; a model backdoored elsewhere is audited with its own poisons ('bdsafety audit "
+                         "--backdoorbench', '--poisons-train/--poisons-test' or '--trigger')")
     out, device, attack = free_out(args.out), resolve_device(args.device), attack_of(args)
     if args.model is not None:
         check_model_name(args.model)
@@ -229,6 +296,8 @@ def cmd_import(args) -> int:
     if origin.get("backdoorbench_num_classes") not in (None, setup.bundle.num_classes):
         raise UsageError(f"{source} is a {origin['backdoorbench_num_classes']}-class model and {args.dataset} has "
                          f"{setup.bundle.num_classes} classes; import it with the dataset it was trained on")
+    if args.format == "backdoorbench" and setup.attack is not None:
+        check_same_trigger(source, setup)
     model, record, tensors = stages.imported(state, source, args.format, model_name, setup, data, args.seed, device,
                                              origin)
     store.save_stage(out, model, setup.model_spec(model_name), record, tensors)
@@ -253,6 +322,31 @@ def cmd_export(args) -> int:
     store.atomic_write_bytes(destination, buffer.getvalue())
     print(f"saved {destination} (BackdoorBench defense_result.pt layout, model_name '{exported['model_name']}')")
     return 0
+
+
+TRIGGER_AGREEMENT = 1.0  # mean absolute difference, in grey levels of 255, under which two triggers are one
+
+
+def check_same_trigger(source: Path, setup) -> None:
+    """A BackdoorBench attack result names no bdsafety attack: importing it as one (`--attack NAME`) is refused
+    unless the poisoned test images it saved equal what bdsafety's attack makes of the same clean images;
+    with the images absent, a warning says the trigger could not be checked."""
+    from .attacks import map_uint8
+    from .poisons.backdoorbench import read_record
+
+    try:
+        saved = read_record(source, *setup.bundle.shape[:2]).test
+    except UsageError as exc:
+        log.warning("the trigger of %s could not be compared with bdsafety's %s (%s); its ASR below is measured "
+                    "with bdsafety's trigger", source, setup.attack_spec.name, exc)
+        return
+    clean = setup.bundle.test.images[saved.indices]
+    ours = map_uint8(setup.attack.apply, clean)
+    difference = (ours.float() - saved.images.images.float()).abs().mean().item()
+    if difference > TRIGGER_AGREEMENT:
+        raise UsageError(f"{source}'s saved poisoned test images differ from bdsafety's '{setup.attack_spec.name}' on "
+                         f"the same images by {difference:.1f} grey levels on average: its trigger is not bdsafety's; "
+                         f"audit it with its own poisons: bdsafety audit --backdoorbench {source.parent}")
 
 
 def check_origin(source: Path, origin: dict, dataset: str) -> None:

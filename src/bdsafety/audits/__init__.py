@@ -5,7 +5,7 @@ One file per audit; the contract, `AuditData` and `AuditResult` are in `_common.
 """
 
 from ._common import AUDITS, Audit, AuditBase, AuditData, AuditResult, create_audits, missing_dependencies, run_order, \
-    single_shot, with_dependencies
+    single_shot, single_shot_checks, with_dependencies
 from . import budget, connectivity, existence, position, reactivation, retuning  # noqa: F401
 from . import trajectory, transfer, universal  # noqa: F401
 from .connectivity import LinearModeConnectivity, interpolate_state
@@ -15,4 +15,4 @@ from .trajectory import DefenseTrajectory
 
 __all__ = ["AUDITS", "Audit", "AuditBase", "AuditData", "AuditResult", "DefenseTrajectory", "LinearModeConnectivity",
            "QueryReactivation", "Retuning", "create_audits", "interpolate_state", "missing_dependencies", "run_order",
-           "single_shot", "with_dependencies"]
+           "single_shot", "single_shot_checks", "with_dependencies"]

@@ -52,6 +52,7 @@ class AuditData:
     mean: tuple[float, ...]
     std: tuple[float, ...]
     num_classes: int
+    external: Any = None  # the attacker's poisons from outside bdsafety (`poisons.AttackerPoisons`), if any
 
     @property
     def target(self) -> int | None:
@@ -74,7 +75,7 @@ class AuditData:
         return dataclasses.replace(self, eval_sets=self.eval_sets.with_test_sample(count))
 
     def require_attack(self, audit: str) -> None:
-        if self.trigger is None or self.triggered_test is None:
+        if self.triggered_test is None or (self.trigger is None and self.external is None):
             raise UsageError(f"{audit} needs an attack; pass the setup of a backdoored run")
 
 
@@ -140,12 +141,18 @@ def with_dependencies(names: list[str] | tuple[str, ...]) -> list[str]:
     return run_order(wanted)
 
 
+def single_shot_checks() -> list[str]:
+    """The audits a single-shot audit of given models can run (`bdsafety audit --checks all`): not those that
+    need the defense run, which only `bdsafety run` keeps, nor those over a run's other purified models."""
+    return [name for name in AUDITS.names() if "defense_run" not in AUDITS.get(name).needs
+            and AUDITS.get(name).scope == "model"]
+
+
 def single_shot(checks: list[str] | tuple[str, ...]) -> list[str]:
     """The audits a single-shot audit of given models runs for `checks`: validated (none needs the defense run,
     which only `bdsafety run` keeps, or the run's other purified models), with the audits they take a model
     or settings from, in run order."""
-    runnable = [name for name in AUDITS.names() if "defense_run" not in AUDITS.get(name).needs
-                and AUDITS.get(name).scope == "model"]
+    runnable = single_shot_checks()
     for check in checks:
         if check not in runnable:
             raise UsageError(f"unknown check '{check}'; choose from: {', '.join(runnable)} (trajectories need "

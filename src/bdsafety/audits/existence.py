@@ -178,6 +178,8 @@ class BackdoorExistence(AuditBase):
     def pairs(self, data: AuditData, seed: int) -> tuple[Tensor, Tensor]:
         """(clean, triggered) uint8 images: a seeded random `rank_pairs` of the test images whose attack label
         differs from their own, and the test trigger on them (as the triggered test set is built)."""
+        if data.trigger is None:
+            return self.given_pairs(data, seed)
         test = data.test
         candidates = (data.attack_labels(test.labels) != test.labels).nonzero().flatten()
         if len(candidates) < 2:
@@ -186,6 +188,17 @@ class BackdoorExistence(AuditBase):
         chosen = candidates[order[:self.rank_pairs]]
         clean = test.images[chosen]
         return clean, map_uint8(data.trigger, clean)
+
+    def given_pairs(self, data: AuditData, seed: int) -> tuple[Tensor, Tensor]:
+        """A seeded random `rank_pairs` of the (clean, triggered) test pictures an outside source pairs (a
+        BackdoorBench record's saved poisons and the clean test images they were made from)."""
+        pairs = data.external.test_pairs if data.external is not None else None
+        if pairs is None:
+            raise UsageError("bec compares each test image with its triggered version, which poison folders do not "
+                             "pair; use a trigger file or a BackdoorBench record, or drop bec")
+        order = torch.randperm(len(pairs[0]), generator=torch.Generator().manual_seed(seed_for(seed, "bec-data")))
+        chosen = order[:self.rank_pairs]
+        return pairs[0][chosen], pairs[1][chosen]
 
     def rank(self, backdoored: nn.Module, names: list[str], clean: Tensor, triggered: Tensor) -> dict[str, Tensor]:
         """Each layer's `diff` per channel on the backdoored model, summed over batches of PAIR_BATCH pairs."""

@@ -157,6 +157,7 @@ class QueryReactivation(AuditBase):
         purified, clean_model = models["purified"], models["clean"]
         started = time.perf_counter()
         mixed, is_poison = self.optimisation_set(data, seed)
+        mixed = with_known_labels(mixed, clean_model)
         generator = self.new_generator(data, seed, model_device(purified))
         losses = self.fit_generator(generator, purified, models["ra"], clean_model, mixed, seed)
         triggered, test = data.triggered_test, data.test
@@ -186,12 +187,28 @@ def triggered_training_images(data: AuditData, count: int, seed: int) -> ImageSe
     Training images, never test images, so QRA's ASR is measured on unseen inputs; this also works for
     clean-label attacks, whose poisoned training samples are all target-class images.
     """
+    if data.trigger is None and data.external is not None:  # images only: the attacker's own poisoned images
+        return data.external.carriers(count, seed)
     pool = data.attacker_pool
     candidates = (data.attack_labels(pool.labels) != pool.labels).nonzero().flatten()
     if count > len(candidates):
         raise UsageError(f"qra poison_count={count} but only {len(candidates)} non-target training images exist")
     chosen = candidates[torch.randperm(len(candidates), generator=torch.Generator().manual_seed(seed))[:count]]
     return ImageSet(map_uint8(data.trigger, pool.images[chosen]), pool.labels[chosen])
+
+
+@torch.inference_mode()
+def with_known_labels(images: ImageSet, clean_model: nn.Module) -> ImageSet:
+    """`images` with each unknown label (-1: a poison whose original class its source does not say) replaced by
+    the clean model's prediction, which sees what the picture shows rather than the trigger."""
+    unknown = (images.labels < 0).nonzero().flatten()
+    if len(unknown) == 0:
+        return images
+    device, labels = model_device(clean_model), images.labels.clone()
+    with frozen(clean_model):
+        for part in unknown.split(eval_batch_size(device)):
+            labels[part] = clean_model(to_float(images.images[part].to(device))).argmax(1).cpu()
+    return ImageSet(images.images, labels)
 
 
 @torch.inference_mode()

@@ -27,6 +27,20 @@ RULES = {
 }
 
 
+NOT_IMPLANTED = "backdoor not implanted"
+AUDITED_ANYWAY = ("the backdoored model does not follow these poisons (ASR below 50 %): they are not its backdoor, and "
+                  "it was audited anyway, so this verdict cannot be trusted")
+
+
+def not_implanted_card(purified: dict, backdoored: dict) -> dict:
+    """The card of a purified model whose backdoored model does not follow the poisons: no verdict, and why."""
+    return {"verdict": NOT_IMPLANTED, "rule": f"the backdoored model's ASR under these poisons is "
+            f"{backdoored.get('asr', 0.0):.1%}, below 50 %: they are not its backdoor, so no audit of its defenses "
+            "means anything (set audit_unimplanted: true to audit all the same)",
+            "purified_asr": purified["asr"], "purified_clean_acc": purified["clean_acc"], "weakest_revival": None,
+            "evidence": [], "existence": None, "rules": RULES}
+
+
 def evidence(audits: dict, reference: dict | None) -> list[dict]:
     """One line per revival test that the audits in `audits` (name -> metrics) allow, weakest attacker first;
     `reference`: the same audits' metrics on the clean model, where they ran on it."""
@@ -108,6 +122,12 @@ def combine_cards(cards: list[dict], seeds: list) -> dict:
     """One card over several seeds' cards of the same purified model: every number the mean over the seeds
     with its sample standard deviation, minimum and maximum, the verdict by the same rules on the means, each
     seed's own verdict beside it, and whether any seed's verdict differs from the verdict of the means."""
+    if any(card["verdict"] == NOT_IMPLANTED for card in cards):
+        return {**cards[0], "seeds": list(seeds), "verdicts_by_seed": [card["verdict"] for card in cards],
+                "changes_within_spread": any(card["verdict"] != NOT_IMPLANTED for card in cards),
+                **spread("purified_asr", [card["purified_asr"] for card in cards]),
+                **spread("purified_clean_acc", [card["purified_clean_acc"] for card in cards]),
+                "verdict": NOT_IMPLANTED}
     purified_asr = statistics.fmean([card["purified_asr"] for card in cards])
     by_audit = [{entry["audit"]: entry for entry in card["evidence"]} for card in cards]
     lines = [combined_line([lines[entry["audit"]] for lines in by_audit], seeds) for entry in cards[0]["evidence"]
@@ -148,7 +168,10 @@ def card_text(card: dict, title: str = "purified model") -> str:
     seeds = ""
     if card.get("seeds"):
         seeds = f" over seeds {', '.join(map(str, card['seeds']))}; by seed: {', '.join(card['verdicts_by_seed'])}"
-    rows = [f"{title}: {card['verdict'].upper()} (ASR {card['purified_asr']:.1%}, C-Acc "
+    rows = [f"WARNING: {warning}" for warning in card.get("warnings") or []]
+    if card.get("trigger_source"):
+        rows.append("poisons: " + ", ".join(f"{k} {v}" for k, v in card["trigger_source"].items()))
+    rows += [f"{title}: {card['verdict'].upper()} (ASR {card['purified_asr']:.1%}, C-Acc "
             f"{card['purified_clean_acc']:.1%}{seeds}): {card['rule']}"]
     for entry in card["evidence"]:
         clean = f", clean model {entry['clean_model']:.1%}" if entry["clean_model"] is not None else ""

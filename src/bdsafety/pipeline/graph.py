@@ -99,10 +99,16 @@ def purify_node(plan: Plan, backdoored: Node, name: str) -> Node:
 
 
 def audit_node(plan: Plan, name: str, subjects: dict[str, Node], backdoored: Node, label: str) -> Node:
-    method = plan.audits[name]
-    parents = {"setup": backdoored.key, **{role: subjects[role].key for role in method.needs}}
-    key = stage_key("audit", {"audit": name, "params": dataclasses.asdict(method)}, parents)
+    parents = {"setup": backdoored.key, **{role: subjects[role].key for role in plan.audits[name].needs}}
+    key = stage_key("audit", audit_inputs(plan, name), parents)
     return Node("audit", label, key, backdoored.attack, backdoored.seed, name, tuple(parents.items()))
+
+
+def audit_inputs(plan: Plan, name: str) -> dict:
+    """What an audit stage's key hashes beside its parents: the audit and its parameters, and whether the spec
+    audits cells whose backdoor did not implant (only when it does, so that other keys stay put)."""
+    anyway = {"audit_unimplanted": True} if plan.spec.audit_unimplanted else {}
+    return {"audit": name, "params": dataclasses.asdict(plan.audits[name]), **anyway}
 
 
 def defense_nodes(plan: Plan, backdoored: Node, clean: Node, name: str) -> tuple[Node, dict[str, Node]]:
@@ -142,7 +148,7 @@ def across_node(plan: Plan, name: str, backdoored: Node, clean: Node, references
         parents.update({f"{need}@{defense}": audits[need].key for defense, (_, audits) in defenses.items()})
         if need in references:
             parents[f"{need}@clean"] = references[need].key
-    key = stage_key("audit", {"audit": name, "params": dataclasses.asdict(method)}, parents)
+    key = stage_key("audit", audit_inputs(plan, name), parents)
     return Node("audit", backdoored.label, key, backdoored.attack, backdoored.seed, name, tuple(parents.items()))
 
 

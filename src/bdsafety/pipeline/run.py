@@ -16,8 +16,9 @@ import yaml
 
 from .. import store
 from ..aggregate import aggregate_group, seed_groups
-from ..audits.verdict import combine_cards, verdict_card
+from ..audits.verdict import AUDITED_ANYWAY, NOT_IMPLANTED, combine_cards, not_implanted_card, verdict_card
 from ..data import DataBundle, load_dataset
+from ..poisons import IMPLANTED_ASR
 from ..store import RunStore, Stage
 from . import stages
 from .graph import Cell, Node, StageGraph, build_graph, trajectory_points
@@ -35,6 +36,11 @@ class RunContext:
         self.plan, self.bundle, self.device = plan, bundle, device
         self.setups: dict[tuple[str, int], Setup] = {}
 
+    def implanted(self, backdoored: Stage) -> bool:
+        """Whether a cell's audits run: its backdoored model follows its poisons (ASR at least `IMPLANTED_ASR`),
+        or the spec audits it anyway. Poisons that are not the model's backdoor say nothing about its defenses."""
+        return self.plan.spec.audit_unimplanted or backdoor_implanted(backdoored)
+
     def setup(self, attack: AttackSpec, seed: int) -> Setup:
         key = (store.canonical_hash(dataclasses.asdict(attack)), seed)
         if key not in self.setups:
@@ -43,9 +49,17 @@ class RunContext:
         return self.setups[key]
 
 
+def backdoor_implanted(backdoored: Stage) -> bool:
+    return backdoored.record.metrics.get("asr", 0.0) >= IMPLANTED_ASR
+
+
 def compute(node: Node, context: RunContext, parents: dict[str, Stage]) -> stages.Built:
-    """What stage `node` computes, from its finished `parents` (role -> stage)."""
+    """What stage `node` computes, from its finished `parents` (role -> stage); an audit of a cell whose backdoor
+    did not implant is skipped (a record saying so)."""
     plan, setup = context.plan, context.setup(node.attack, node.seed)
+    if node.kind == "audit" and not context.implanted(parents["setup"]):
+        log.info("audit %s skipped: %s", node.name, NOT_IMPLANTED)
+        return None, store.Record("audit", node.name, {}, {"skipped": NOT_IMPLANTED}, node.seed, node.parent_keys), None
     if node.kind == "train":
         log.info("training the %s model (seed %d)", node.label, node.seed)
         return stages.train(setup, plan.spec.data, plan.model, plan.train_config, plan.profile, node.seed,
@@ -76,6 +90,8 @@ def block_of(cell: Cell, context: RunContext, done: dict[str, Stage]) -> tuple[d
     """The results block of one (attack, seed), and the seconds each defense took (for timings.json)."""
     plan, attack = context.plan, cell.attack
     backdoored, clean = done[cell.backdoored.key], done[cell.clean.key]
+    if not context.implanted(backdoored):
+        return unimplanted_block(cell, context, done)
     block = {"attack": attack.name, "poison_rate": attack.poison_rate, "target": attack.target_label, "seed": cell.seed,
              **trigger_summary(backdoored.record), "backdoored": backdoored.record.metrics,
              "clean": evaluate_setup(clean.model, context.setup(attack, cell.seed)), "rows": []}
@@ -100,7 +116,27 @@ def block_of(cell: Cell, context: RunContext, done: dict[str, Stage]) -> tuple[d
                 if (part := plan.audits[audit_name].for_defense(metrics, name)) is not None:
                     evidence[audit_name] = part
             row["card"] = verdict_card(purified.record.metrics, evidence, reference)
+            if not backdoor_implanted(backdoored):
+                row["card"]["warnings"] = [AUDITED_ANYWAY]
         block["rows"].append(row)
+        seconds[name] = purified.record.duration_s
+    return block, seconds
+
+
+def unimplanted_block(cell: Cell, context: RunContext, done: dict[str, Stage]) -> tuple[dict, dict]:
+    """The block of a cell whose backdoor did not implant: the models' own metrics, no audit, and each purified
+    model's card saying why it has no verdict."""
+    attack, backdoored = cell.attack, done[cell.backdoored.key]
+    block = {"attack": attack.name, "poison_rate": attack.poison_rate, "target": attack.target_label, "seed": cell.seed,
+             **trigger_summary(backdoored.record), "backdoored": backdoored.record.metrics,
+             "clean": evaluate_setup(done[cell.clean.key].model, context.setup(attack, cell.seed)),
+             "backdoor_implanted": False, "rows": []}
+    seconds = {}
+    for name, (node, _) in cell.defenses.items():
+        purified = done[node.key]
+        block["rows"].append({"defense": name, **{f"o_{k}": v for k, v in purified.record.metrics.items()},
+                              "strength": dict(purified.record.details["strength"]),
+                              "card": not_implanted_card(purified.record.metrics, backdoored.record.metrics)})
         seconds[name] = purified.record.duration_s
     return block, seconds
 

@@ -12,13 +12,15 @@ from pathlib import Path
 
 import torch
 
-from ..attacks import ATTACKS, Attack, PoisonedSet, check_poisoning, fit_attack, fit_report, poison, triggered_test_set
+from ..attacks import (ATTACKS, Attack, PoisonedSet, attack_labels, check_poisoning, fit_attack, fit_report, map_uint8, poison,
+                       triggered_test_set)
 from ..audits import AuditData
 from ..audits.retuning import poison_candidates
 from ..data import DataBundle, ImageSet, Split, defender_split, load_dataset, seed_for
 from ..defenses import DefenderData
 from ..errors import UsageError
 from ..models import ModelSpec
+from ..poisons import AttackerPoisons, TriggerSource
 from ..profiles import default_profile
 from ..store import asset_cache_dir
 from ..train import EvalSets
@@ -36,10 +38,23 @@ class Setup:
     poisoned: PoisonedSet | None
     triggered_test: ImageSet | None
     triggered_calibration: ImageSet | None = None
+    external: AttackerPoisons | None = None  # the attacker's poisons from outside bdsafety (`poisons/`), if any
 
     @property
     def target(self) -> int:
         return self.attack_spec.target
+
+    @property
+    def has_backdoor(self) -> bool:
+        """Whether the setup knows a backdoor's poisons: bdsafety's own attack or an outside source."""
+        return self.attack is not None or self.external is not None
+
+    @property
+    def trigger_source(self) -> dict:
+        """Where the poisons come from, as every audit records it."""
+        if self.external is not None:
+            return self.external.source
+        return {"kind": "bdsafety_attack", "attack": self.attack_spec.name, "target": self.attack_spec.target_label}
 
     @property
     def reserve(self) -> ImageSet:
@@ -64,7 +79,7 @@ class Setup:
     def eval_sets(self) -> EvalSets:
         """The test sets, and the calibration split where the run holds one out."""
         held_out = len(self.split.calibration) > 0
-        return EvalSets(self.bundle.test, self.triggered_test, self.target if self.attack else None,
+        return EvalSets(self.bundle.test, self.triggered_test, self.target if self.has_backdoor else None,
                         self.calibration if held_out else None, self.triggered_calibration if held_out else None,
                         self.attack_spec.labels)
 
@@ -77,12 +92,15 @@ class Setup:
 
     def audit_data(self) -> AuditData:
         """What the audits know: the attacker's data, the poisons, the reserve and the test sets."""
-        return AuditData(self.attacker_pool, self.poisons(), self.reserve, self.eval_sets,
-                         self.attack.apply if self.attack else None, len(self.bundle.train), self.bundle.shape,
-                         self.bundle.mean, self.bundle.std, self.bundle.num_classes)
+        trigger = self.attack.apply if self.attack else self.external.trigger if self.external else None
+        return AuditData(self.attacker_pool, self.poisons(), self.reserve, self.eval_sets, trigger,
+                         len(self.bundle.train), self.bundle.shape, self.bundle.mean, self.bundle.std,
+                         self.bundle.num_classes, self.external)
 
     def poisons(self) -> ImageSet | None:
         """The backdoor-carrying poisoned training samples with their attack labels (noise-mode samples excluded)."""
+        if self.external is not None:
+            return self.external.train
         if self.poisoned is None:
             return None
         chosen = poison_candidates(self.poisoned.poison_mask, self.poisoned.cross_mask)
@@ -124,6 +142,23 @@ def prepare(data: DataSpec, attack: AttackSpec, seed: int, bundle: DataBundle | 
                  triggered(calibration) if len(calibration) else None)
 
 
+def prepare_external(data: DataSpec, source: TriggerSource, seed: int, bundle: DataBundle | None = None) -> Setup:
+    """The setup of a model backdoored outside bdsafety: the dataset and its seeded split (the defender's reserve,
+    the attacker's clean images), and the attacker's poisons as `source` gives them on that dataset."""
+    bundle = bundle or load_dataset(data.name, data.data_dir, seed=seed)
+    split = defender_split(len(bundle.train), data.reserve_fraction, seed, data.calibration_fraction)
+    external = source.poisons(bundle, split, seed)
+    name = external.source["kind"]
+    calibration = bundle.train.subset(split.calibration)
+    triggered_calibration = None
+    if external.trigger is not None and len(calibration):
+        wanted = attack_labels(calibration.labels, external.target, bundle.num_classes, external.label_policy)
+        keep = (wanted != calibration.labels).nonzero().flatten()
+        triggered_calibration = ImageSet(map_uint8(external.trigger, calibration.images[keep]), wanted[keep])
+    return Setup(bundle, split, None, AttackSpec(name, 0.0, external.target, {}, external.label_policy), None,
+                 external.test, triggered_calibration, external)
+
+
 def evaluate_setup(model: torch.nn.Module, setup: Setup) -> dict:
     """Test-set C-Acc and ASR, and where the setup has a calibration split, the same on it (`calibration_*`)."""
     return setup.eval_sets.evaluate(model)
@@ -137,6 +172,7 @@ def setup_details(data: DataSpec, attack: AttackSpec, setup: Setup) -> dict:
                  "num_train": len(setup.split.train), "num_reserve": len(setup.split.reserve),
                  "num_calibration": len(setup.split.calibration), "num_test": len(setup.bundle.test)},
         "attack": {"name": attack.name, "params": dataclasses.asdict(setup.attack) if setup.attack else {},
+                   **({"source": setup.external.source} if setup.external else {}),
                    "poison_rate": attack.poison_rate, "target": attack.target, "labels": attack.labels,
                    "num_poisoned": int(setup.poisoned.poison_mask.sum()) if setup.poisoned else 0,
                    **({"fit": fit} if (fit := fit_report(setup.attack)) else {})},

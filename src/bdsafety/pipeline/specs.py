@@ -104,6 +104,8 @@ class ExperimentSpec:
     defense_params: dict = field(default_factory=dict)  # {defense: {param: value}}
     checks: tuple[str, ...] = CHECKS
     audit_params: dict = field(default_factory=dict)  # {ra|qra|lmc|trajectory: {param: value}}
+    # audit a cell whose backdoored model does not follow its poisons (ASR < 50 %) all the same; its cards say so
+    audit_unimplanted: bool = False
 
     @property
     def resolved_profile(self) -> str:
@@ -120,8 +122,9 @@ class ExperimentSpec:
     def to_json(self) -> dict:
         """The spec as plain data; `seeds` only when given, so single-seed specs keep their earlier hash."""
         data = dataclasses.asdict(self)
-        if not self.seeds:
-            del data["seeds"]
+        for name in ("seeds", "audit_unimplanted"):  # absent when unset: specs keep their earlier hash
+            if not data[name]:
+                del data[name]
         return data
 
     def digest(self) -> str:
@@ -335,6 +338,8 @@ def validate(spec: ExperimentSpec) -> None:
               for a in spec.attacks]
     expect(len(set(blocks)) == len(blocks), "spec 'attacks' lists the same attack twice (same name, rate, target, "
                                             "labels and params); use 'seeds' for repeats")
+    expect(isinstance(spec.audit_unimplanted, bool),
+           f"spec 'audit_unimplanted' must be true or false, got {spec.audit_unimplanted!r}")
     for name in spec.defenses:
         expect(name in DEFENSES, f"unknown defense {name!r} in spec; choose from: {', '.join(DEFENSES.names())}")
     for name in spec.checks:

@@ -151,7 +151,10 @@ def audit_models(methods: Mapping[str, Audit], subjects: dict[str, Stage], setup
     """Single-shot audits (`bdsafety audit`): each of `methods` in turn, a model it makes given to the next."""
     for name, method in methods.items():  # before any work
         if "clean" in method.needs and "clean" not in subjects:
-            raise UsageError(f"the {name} check needs a clean reference model: pass --clean DIR or drop {name} "
+            raise UsageError(f"the {name} check needs a clean reference model: pass --clean PATH (or --clean train) "
+                             f"or drop {name} from --checks")
+        if "backdoored" in method.needs and "backdoored" not in subjects:
+            raise UsageError(f"the {name} check needs the backdoored model: pass --backdoored PATH or drop {name} "
                              f"from --checks")
     metrics = {}
     for name, method in methods.items():

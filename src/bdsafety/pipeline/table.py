@@ -1,4 +1,4 @@
-"""One flat table of every finished audit in one or many run directories (`bdsafety results`).
+"""One flat table of every finished audit in one or many run or audit directories (`bdsafety results`).
 
 A row per purified model × audit (and per clean reference model × audit): the run, dataset, model,
 attack, poison rate, target and seed of its backdoored model, the defense, how far it moved the weights,
@@ -87,21 +87,42 @@ def run_rows(run_dir: Path) -> list[dict]:
     return rows
 
 
+def audit_rows(audit_dir: Path) -> list[dict]:
+    """The rows of one `bdsafety audit` directory (its audit.json): one per audit of its purified model, the
+    attack named by the source of the poisons (a BackdoorBench record: its folder's name)."""
+    audited = store.read_json(Path(audit_dir) / store.AUDIT_FILE)
+    source = audited.get("trigger_source") or {}
+    attack = Path(source["folder"]).name if "folder" in source else source.get("attack", source.get("kind"))
+    target = "all2all" if source.get("labels") == "all2all" else source.get("target")
+    columns = {"run": str(audit_dir), "dataset": audited.get("dataset"), "model": audited.get("model"),
+               "attack": attack, "poison_rate": None, "target": target, "seed": audited.get("seed"),
+               "defense": audited.get("defense", Path(audit_dir).name), "trigger_source": source.get("kind"),
+               **scalars(audited.get("purified", {}), "o_")}
+    return [{**columns, "audit": name, **scalars(audited[name])} for name in audited.get("checks", [])
+            if isinstance(audited.get(name), dict)]
+
+
 def run_directories(folder: Path) -> list[Path]:
-    """`folder` itself when it is a run directory, else the run directories of a grid inside it."""
+    """`folder` itself when it is a run or audit directory, else the run or audit directories inside it."""
     folder = Path(folder)
-    if (folder / store.STAGES_DIR).is_dir():
+    if (folder / store.STAGES_DIR).is_dir() or (folder / store.AUDIT_FILE).is_file():
         return [folder]
-    found = sorted(p.parent for p in folder.glob(f"*/{store.STAGES_DIR}") if p.is_dir())
+    found = sorted({p.parent for pattern in (f"*/{store.STAGES_DIR}", f"*/{store.AUDIT_FILE}")
+                    for p in folder.glob(pattern)})
     if not found:
-        raise UsageError(f"{folder} has no {store.STAGES_DIR}/ folder; pass a directory made by 'bdsafety run'")
+        raise UsageError(f"{folder} has no {store.STAGES_DIR}/ folder or {store.AUDIT_FILE}; pass a directory made by "
+                         "'bdsafety run' or 'bdsafety audit'")
     return found
 
 
+def rows_of(directory: Path) -> list[dict]:
+    return audit_rows(directory) if (directory / store.AUDIT_FILE).is_file() else run_rows(directory)
+
+
 def results_rows(run_dirs: list[Path], where: dict | None = None) -> list[dict]:
-    """Every audit row of `run_dirs` (or of the grids inside them), keeping those whose columns equal every
-    `where` value."""
-    rows = [row for folder in run_dirs for run_dir in run_directories(folder) for row in run_rows(run_dir)]
+    """Every audit row of `run_dirs` (or of the grids and audits inside them), keeping those whose columns equal
+    every `where` value."""
+    rows = [row for folder in run_dirs for directory in run_directories(folder) for row in rows_of(directory)]
     return [row for row in rows if all(matches(row.get(k), v) for k, v in (where or {}).items())]
 
 

@@ -241,7 +241,7 @@ def _strength_cells(row: dict) -> list[Cell]:
             _number(strength.get("lmc_span"), "{:.2f}", 1), with_spread(row, "o_calibration_asr")]
 
 
-VERDICT_ORDER = ("robust", "superficially safe", "not purified")
+VERDICT_ORDER = ("robust", "superficially safe", "not purified", "backdoor not implanted")
 
 
 def verdict_rank(card: dict) -> tuple:
