@@ -215,3 +215,15 @@ def test_a_record_with_a_code_carrying_pickle_is_refused_and_runs_nothing(tmp_pa
     assert main(args) == 2
     assert "refusing to load" in capsys.readouterr().err
     assert not (tmp_path / "ran").exists() and not (tmp_path / "out").exists()
+
+
+def test_checks_all_leaves_out_an_audit_the_architecture_cannot_take_and_a_named_one_is_refused():
+    from bdsafety.audits import single_shot_checks
+    from bdsafety.pipeline.audit_inputs import supported
+    from outside_models import PlainNet
+
+    methods = create_audits(single_shot_checks(), "cpu")
+    kept, skipped = supported(methods, PlainNet(), skip=True)
+    assert "bec" in skipped and "block sequence" in skipped["bec"] and "ra" in kept and "qra" in kept
+    with pytest.raises(UsageError, match="bec cannot audit this model"):
+        supported(create_audits(["ra", "bec"], "cpu"), PlainNet(), skip=False)

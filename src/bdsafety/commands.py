@@ -157,7 +157,7 @@ def cmd_audit(args) -> int:
     inputs = resolve(paths, model_name=args.model, dataset=args.dataset, data_dir=args.data_dir, source=source,
                      seed=args.seed, profile=args.profile, device=device, train_clean=args.clean == "train",
                      audit_anyway=args.audit_anyway)
-    audited = run_audit(inputs, names, params)
+    audited = run_audit(inputs, names, params, skip_unsupported=args.checks.strip() == "all")
     write_audit(out, {"checks": names, "paths": {k: v for k, v in paths.items() if v}, **audited})
     print_audit(audited, names, Path(args.purified).name)
     print(f"saved {out / store.AUDIT_FILE}")
@@ -174,7 +174,7 @@ def audit_record(args, source, paths: dict, names: list[str], params: dict, out:
                            audit_anyway=args.audit_anyway)
     results = {}
     for name, inputs in audits:
-        results[name] = run_audit(inputs, names, params)
+        results[name] = run_audit(inputs, names, params, skip_unsupported=args.checks.strip() == "all")
         print_audit(results[name], names, name)
     with store.publishing(out) as tmp:
         for name, audited in results.items():
@@ -189,9 +189,12 @@ def write_audit(out: Path, content: dict) -> None:
 
 
 def print_audit(audited: dict, names: list[str], title: str) -> None:
+    ran = [name for name in names if name in audited]
     print(format_metrics({"purified_asr": audited["purified"]["asr"],
-                          **{f"{name}_{key}": audited[name][key] for name in names for key in ("asr", "asr_purified")
+                          **{f"{name}_{key}": audited[name][key] for name in ran for key in ("asr", "asr_purified")
                              if isinstance(audited[name].get(key), (int, float))}}))
+    for name, why in audited.get("skipped", {}).items():
+        print(f"skipped {name}: {why}")
     print(card_text(audited["card"], title))
 
 

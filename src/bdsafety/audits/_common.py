@@ -114,6 +114,10 @@ class AuditBase:
     def reference_fields(self, metrics: dict) -> dict:
         return {}
 
+    def unsupported(self, model: nn.Module) -> str | None:
+        """Why this audit cannot run on models like `model` (a part it reads is missing); None: it can."""
+        return None
+
 
 def run_order(names: list[str] | tuple[str, ...]) -> list[str]:
     """`names` with every audit after the audits whose model it needs or whose settings it uses."""

@@ -223,6 +223,13 @@ class BackdoorExistence(AuditBase):
                 kept[name].append(outputs[name][:, selected[name].to(device)].float())
         return {name: torch.cat(chunks) for name, chunks in kept.items()}
 
+    def unsupported(self, model: nn.Module) -> str | None:
+        try:
+            backdoor_layers(model, self.layers)
+        except UsageError as exc:
+            return str(exc)
+        return None
+
     def run(self, models: Mapping[str, Any], data: AuditData, seed: int) -> AuditResult:
         """BEC of `models["purified"]` against `models["backdoored"]`, with `models["clean"]` as the zero point."""
         data.require_attack("bec")

@@ -206,13 +206,17 @@ def trained_clean(setup: Setup, model_name: str, profile: str, seed: int, device
 
 
 
-def run_audit(inputs: AuditInputs, checks: list[str], params: dict | None = None) -> dict:
+def run_audit(inputs: AuditInputs, checks: list[str], params: dict | None = None,
+              skip_unsupported: bool = False) -> dict:
     """The audits `checks` on the inputs' purified model (the clean model as the reference where it is given):
-    {"trigger_source", "warnings", "purified", "backdoored", <check>: metrics, ..., "clean_reference", "card"}."""
+    {"trigger_source", "warnings", "purified", "backdoored", <check>: metrics, ..., "clean_reference", "card"}.
+    A check that cannot run on this architecture is refused before any runs, or with `skip_unsupported` (`--checks
+    all`) left out and listed under "skipped" with the reason."""
     from ..audits import create_audits
     from ..audits.verdict import verdict_card
 
     methods = create_audits(checks, inputs.profile, inputs.augmentation, params)
+    methods, skipped = supported(methods, inputs.subjects["purified"].model, skip_unsupported)
     subjects, setup = dict(inputs.subjects), inputs.setup
     measured = {role: evaluate_setup(subjects[role].model, setup) for role in ("purified", "backdoored")
                 if role in subjects}
@@ -222,7 +226,21 @@ def run_audit(inputs: AuditInputs, checks: list[str], params: dict | None = None
     card.update(trigger_source=setup.trigger_source, warnings=list(inputs.warnings))
     return {"dataset": setup.bundle.name, "model": inputs.model, "seed": inputs.seed,
             "trigger_source": setup.trigger_source, "warnings": list(inputs.warnings), **result,
-            "clean_reference": reference, "card": card}
+            "clean_reference": reference, "card": card, **({"skipped": skipped} if skipped else {})}
+
+
+def supported(methods: dict, model: torch.nn.Module, skip: bool) -> tuple[dict, dict[str, str]]:
+    """`methods` without those that cannot run on `model` (and those that take a model or settings from them),
+    and why each was left out; unless `skip`, the first that cannot run is refused in one line."""
+    skipped = {name: why for name, method in methods.items() if (why := method.unsupported(model)) is not None}
+    if skipped and not skip:
+        name, why = next(iter(skipped.items()))
+        raise UsageError(f"{name} cannot audit this model: {why}")
+    for name, method in methods.items():
+        dependencies = set(type(method).needs) | set(type(method).uses)
+        if name not in skipped and (taken := dependencies & set(skipped)):
+            skipped[name] = f"it takes {', '.join(sorted(taken))}, which cannot run"
+    return {name: method for name, method in methods.items() if name not in skipped}, skipped
 
 
 def record_audits(source, paths: dict[str, Path | None], **settings) -> list[tuple[str, AuditInputs]]:
