@@ -1,8 +1,9 @@
-"""Speed benchmark of bdsafety (benchmarks/speed.py); the same as `bdsafety bench` from a checkout.
+"""Speed benchmark of bdsafety (benchmarks/speed.py), run from a source checkout:
 
     python benchmarks/bench.py [--out DIR] [--seconds 12] [--threads N] [--profile] [--device cpu]
 
-Prints a Markdown table and writes DIR/bench.json (atomically).
+Prints a Markdown table and writes DIR/bench.json (atomically). It is a script outside the library, not a
+`bdsafety` command: the library never imports benchmarks/ (tests/test_imports.py).
 """
 
 from __future__ import annotations
@@ -16,13 +17,15 @@ if __package__ in (None, ""):  # run as a script: make `benchmarks` importable f
 
 import torch  # noqa: E402
 
+from benchmarks.speed import profile_train, run_benchmark  # noqa: E402
+from benchmarks.speed_table import format_table  # noqa: E402
 from bdsafety import store  # noqa: E402
 from bdsafety.cli import configure  # noqa: E402
 from bdsafety.train import resolve_device  # noqa: E402
 
 
 def parser() -> argparse.ArgumentParser:
-    bench = argparse.ArgumentParser(prog="bdsafety bench",
+    bench = argparse.ArgumentParser(prog="python benchmarks/bench.py",
                                     description="speed benchmark: training loop vs a PIL/DataLoader pipeline, MFU, "
                                                 "PAM, eval")
     bench.add_argument("--out", default=".", help="directory for bench.json (default: the current one)")
@@ -35,9 +38,6 @@ def parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str]) -> int:
-    from benchmarks.speed import profile_train, run_benchmark
-    from benchmarks.speed_table import format_table
-
     args = parser().parse_args(argv)
     configure(args.quiet)
     if args.threads:

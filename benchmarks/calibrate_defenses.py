@@ -32,7 +32,7 @@ from bdsafety import store
 from bdsafety.data import load_dataset
 from bdsafety.pipeline import build_plan, load_spec
 from bdsafety.pipeline.graph import audit_node, purify_node, train_node
-from bdsafety.pipeline.run import RunContext, run_node
+from bdsafety.pipeline.context import RunContext, run_node
 
 CALIBRATION_ASR = 0.10  # the rule: the weakest grid setting with O-ASR at most this on the calibration split
 

@@ -2,16 +2,21 @@
 
     python benchmarks/pam_step.py [--seconds 10] [--threads 2] [--device cpu]
 
-The same measurement as the `PAM step / SGD step` row of `bdsafety bench` (bdsafety.bench.pam_overhead):
+The same measurement as the `PAM step / SGD step` row of `python benchmarks/bench.py` (speed.pam_overhead):
 CPU: preact_small, batch 128 of 1x28x28; CUDA: resnet18, batch 512 of 3x32x32, bf16 autocast.
 """
 
 import argparse
+import sys
+from pathlib import Path
 
-import torch
+if __package__ in (None, ""):  # run as a script: make `benchmarks` importable from the checkout root
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bdsafety.bench import default_workload, pam_overhead, workload_and_data
-from bdsafety.train import resolve_device
+import torch  # noqa: E402
+
+from benchmarks.speed import default_workload, pam_overhead, workload_and_data  # noqa: E402
+from bdsafety.train import resolve_device  # noqa: E402
 
 
 def main() -> None:

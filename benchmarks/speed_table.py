@@ -1,4 +1,5 @@
-"""The `bdsafety bench` table: the headline numbers of a `bench.run_benchmark` record as Markdown."""
+"""The benchmark's table (`benchmarks/bench.py`): the headline numbers of a `speed.run_benchmark` record as
+Markdown."""
 
 from __future__ import annotations
 

@@ -8,7 +8,7 @@ and, through its command line (a subprocess), to audit the two saved state dicts
 bdsafety's own BadNets trigger (a trigger file, and poison folders made with it): bdsafety must refuse both (exit
 code 2), and with `--audit-anyway` its card must carry a WARNING.
 
-    .venv/bin/python scripts/outside_model_audit.py --out /tmp/outside-run
+    .venv/bin/python scripts/outside_model_audit.py --out runs/outside
 
 The FT purification setting is chosen on 2,000 held-out TRAINING images (never seen by any training, triggered
 here for the ASR), never on the test set. Writes into a fresh `--out`: backdoored.pt, purified.pt, poisons/,
@@ -21,6 +21,7 @@ import argparse
 import json
 import os
 import platform
+import re
 import shlex
 import subprocess
 import sys
@@ -502,7 +503,7 @@ def markdown_summary(summary: dict) -> str:
     refused = all(r["refused"] for r in summary["refusals"].values())
     ra = [r["asr"] for r in audit.get("ra_repeats") or []]
     ra_acc = [r["clean_acc"] for r in audit.get("ra_repeats") or [] if r.get("clean_acc") is not None]
-    command = summary["command"].replace(str(REPO) + "/", "")  # no path of this machine in the README
+    command = re.sub(r"--out \S+", "--out OUT", summary["command"].replace(str(REPO) + "/", ""))  # no machine paths
     lines = [
         f"Measured by `{command}` at commit `{(machine['git_head'] or '?')[:10]}` on {machine['cpu']} "
         f"({machine['threads']} threads, torch {machine['torch']}).",
@@ -527,14 +528,25 @@ def markdown_summary(summary: dict) -> str:
         f"trigger file or as poison folders the audit is "
         f"{'refused (exit 2: the backdoored model follows them at ' + pct(first_asr(summary)) + ')' if refused else 'NOT refused'}"
         f"; `--audit-anyway` audits all the same and its card carries the warning.",
+        "",
+        f"The rest of the card (`--checks all`): {other_audits(audit)}.",
     ]
     return "\n".join(lines) + "\n"
 
 
+def other_audits(audit: dict) -> str:
+    """QRA, the universal perturbation, LMC and the weight position, as one sentence."""
+    qra, uap, lmc, position = (audit.get(name) or {} for name in ("qra", "uap", "lmc", "position"))
+    parts = [f"QRA {pct(qra.get('asr_purified'))} (clean model {pct(qra.get('asr_clean_model'))})",
+             f"universal perturbation {pct(uap.get('asr_purified', uap.get('asr')))}",
+             f"LMC: backdoor error above 50 % over the last {lmc.get('backdoor_error_span', float('nan')):.2f} of the "
+             "path from the backdoored to the purified weights",
+             f"weight position toward the clean model {position.get('toward_clean', float('nan')):+.2f}"]
+    return "; ".join(parts)
+
+
 def first_asr(summary: dict) -> float | None:
     """The backdoored model's ASR quoted in the refusal line (e.g. "... is 2.1% (< 50%) ...")."""
-    import re
-
     line = next(iter(summary["refusals"].values()))["error_line"] or ""
     found = re.search(r"is ([0-9.]+)%", line)
     return float(found[1]) / 100 if found else None

@@ -25,7 +25,9 @@ def asset_cache(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def badnets_setup():
-    return prepare(DataSpec("synthetic"), AttackSpec("badnets", 0.1, 0), seed=0)
+    # the defenses' unit tests hold the defender's data fixed (one held-out reserve); tests/test_defender_data.py
+    # covers the official protocol, the default
+    return prepare(DataSpec("synthetic", defender_data="held_out"), AttackSpec("badnets", 0.1, 0), seed=0)
 
 
 @pytest.fixture(scope="session")

@@ -40,7 +40,7 @@ def superficial(badnets_setup, backdoored):
 
 def test_registry_and_profiles():
     assert AUDITS.names() == ["bec", "lmc", "position", "qra", "ra", "ra_curve", "trajectory", "uap", "uap_transfer"]
-    assert (AUDITS.create("lmc", "cpu").points, AUDITS.create("lmc", "cpu").test_images) == (11, 2000)
+    assert (AUDITS.create("lmc", "cpu").points, AUDITS.create("lmc", "cpu").test_images) == (21, 2000)
     assert (AUDITS.create("lmc").points, AUDITS.create("lmc").test_images) == (21, 0)  # the paper profile
     assert AUDITS.create("qra", "cpu").epochs == 50  # the official length on the CPU profile too
     assert AUDITS.create("qra").epochs == 50

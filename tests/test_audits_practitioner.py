@@ -25,7 +25,7 @@ def models(badnets_setup, backdoored):
     """A superficially purified model (fine-tuned on the reserve at a high rate: ASR near 0) and a clean one."""
     purified = copy.deepcopy(backdoored[0])
     fit(purified, badnets_setup.reserve, TrainConfig(epochs=10, batch_size=32, lr=0.05, crop_pad=1, flip=False), seed=1)
-    clean_setup = prepare(DataSpec("synthetic"), AttackSpec("none"), seed=0)
+    clean_setup = prepare(DataSpec("synthetic", defender_data="held_out"), AttackSpec("none"), seed=0)
     clean, _ = train_model(clean_setup, "preact_small", TINY_TRAIN, seed=0, device=torch.device("cpu"))
     return {"backdoored": backdoored[0].eval(), "purified": purified.eval(), "clean": clean.eval()}
 

@@ -103,16 +103,15 @@ def test_profile_lists_top_ops_by_self_time():
     assert any("convolution" in row["op"] for row in rows)
 
 
-def test_cli_bench_prints_the_table_and_writes_bench_json(tmp_path, capsys, monkeypatch):
+def test_bench_script_prints_the_table_and_writes_bench_json(tmp_path, capsys, monkeypatch):
     import functools
 
-    import benchmarks.speed as speed
-    import bdsafety.cli as cli
+    import benchmarks.bench as bench
 
     small = functools.partial(run_benchmark, batch_size=16, shape=SHAPE, n_train=256, n_test=40, steps_per_call=2,
                               min_calls=2, workers=(0,), matmul_sizes=(64,), lmc_points=3)
-    monkeypatch.setattr(speed, "run_benchmark", small)
-    assert cli.main(["bench", "--out", str(tmp_path), "--seconds", "0", "--device", "cpu", "--threads", "1"]) == 0
+    monkeypatch.setattr(bench, "run_benchmark", small)
+    assert bench.main(["--out", str(tmp_path), "--seconds", "0", "--device", "cpu", "--threads", "1"]) == 0
     record = json.loads((tmp_path / "bench.json").read_text())
     assert record["environment"]["threads"] == 1 and record["speedup"] > 0
     assert "MFU (training)" in capsys.readouterr().out

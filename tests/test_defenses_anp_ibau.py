@@ -189,14 +189,42 @@ def test_k_step_hypergradient_equals_backprop_through_k_unrolled_steps_at_the_fi
 def test_i_bau_unlearns_the_backdoor(badnets_setup, backdoored):
     model, record = backdoored
     original = copy.deepcopy(model)
-    # 100 reserve images: batches of 50 with 10% perturbed give the outer loss some perturbed samples at all.
-    ibau = IBAU(n_rounds=5, batch_size=50, lr=1e-3, perturbed_fraction=0.1, crop_pad=1, flip=False)
+    # 100 reserve images: batches of 50 with 10% perturbed give the outer loss some perturbed samples at all. As in
+    # defense/i-bau.py every round unlearns on the same stored batches (here only 2), so 10 rounds rather than 5.
+    ibau = IBAU(n_rounds=10, batch_size=50, lr=1e-3, perturbed_fraction=0.1, crop_pad=1, flip=False)
     purified, history = trace_defense(ibau, model, badnets_setup.defender_data(), seed=0, keep_snapshots=False)[:2]
     assert same_state(model, original)
-    assert len(history["rounds"]) == 5 and history["rounds"][0]["delta_norm"] > 0
+    assert len(history["rounds"]) == 10 and history["rounds"][0]["delta_norm"] > 0
     metrics = evaluate_setup(purified, badnets_setup)
     assert metrics["asr"] <= 0.2 < record["metrics"]["asr"]
     assert metrics["clean_acc"] >= record["metrics"]["clean_acc"] - 0.1
+
+
+def test_i_bau_unlearns_on_batches_stored_once_and_maps_delta_on_batch_0(badnets_setup, backdoored, monkeypatch):
+    """defense/i-bau.py: images_list is one pass stored before the rounds; loss_inner reads images_list[0]."""
+    import bdsafety.defenses.i_bau as i_bau
+
+    inner_inputs, outer_inputs = [], []
+    make_map, step = i_bau.gradient_step_map, IBAU.unlearn_step
+
+    def recording_map(model, x, y, *args):
+        inner_inputs.append((x.clone(), y.clone()))
+        return make_map(model, x, y, *args)
+
+    def recording_step(self, model, params, optimizer, batch, *args):
+        outer_inputs.append((batch[0].clone(), batch[1].clone()))
+        return step(self, model, params, optimizer, batch, *args)
+
+    monkeypatch.setattr(i_bau, "gradient_step_map", recording_map)
+    monkeypatch.setattr(IBAU, "unlearn_step", recording_step)
+    ibau = IBAU(n_rounds=2, batch_size=50, lr=1e-3, perturbed_fraction=0.1, fixed_point_iters=1, crop_pad=1, flip=True)
+    _, record = ibau.purify(copy.deepcopy(backdoored[0]), badnets_setup.defender_data().without_attack(), seed=0)
+    assert record["outer_batches"] == 2 and [r["steps"] for r in record["rounds"]] == [2, 2]
+    first, second = outer_inputs[:2], outer_inputs[2:]
+    assert all(torch.equal(a[0], b[0]) and torch.equal(a[1], b[1]) for a, b in zip(first, second))  # same batches
+    assert not torch.equal(first[0][0], first[1][0])
+    assert len(inner_inputs) == 2  # one map per round, on the first stored batch with its true labels
+    assert all(torch.equal(x, first[0][0]) and torch.equal(y, first[0][1]) for x, y in inner_inputs)
 
 
 def test_universal_perturbation_is_projected_into_the_l2_ball():

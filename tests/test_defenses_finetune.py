@@ -1,23 +1,26 @@
-"""The fine-tuning defenses (EP, FT, FST, FT-SAM) and the (A)SAM optimizer (ALGORITHMS §4.1-4.4, §11.2)."""
+"""The fine-tuning defenses (EP, FT, FST, FT-SAM) and the (A)SAM optimizer, against the paper's official code."""
 
 import copy
+import math
 
 import pytest
 import torch
 import torch.nn.functional as F
+from torch.optim.optimizer import register_optimizer_step_pre_hook
 
 import bdsafety.defenses.ep  # noqa: F401  (registers the defenses; the lead adds them to defenses/__init__)
 import bdsafety.defenses.fst  # noqa: F401
 import bdsafety.defenses.ft  # noqa: F401
 import bdsafety.defenses.ft_sam  # noqa: F401
-from bdsafety.data import to_float
-from bdsafety.defenses import DEFENSES, trace_defense
+from bdsafety.data import ImageSet, to_float
+from bdsafety.defenses import DEFENSES, DefenderData, trace_defense
 from bdsafety.defenses._tuning import class_balanced_indices, mixed_count, project_norm, replace_fraction
 from bdsafety.errors import UsageError
 from bdsafety.pipeline.stages import purify_with_trajectory
-from bdsafety.models import create_model
+from bdsafety.models import ModelSpec, create_model
 from bdsafety.optim import SAM, sam_perturbation
 from bdsafety.optim.sam import batch_norms
+from bdsafety.train import TrainConfig, fit
 
 FINETUNE = ("ep", "ft", "fst", "ft_sam")
 # Synthetic reserve: 100 images of 16x16; small batches give enough steps, a 1-pixel crop suits 16 px.
@@ -205,14 +208,105 @@ def test_replace_fraction_triggers_int_02_b_plus_1_samples_and_keeps_labels():
     assert torch.equal(labels, y) and float(x.abs().sum()) == 0.0  # input batch untouched
 
 
-def test_project_norm_and_balanced_subset():
+def test_project_norm():
     weight = torch.randn(4, 8)
     assert float(torch.linalg.matrix_norm(project_norm(weight, 3.0))) == pytest.approx(3.0)
+
+
+def test_balanced_subset_has_equal_counts_and_takes_all_of_a_short_class():
     labels = torch.tensor([0] * 5 + [1] * 3 + [2] * 7)
-    chosen = class_balanced_indices(labels, 3, None, torch.Generator().manual_seed(0))
+    chosen = class_balanced_indices(labels, 3, 3, torch.Generator().manual_seed(0))
     assert torch.bincount(labels[chosen]).tolist() == [3, 3, 3]
-    with pytest.raises(UsageError):
-        class_balanced_indices(labels, 3, 4, torch.Generator().manual_seed(0))
+    assert len(set(chosen.tolist())) == len(chosen)  # without replacement
+    short = class_balanced_indices(labels, 3, 4, torch.Generator().manual_seed(0))
+    assert torch.bincount(labels[short]).tolist() == [4, 3, 4]  # class 1 has only 3: all of them
+    again = class_balanced_indices(labels, 3, 4, torch.Generator().manual_seed(0))
+    assert torch.equal(short, again)  # seeded
+
+
+# --- FT-SAM as defense/ft-sam.py: class-balanced subset, cosine stepped per iteration ---------------------------
+
+
+def lr_per_step(optimizer_type):
+    """Collects the learning rate of every step of an optimizer of `optimizer_type` (torch's global hook)."""
+    lrs = []
+
+    def record(optimizer, *_):
+        if type(optimizer) is optimizer_type:
+            lrs.append(optimizer.param_groups[0]["lr"])
+
+    return lrs, register_optimizer_step_pre_hook(record)
+
+
+def test_cosine_per_step_changes_the_lr_every_step_and_restarts_after_2_t_max(badnets_setup):
+    model = fresh_model(badnets_setup)
+    config = TrainConfig(epochs=4, batch_size=25, lr=0.1, schedule="cosine_per_step", cosine_t_max=3, crop_pad=0,
+                         flip=False, drop_last=False)
+    lrs, handle = lr_per_step(torch.optim.SGD)
+    try:
+        fit(model, badnets_setup.reserve, config, seed=0)
+    finally:
+        handle.remove()
+    assert len(lrs) == 16  # 100 images, batches of 25, 4 epochs
+    expected = [0.1 * (1 + math.cos(math.pi * k / 3)) / 2 for k in range(16)]  # CosineAnnealingLR, one step each
+    assert lrs == pytest.approx(expected, abs=1e-9)
+    assert lrs[3] == pytest.approx(0.0, abs=1e-12) and lrs[6] == pytest.approx(0.1)  # down, and up again
+
+
+def test_ft_sam_trains_on_a_class_balanced_subset_with_the_per_iteration_cosine(badnets_setup):
+    defense = DEFENSES.create("ft_sam", **TINY, epochs=2, per_class=10)
+    assert (defense.cosine_t_max, defense.balanced) == (100, True)  # defense/ft-sam.py's T_max, choose_by_class
+    data = badnets_setup.defender_data().without_attack()
+    lrs, handle = lr_per_step(SAM)
+    try:
+        _, record = defense.purify(fresh_model(badnets_setup), data, seed=0)
+    finally:
+        handle.remove()
+    assert record["subset_class_counts"] == [10] * data.num_classes
+    assert record["subset_size"] == record["num_samples"] == 10 * data.num_classes
+    assert record["train_config"]["schedule"] == "cosine_per_step"
+    assert len(lrs) == record["steps"] == 4  # 40 images, batches of 32, 2 epochs
+    assert lrs == pytest.approx([0.01 * (1 + math.cos(math.pi * k / 100)) / 2 for k in range(4)], abs=1e-12)
+
+
+def test_ft_sam_default_subset_splits_the_reserve_evenly_and_takes_what_a_short_class_has():
+    torch.manual_seed(0)
+    labels = torch.tensor([0] * 40 + [1] * 30 + [2] * 10)  # 80 images, 3 classes: 26 asked of each
+    reserve = ImageSet(torch.randint(0, 256, (80, 1, 8, 8), dtype=torch.uint8), labels)
+    model = create_model_for(num_classes=3)
+    _, record = DEFENSES.create("ft_sam", batch_size=32, crop_pad=0, flip=False, epochs=1).purify(
+        model, DefenderData(reserve, 3), seed=0)
+    assert record["subset_per_class"] == 26 and record["reserve_size"] == 80
+    assert record["subset_class_counts"] == [26, 26, 10] and record["num_samples"] == 62
+
+
+def create_model_for(num_classes):
+    torch.manual_seed(0)
+    return create_model(ModelSpec("preact_small", 1, num_classes, (0.5,), (0.25,)))
+
+
+# --- FST's alpha per dataset, as the official commands pass it ----------------------------------------------
+
+
+def test_fst_alpha_follows_the_official_command_of_the_dataset():
+    fst = DEFENSES.get("fst")
+    assert DEFENSES.create("fst", dataset="cifar10").effective_alpha == 0.1  # README: --dataset cifar10 --alpha 0.1
+    assert DEFENSES.create("fst", "paper", {"dataset": "cifar10"}).effective_alpha == 0.1  # as a shared setting
+    assert DEFENSES.create("fst", dataset="cifar100").effective_alpha == fst.DEFAULT_ALPHA == 0.2  # ft.py argdef
+    assert DEFENSES.create("fst").effective_alpha == 0.2  # no dataset given
+    assert DEFENSES.create("fst", "cpu", {"dataset": "fashion-mnist"}).effective_alpha == 0.2
+    assert DEFENSES.create("fst", dataset="cifar10", alpha=0.0).effective_alpha == 0.0  # explicit alpha wins
+
+
+def test_fst_records_and_uses_its_alpha(backdoored, badnets_setup):
+    data = badnets_setup.defender_data().without_attack()
+    records = {}
+    for alpha in (0.0, 0.5):
+        _, records[alpha] = DEFENSES.create("fst", **TINY, epochs=1, alpha=alpha).purify(
+            copy.deepcopy(backdoored[0]), data, seed=0)
+    assert records[0.0]["alpha"] == 0.0 and records[0.5]["alpha"] == 0.5
+    # the penalty pushes the head away from the backdoored one: a larger alpha ends further from it
+    assert records[0.5]["head_cosine_to_bd"] < records[0.0]["head_cosine_to_bd"]
 
 
 def test_fst_trajectory_states_are_projected_like_its_steps(backdoored, badnets_setup):

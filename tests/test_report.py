@@ -27,11 +27,11 @@ NUMBERS = {
 }
 
 
-def lmc_points(edge: float, dip: float = 0.3) -> list[dict]:
-    """21 points whose backdoor error 1 - ASR is >= 0.5 exactly from t = edge on; clean accuracy dips midway."""
+def lmc_points(edge: float, dip: float = 0.3, count: int = 21) -> list[dict]:
+    """`count` points whose backdoor error 1 - ASR is >= 0.5 exactly from t = edge on; clean accuracy dips midway."""
     points = []
-    for i in range(21):
-        t = i / 20
+    for i in range(count):
+        t = i / (count - 1)
         asr = 0.02 if t >= edge - 1e-9 else 0.98
         points.append({"t": t, "clean_acc": 0.92 - dip * math.sin(math.pi * t) ** 2, "asr": asr,
                        "clean_loss": 0.3, "backdoor_loss": -math.log(max(asr, 1e-6))})
@@ -92,7 +92,9 @@ def test_write_report_writes_markdown_html_and_figures(report_dir):
     assert not [p for p in run_dir.iterdir() if p.name.endswith(".tmp")]
     markdown = (run_dir / "report.md").read_text()
     assert all(f"]({n})" in markdown for n in figures)
-    assert markdown.count("**held**") == 5 and "| ANP | P-Robustness | 87.0 | 97.0 | 86.0 | 97.0 |" in markdown
+    assert markdown.count("**holds on the mean over attacks; holds on 2 of 2 attacks") == 5
+    assert "bdsafety's own choice, not the paper's" in markdown and "LMC grid: 21 points, step 0.05" in markdown
+    assert "| ANP | P-Robustness | 87.0 | 97.0 | 86.0 | 97.0 |" in markdown
 
 
 def test_table1_markdown_rows_columns_and_percentages():
@@ -137,8 +139,9 @@ def test_html_is_self_contained_and_escaped(report_dir):
     assert len(refs) == 6 and all(r.startswith("data:image/png;base64,") for r in refs)
     assert "<link" not in page and "url(" not in page and "@import" not in page and "<script" not in page
     assert "&lt;script&gt;alert(&quot;x&quot;)&lt;/script&gt;" in page
-    assert "did not hold here" not in page  # every claim holds on the default numbers
-    assert page.count('class="badge held"') == 5
+    assert "did not hold" not in page  # every claim holds on the default numbers, both ways
+    assert page.count('class="badge held"') == 10 and page.count(">attacks: 2 of 2 held<") == 5
+    assert "bdsafety&#x27;s own choice, not the paper&#x27;s" in page
 
 
 def test_span_counts_the_stretch_ending_at_the_purified_model():
@@ -153,19 +156,31 @@ def test_span_counts_the_stretch_ending_at_the_purified_model():
 
 
 def held(results: dict) -> list[bool | None]:
-    return [claim["held"] for claim in evaluate_claims(results)]
+    """The verdicts attack by attack (a claim holds only if it holds on every attack)."""
+    return [claim["by_attack"]["held"] for claim in evaluate_claims(results)]
+
+
+def held_on_mean(results: dict) -> list[bool | None]:
+    return [claim["on_mean"]["held"] for claim in evaluate_claims(results)]
+
+
+def evidence(claim: dict) -> str:
+    return " | ".join(claim["lines"])
 
 
 def test_all_claims_hold_on_paper_like_numbers():
     claims = evaluate_claims(fake_results())
-    assert [c["held"] for c in claims] == [True] * 5
-    assert claims[0]["per_attack"] == {"BadNets": True, "Blended": True}
-    assert "BadNets: O-ASR → P-ASR ANP 4.0% → 97.0%" in claims[0]["evidence"]
-    assert "P-ASR EP 5.0%, clean model 3.0%" in claims[1]["evidence"]
-    assert "(no data: BAU)" in claims[2]["evidence"]  # Blended lacks QRA for BAU
-    assert "EP 0.70" in claims[3]["evidence"] and "margin +0.55" in claims[3]["evidence"]
-    assert list(claims[1]["details"]) == ["BadNets", "Blended"]
-    assert claims[1]["details"]["Blended"].startswith("P-ASR EP 5.0%")
+    assert [c["on_mean"]["held"] for c in claims] == [c["by_attack"]["held"] for c in claims] == [True] * 5
+    assert claims[0]["status"] == "holds on the mean over attacks; holds on 2 of 2 attacks"
+    assert claims[0]["by_attack"]["per_attack"] == {"BadNets": True, "Blended": True}
+    assert claims[0]["lines"][0].startswith("mean over BadNets, Blended: O-ASR → P-ASR ANP 4.0% → 97.0%")
+    assert "BadNets: O-ASR → P-ASR ANP 4.0% → 97.0%" in evidence(claims[0])
+    assert "P-ASR EP 5.0%, clean model 3.0%" in evidence(claims[1])
+    assert "(no data: BAU)" in claims[2]["lines"][2]  # Blended lacks QRA for BAU; the mean uses BadNets' numbers
+    assert "BAU 80.0% vs 8.0%" in claims[2]["lines"][0]
+    assert "EP 0.70" in evidence(claims[3]) and "margin +0.55" in evidence(claims[3])
+    assert list(claims[1]["by_attack"]["details"]) == ["BadNets", "Blended"]
+    assert claims[1]["by_attack"]["details"]["Blended"].startswith("P-ASR EP 5.0%")
 
 
 def set_fields(attack: int, defense: str, **fields):
@@ -184,6 +199,15 @@ def close_qra_gap(results):
             row["qra_asr_clean_model"] = row["qra_asr_purified"] - 0.25
 
 
+def set_in_every_attack(defense: str, **fields):
+    def change(results):
+        for attack in range(len(results["attacks"])):
+            row_of(results, attack, defense).update(fields)
+    return change
+
+
+# Attack by attack: a rule broken on one attack fails the claim; on the mean over attacks the other attack makes
+# up for it (Fig. 1 caption: the paper reports the average among attacks), so `expected_on_mean` stays True.
 @pytest.mark.parametrize("mutate, expected", [
     (set_fields(0, "bti_dbf", p_asr=0.49), [False, True, True, True, True]),
     (set_fields(0, "bti_dbf", p_asr=0.50), [True] * 5),  # thresholds are inclusive
@@ -205,15 +229,99 @@ def test_each_claim_fails_when_its_rule_is_broken(mutate, expected):
     results = fake_results()
     mutate(results)
     assert held(results) == expected
+    assert held_on_mean(results) == [True] * 5
+
+
+@pytest.mark.parametrize("mutate, expected", [
+    (set_in_every_attack("bti_dbf", p_asr=0.49), [False, True, True, True, True]),
+    (set_in_every_attack("anp", lmc={"bn_mode": "interp", "points": lmc_points(0.35)}),
+     [True, True, True, False, True]),
+    (set_in_every_attack("pam", p_asr=0.21), [True, True, True, True, False]),
+])
+def test_a_rule_broken_on_every_attack_fails_both_ways(mutate, expected):
+    results = fake_results()
+    mutate(results)
+    assert held(results) == held_on_mean(results) == expected
+
+
+def test_the_mean_over_attacks_can_hold_where_one_attack_fails():
+    results = fake_results()
+    row_of(results, 1, "bti_dbf").update(p_asr=0.30)  # BTI is not revived on Blended; its mean is 55 %
+    claim = evaluate_claims(results)[0]
+    assert claim["on_mean"]["held"] is True and claim["by_attack"]["held"] is False
+    assert claim["by_attack"]["per_attack"] == {"BadNets": True, "Blended": False}
+    assert claim["status"] == "holds on the mean over attacks; holds on 1 of 2 attacks (fails on Blended)"
+    assert "BTI 2.0% → 55.0%" in claim["lines"][0] and "below 50% after RA: BTI" in claim["lines"][2]
+
+
+def test_the_mean_over_attacks_can_fail_where_every_attack_holds():
+    results = fake_results()
+    # BTI did not purify BadNets (O-ASR 30 %), so RA cannot be asked to revive it there; its mean O-ASR (16 %)
+    # counts as purified and its mean P-ASR (45 %) as not revived
+    row_of(results, 0, "bti_dbf").update(o_asr=0.30, p_asr=0.10)
+    claim = evaluate_claims(results)[0]
+    assert claim["on_mean"]["held"] is False and claim["by_attack"]["held"] is True
+    assert claim["status"] == "fails on the mean over attacks; holds on 2 of 2 attacks"
+
+
+def test_pam_with_a_high_o_asr_fails_claim_5():
+    results = fake_results()
+    set_in_every_attack("pam", o_asr=0.5)(results)  # robust after RA, but it never removed the backdoor
+    claims = evaluate_claims(results)
+    assert [c["on_mean"]["held"] for c in claims] == held(results) == [True, True, True, True, False]
+    assert "O-ASR PAM 50.0% (limit 20%)" in claims[4]["lines"][0]
+    set_fields(1, "pam", o_asr=0.015)(results)
+    assert held(results)[4] is False and held_on_mean(results)[4] is False  # mean O-ASR 25.75 %
+
+
+def test_the_lmc_grid_is_stated_beside_claim_4():
+    results = fake_results()
+    grid = "LMC grid: 21 points, step 0.05, so the 0.10 margin is 2 grid steps"
+    assert evaluate_claims(results)[3]["lmc_grid"] == grid
+    for block in results["attacks"]:
+        for row in block["rows"]:
+            if "lmc" in row:
+                row["lmc"]["points"] = lmc_points(0.3 if row["defense"] == "ep" else 0.9, count=11)
+    claims = evaluate_claims(results)
+    assert claims[3]["status"].endswith("; LMC grid: 11 points, step 0.10, so the 0.10 margin is 1 grid step")
+    assert all(claim["lmc_grid"] == "" for i, claim in enumerate(claims) if i != 3)
+
+
+def test_one_attack_gives_one_verdict_and_one_evidence_line():
+    results = fake_results()
+    results["attacks"] = results["attacks"][:1]
+    row_of(results, 0, "ep").update(p_asr=0.25)
+    claim = evaluate_claims(results)[1]
+    assert claim["status"] == "fails on BadNets, the only attack"
+    assert claim["lines"] == ["P-ASR EP 25.0%, clean model 3.0% (limit 20%)"]
 
 
 def test_a_claim_on_the_edge_of_the_spread_is_flagged():
     results = fake_results()
-    assert all(claim["within_spread"] for claim in evaluate_claims(results))
+    assert all(c["on_mean"]["within_spread"] and c["by_attack"]["within_spread"] for c in evaluate_claims(results))
     row_of(results, 0, "pam").update(p_asr_min=0.05, p_asr_max=0.30)  # EP 5 % + 15 points: the mean holds, max not
     claims = evaluate_claims(results)
-    assert claims[4]["held"] is True and claims[4]["within_spread"] is False
-    assert all(claim["within_spread"] for claim in claims[:4])
+    assert claims[4]["by_attack"]["held"] is True and claims[4]["by_attack"]["within_spread"] is False
+    # over the attacks the high end is the mean of 30 % and Blended's 10 %: 20 %, still within EP + 15 points
+    assert claims[4]["on_mean"]["within_spread"] is True
+    assert claims[4]["status"] == ("holds on the mean over attacks; holds on 2 of 2 attacks "
+                                   "(the verdict differs at an end of the recorded spread)")
+    assert "P-ASR PAM 10.0% [5.0–30.0]" in claims[4]["lines"][1] and "PAM 10.0% [7.5–20.0]" in claims[4]["lines"][0]
+    assert all(c["on_mean"]["within_spread"] and c["by_attack"]["within_spread"] for c in claims[:4])
+
+
+def test_several_seeds_give_the_range_of_each_number():
+    from bdsafety.aggregate import aggregate_blocks
+    from bdsafety.report.claims import claim_notes
+
+    results = fake_results()
+    seeds = [dict(copy.deepcopy(block), seed=seed) for block in results["attacks"] for seed in (0, 1)]
+    row_of({"attacks": seeds}, 1, "anp").update(p_asr=0.77)  # BadNets, seed 1
+    results.update(attacks=seeds, summary=aggregate_blocks(seeds), seeds=[0, 1])
+    claims = evaluate_claims(results)
+    assert "BadNets: O-ASR → P-ASR ANP 4.0% → 87.0% [77.0–97.0]" in evidence(claims[0])
+    assert "ANP 4.0% → 92.0% [87.0–97.0]" in claims[0]["lines"][0]  # the mean over attacks of each end
+    assert "Numbers are means over seeds 0, 1." in claim_notes(results)[2]
 
 
 def test_claims_are_unknown_without_their_data_and_say_so():
@@ -223,8 +331,9 @@ def test_claims_are_unknown_without_their_data_and_say_so():
                                                                           "bti_dbf")]
         block["clean"] = {"clean_acc": 0.925, "asr": 0.004, "clean_acc_after_ra": None, "asr_after_ra": None}
     claims = evaluate_claims(results)
-    assert [c["held"] for c in claims] == [None] * 5
-    assert "P-ASR EP n/a, clean model n/a" in claims[1]["evidence"]
+    assert [c["on_mean"]["held"] for c in claims] == [c["by_attack"]["held"] for c in claims] == [None] * 5
+    assert claims[1]["status"] == "is not evaluable on the mean over attacks; not evaluable on any attack"
+    assert "P-ASR EP n/a, clean model n/a" in evidence(claims[1])
     # a failing part still decides the claim when another part is missing
     results["attacks"][0]["clean"]["asr_after_ra"] = 0.6
     assert held(results)[1] is False

@@ -12,8 +12,8 @@ import sys
 import torch
 
 from . import __version__
-from .commands import (cmd_audit, cmd_bench, cmd_defenses, cmd_demo, cmd_eval, cmd_export, cmd_import, cmd_purify,
-                       cmd_report, cmd_results, cmd_run, cmd_train)
+from .commands import (cmd_audit, cmd_defenses, cmd_demo, cmd_eval, cmd_export, cmd_import, cmd_purify, cmd_report,
+                       cmd_results, cmd_run, cmd_train)
 from .data import DATASET_NAMES
 from .errors import UsageError
 from .models import MODELS
@@ -54,7 +54,12 @@ def add_data_and_attack(parser: argparse.ArgumentParser, attack_help: str) -> No
     parser.add_argument("--labels", default="all2one", choices=("all2one", "all2all"),
                         help="relabel poisons to the target (all2one) or class y to (y + 1) mod C (all2all)")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--reserve-fraction", type=float, default=0.05, help="defender's clean split (held out)")
+    parser.add_argument("--defender-data", choices=("official", "held_out"), default="official",
+                        help="official: each defense draws its share (FT, FST 2%%; most 5%%; BTI-DBF, PAM 2,500 "
+                             "images) from the clean images the model trained on; held_out: one reserve kept out of "
+                             "training")
+    parser.add_argument("--reserve-fraction", type=float, default=0.05,
+                        help="with --defender-data held_out: the reserve's share")
     parser.add_argument("--set", action="append", metavar="KEY=VALUE", help="attack parameter, e.g. alpha=0.1")
     add_common(parser)
 
@@ -109,8 +114,8 @@ def add_stage_commands(sub) -> None:
                                                            "dataset's)")
     audit.add_argument("--seed", type=int, default=0, help="the audit's seed (a run directory's record sets its own)")
     audit.add_argument("--set", action="append", metavar="AUDIT.KEY=VALUE",
-                       help="an audit's parameter, e.g. lmc.points=21 (the CPU profile scans 11 points on 2,000 "
-                            "+ 2,000 test images; the paper profile 21 on all)")
+                       help="an audit's parameter, e.g. lmc.test_images=0 (the CPU profile scans LMC's 21 points on "
+                            "2,000 + 2,000 test images; the paper profile on all)")
     for parser, handler in ((train, cmd_train), (purify, cmd_purify), (audit, cmd_audit)):
         if parser is not train:
             add_common(parser)
@@ -178,9 +183,6 @@ def add_experiment_commands(sub) -> None:
     for parser, handler in ((run, cmd_run), (demo, cmd_demo), (report, cmd_report)):
         add_common(parser)
         parser.set_defaults(handler=handler)
-    bench = sub.add_parser("bench", add_help=False, help="speed benchmark (source checkout only; "
-                                                         "'bdsafety bench --help' for its options)")
-    bench.set_defaults(handler=cmd_bench)  # its own options are parsed by benchmarks/bench.py
 
 
 def build_parser() -> Parser:
@@ -227,12 +229,7 @@ INTERRUPTED = 130  # the shell's status for a process ended by Ctrl-C (128 + SIG
 
 def main(argv: list[str] | None = None) -> int:
     try:
-        parser = build_parser()
-        args, rest = parser.parse_known_args(argv)
-        if args.command == "bench":
-            args.bench_args = rest
-        elif rest:
-            parser.error(f"unrecognized arguments: {' '.join(rest)}")
+        args = build_parser().parse_args(argv)
         configure(getattr(args, "quiet", False))
         use_model_factory(args)
         return args.handler(args)

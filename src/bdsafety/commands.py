@@ -50,7 +50,7 @@ def cmd_train(args) -> int:
     overrides = {key: value for key, value in (("epochs", args.epochs), ("precision", args.precision))
                  if value is not None}
     spec = ExperimentSpec(dataset=args.dataset, data_dir=args.data_dir, model=args.model, profile=args.profile,
-                          seed=args.seed, reserve_fraction=args.reserve_fraction,
+                          seed=args.seed, reserve_fraction=args.reserve_fraction, defender_data=args.defender_data,
                           attacks=(attack,) if attack.name != "none" else (), train=overrides, defenses=(), checks=())
     validate(spec)
     plan, device = build_plan(spec), resolve_device(args.device)
@@ -79,7 +79,8 @@ def cmd_purify(args) -> int:
     out, device = free_out(args.out), resolve_device(args.device)
     backdoored, spec = stages.load_model_stage(args.source, device)
     record, profile = backdoored.record, stages.profile_of(args.profile, backdoored.record)
-    defense = DEFENSES.create(args.defense, profile, stages.augmentation_of(record), **parse_assignments(args.set))
+    shared = {**(stages.augmentation_of(record) or {}), "dataset": record.details["data"]["name"]}
+    defense = DEFENSES.create(args.defense, profile, shared, **parse_assignments(args.set))
     setup = stages.setup_of(record, args.data_dir)
     model, purified, tensors = stages.purify(args.defense, defense, backdoored, setup, record.seed, profile)
     store.save_stage(out, model, spec, purified, tensors)
@@ -294,7 +295,7 @@ def cmd_import(args) -> int:
     source = Path(args.file)
     state, model_name, origin = interop.read_any(source, args.format, args.model)
     check_origin(source, origin, args.dataset)
-    data = DataSpec(args.dataset, args.data_dir, args.reserve_fraction)
+    data = DataSpec(args.dataset, args.data_dir, args.reserve_fraction, defender_data=args.defender_data)
     setup = prepare(data, attack, args.seed, device=device)
     if origin.get("backdoorbench_num_classes") not in (None, setup.bundle.num_classes):
         raise UsageError(f"{source} is a {origin['backdoorbench_num_classes']}-class model and {args.dataset} has "
@@ -358,18 +359,6 @@ def check_origin(source: Path, origin: dict, dataset: str) -> None:
     if trained_on is not None and trained_on != dataset:
         raise UsageError(f"{source} was trained on '{trained_on}' but --dataset is '{dataset}'; pass "
                          f"--dataset {trained_on}")
-
-
-def cmd_bench(args) -> int:
-    """The speed benchmark lives in the source tree's benchmarks/ (it is not part of the library)."""
-    root = Path(__file__).resolve().parents[2]
-    if not (root / "benchmarks" / "speed.py").is_file():
-        raise UsageError("bdsafety bench runs from a source checkout (its code is in benchmarks/, which is not "
-                         "installed); clone the repository and run it there")
-    sys.path.insert(0, str(root))
-    from benchmarks.bench import main as bench_main
-
-    return bench_main(args.bench_args)
 
 
 def cmd_defenses(args) -> int:

@@ -22,6 +22,7 @@ from .metrics import attack_success_rate, clean_accuracy
 
 LossFn = Callable[[nn.Module, Tensor, Tensor], Tensor]
 PRECISIONS = ("fp32", "bf16", "auto")
+SCHEDULES = ("cosine", "cosine_per_step", "constant")
 BatchHook = Callable[[Tensor, Tensor, torch.Generator], tuple[Tensor, Tensor]]
 # channels_last measured 20-30% faster for the small ResNet on CPU, and is the fast path on GPUs.
 MEMORY_FORMAT = torch.channels_last
@@ -36,7 +37,10 @@ class TrainConfig:
     lr: float = 0.1
     momentum: float = 0.9
     weight_decay: float = 5e-4
-    schedule: str = "cosine"  # "cosine" (stepped per epoch) or "constant"
+    # "cosine": CosineAnnealingLR(T_max = epochs) stepped after each epoch; "cosine_per_step": CosineAnnealingLR
+    # (T_max = cosine_t_max) stepped after each optimizer step, periodic once the steps pass T_max; "constant"
+    schedule: str = "cosine"
+    cosine_t_max: int | None = None  # "cosine_per_step" only: T_max in steps (None: all steps of the run)
     crop_pad: int = 4
     flip: bool = True
     drop_last: bool = True
@@ -48,13 +52,19 @@ class TrainConfig:
     def __post_init__(self):
         if self.epochs < 0 or self.batch_size < 1 or self.lr < 0:
             raise UsageError(f"training needs epochs >= 0, batch_size >= 1, lr >= 0; got {self}")
-        if self.schedule not in ("cosine", "constant"):
-            raise UsageError(f"schedule must be 'cosine' or 'constant', got '{self.schedule}'")
+        if self.schedule not in SCHEDULES:
+            raise UsageError(f"schedule must be one of {', '.join(SCHEDULES)}, got '{self.schedule}'")
+        if self.cosine_t_max is not None and self.cosine_t_max < 1:
+            raise UsageError(f"cosine_t_max must be >= 1 (or None), got {self.cosine_t_max}")
         if self.precision not in PRECISIONS:
             raise UsageError(f"precision must be one of {', '.join(PRECISIONS)}, got '{self.precision}'")
 
     def to_json(self) -> dict:
-        return asdict(self)
+        """The fields as plain data; `cosine_t_max` only when set, so earlier configs keep their stage keys."""
+        data = asdict(self)
+        if data["cosine_t_max"] is None:
+            del data["cosine_t_max"]
+        return data
 
 
 def training_augmentation(config: "TrainConfig | dict") -> dict:
@@ -148,7 +158,8 @@ def fit(
     batches = DeviceBatches(data.images.to(device), data.labels.to(device), config,
                             unaugmented.to(device) if unaugmented is not None else None, batch_hook)
     optimizer = optimizer or sgd(model, config)
-    scheduler = make_scheduler(optimizer, config)
+    scheduler = make_scheduler(optimizer, config, batches.steps_per_epoch())
+    per_step = config.schedule == "cosine_per_step"
     precision = resolve_precision(config.precision, device)
     loss_fn = with_precision(loss_fn or cross_entropy(config.label_smoothing), precision, device)
     gen = torch.Generator().manual_seed(seed)
@@ -163,7 +174,10 @@ def fit(
             for x, y in batches.epoch(gen):
                 total += optimizer_step(model, optimizer, loss_fn, x, y).detach()
                 steps += 1
-            scheduler.step()
+                if per_step:
+                    scheduler.step()
+            if not per_step:
+                scheduler.step()
             history.append(check_finite(float(total) / max(steps, 1), epoch))
     finally:
         if handle is not None:
@@ -181,6 +195,10 @@ class DeviceBatches:
     config: TrainConfig
     keep: Tensor | None = None  # rows that enter every batch exactly as stored
     hook: BatchHook | None = None  # changes each augmented batch (EP's triggers, BTI/PAM's inverted samples)
+
+    def steps_per_epoch(self) -> int:
+        n, size = len(self.labels), self.config.batch_size
+        return n // size if self.config.drop_last and n >= size else math.ceil(n / size)
 
     def epoch(self, gen: torch.Generator) -> Iterator[tuple[Tensor, Tensor]]:
         for idx in batch_indices(len(self.labels), self.config.batch_size, gen, self.config.drop_last):
@@ -213,9 +231,13 @@ def optimizer_step(model: nn.Module, optimizer, loss_fn: LossFn, x: Tensor, y: T
     return loss
 
 
-def make_scheduler(optimizer: torch.optim.Optimizer, config: TrainConfig):
+def make_scheduler(optimizer: torch.optim.Optimizer, config: TrainConfig, steps_per_epoch: int = 1):
+    """The config's LR schedule; `steps_per_epoch` sizes the default T_max of "cosine_per_step"."""
     if config.schedule == "cosine" and config.epochs > 0:
         return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=config.epochs)
+    if config.schedule == "cosine_per_step":
+        t_max = config.cosine_t_max or max(1, config.epochs * steps_per_epoch)
+        return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=t_max)
     return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _: 1.0)
 
 

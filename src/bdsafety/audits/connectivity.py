@@ -118,9 +118,9 @@ class LinearModeConnectivity(AuditBase):
     # for every model), which cuts the scan's cost by |test| / N at a sampling error of at most
     # 0.5 / sqrt(N) in each fraction (1.6 points for N = 1,000).
     test_images: int = 0
-    # The CPU profile scans 11 points on 2,000 + 2,000 test images (sampling error <= 1.1 points per fraction):
-    # about 8 s per model on 2 cores instead of 100 s for 21 points on the whole test set.
-    cpu_overrides: ClassVar[dict] = {"points": 11, "test_images": 2000}
+    # The CPU profile keeps the paper's 21 points (the span's resolution, 0.05, decides the paper's claim on
+    # LMC) and evaluates each on a fixed 2,000 + 2,000 test images (sampling error <= 1.1 points per fraction).
+    cpu_overrides: ClassVar[dict] = {"points": 21, "test_images": 2000}
     needs: ClassVar[tuple[str, ...]] = ("backdoored", "purified")
 
     def __post_init__(self):

@@ -220,6 +220,12 @@ class BTIStages(DefenseBase):
     flip: bool = True  # train transform: horizontal flip [read cifar.py]
     generator_width: int = 32  # U-Net base width (32/64/128/256, bottleneck 512) [hard]
 
+    @classmethod
+    def defender_size(cls, num_train: int, num_classes: int) -> int:
+        """The official loaders draw a fixed number of training images: 2,500 (`fine_tune/BTIDBF/cifar.py`), 5,000
+        for CIFAR-100 (`cifar100.py`)."""
+        return min(num_train, 5000 if num_classes >= 100 else 2500)
+
 
 def reserve_batches(data: ImageSet, stages: BTIStages, gen: torch.Generator, augmented: bool = True):
     """Shuffled float batches of the (device-resident) reserve, augmented like the official train loader."""

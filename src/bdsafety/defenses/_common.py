@@ -70,6 +70,16 @@ class DefenseBase:
     cpu_overrides: ClassVar[dict] = {}
     uses_attack: ClassVar[bool] = False  # only EP, which is given the true trigger by definition
     model_parts: ClassVar[tuple[str, ...]] = ()  # what it reads beyond forward (models._common.MODEL_PARTS)
+    # Its clean data under the official protocol (`defender_data: official`): this share of the training set, as
+    # each BackdoorBench defense config sets it (`config/defense/<name>/<dataset>.yaml`, `ratio: 0.05`)
+    defender_fraction: ClassVar[float] = 0.05
+    # drawn class-balanced, size // classes of each class (BackdoorBench's `choose_by_class`, FT-SAM)
+    defender_balanced: ClassVar[bool] = False
+
+    @classmethod
+    def defender_size(cls, num_train: int, num_classes: int) -> int:
+        """How many clean training images the defense gets under the official protocol."""
+        return max(1, round(cls.defender_fraction * num_train))
 
     def trajectory_states(self, backdoored: nn.Module, record: dict,
                           fractions: list[float]) -> list[tuple[dict, dict]] | None:

@@ -9,19 +9,20 @@ import torch
 from torch import Tensor, nn
 
 from ..data import ImageSet
-from ..errors import UsageError
 from ..train import BatchHook, TrainConfig
 
 
-def tuning_config(defense, label_smoothing: float = 0.0) -> TrainConfig:
+def tuning_config(defense, label_smoothing: float = 0.0, per_step_t_max: int | None = None) -> TrainConfig:
     """The TrainConfig of a fine-tuning defense whose fields name the recipe (epochs, batch_size, lr, ...).
 
-    Every fine-tuning defense keeps the last partial batch (the official loaders do not drop it) and
-    steps its cosine schedule once per epoch (ALGORITHMS §4.2, §11.2).
+    Every fine-tuning defense keeps the last partial batch (the official loaders do not drop it). The cosine
+    schedule is stepped once per epoch (T_max = epochs, `fine_tune/ft.py`), or with `per_step_t_max` after
+    every iteration with that T_max (FT-SAM, `defense/ft-sam.py`).
     """
+    schedule = "cosine" if per_step_t_max is None else "cosine_per_step"
     return TrainConfig(epochs=defense.epochs, batch_size=defense.batch_size, lr=defense.lr, momentum=defense.momentum,
-                       weight_decay=defense.weight_decay, schedule="cosine", crop_pad=defense.crop_pad,
-                       flip=defense.flip, drop_last=False, label_smoothing=label_smoothing)
+                       weight_decay=defense.weight_decay, schedule=schedule, cosine_t_max=per_step_t_max,
+                       crop_pad=defense.crop_pad, flip=defense.flip, drop_last=False, label_smoothing=label_smoothing)
 
 
 def mixed_count(batch_size: int, fraction: float) -> int:
@@ -64,19 +65,13 @@ def cosine_similarity(a: Tensor, b: Tensor) -> float:
     return float(torch.nn.functional.cosine_similarity(a.flatten(), b.flatten(), dim=0))
 
 
-def class_balanced_indices(labels: Tensor, num_classes: int, per_class: int | None, gen: torch.Generator) -> Tensor:
-    """A random, class-balanced subset: `per_class` images of every class (default: the rarest class's count).
-
-    Raises UsageError if some class has fewer than `per_class` images.
-    """
-    counts = torch.bincount(labels, minlength=num_classes)
-    take = int(counts.min()) if per_class is None else per_class
-    if take > int(counts.min()):
-        raise UsageError(f"a class-balanced set of {take} per class needs more data: class counts {counts.tolist()}")
+def class_balanced_indices(labels: Tensor, num_classes: int, per_class: int, gen: torch.Generator) -> Tensor:
+    """A random class-balanced subset, drawn without replacement: `per_class` images of every class, or all of a
+    class that has fewer (the caller records the counts). Sorted indices into `labels`."""
     chosen = []
     for c in range(num_classes):
         members = (labels == c).nonzero().flatten()
-        chosen.append(members[torch.randperm(len(members), generator=gen)[:take]])
+        chosen.append(members[torch.randperm(len(members), generator=gen)[:per_class]])
     return torch.cat(chosen).sort().values
 
 

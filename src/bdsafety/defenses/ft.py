@@ -31,6 +31,7 @@ class FT(DefenseBase):
 
     cpu_overrides: ClassVar[dict] = {"epochs": 10}  # the paper length already takes ~20 s on Fashion-MNIST
     uses_attack: ClassVar[bool] = False
+    defender_fraction: ClassVar[float] = 0.02  # README's fine_tune/ft.py commands: --split_ratio 0.02
 
     def purify(self, model: nn.Module, data: DefenderData, seed: int) -> tuple[nn.Module, dict]:
         config = tuning_config(self)

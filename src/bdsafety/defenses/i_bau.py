@@ -1,4 +1,4 @@
-"""I-BAU: Implicit Backdoor Adversarial Unlearning (Zeng et al., ICLR 2022, arXiv 2110.03735), ALGORITHMS §4.6.
+"""I-BAU: Implicit Backdoor Adversarial Unlearning (Zeng et al., ICLR 2022, arXiv 2110.03735).
 
 A minimax problem: the inner player finds a universal perturbation δ that fools the model (a stand-in
 for the trigger); the outer player updates the weights θ to classify perturbed clean images correctly.
@@ -18,11 +18,14 @@ the I-BAU authors' own code, Adam 1e-3 with δ projected into the L2 ball of rad
 before unlearning (4.0 %; the grid's 1e-4 with the ball gave 13.3 %, 3e-4 with it 41.3 %). Without the
 ball δ grows to norms of several hundred there, a smear over the whole image rather than a trigger stand-in.
 
-Choices where the official code has quirks (§9.8; §11 keeps Adam's amsgrad and the rest):
-* the inner map Φ is evaluated on the current outer batch (the paper's stochastic inner objective), not
-  always on the first stored batch;
-* the outer batches are a fresh augmented pass of the reserve each round, not one pass frozen for all
-  rounds; δ is fitted on its own fresh pass, as officially.
+As the paper's code (`defense/i-bau.py` of AISafety-HKUST/stable_backdoor_purification, BackdoorBench's):
+* the inner map Φ is always evaluated on the first stored batch with its true labels (`loss_inner` reads
+  `images_list[0]`, `labels_list[0]`), whichever outer batch the hypergradient is for;
+* the outer batches are one augmented pass of the reserve, stored before the first round and reused in every
+  round (`images_list`, `labels_list`); δ is fitted on a fresh pass each round (`for ... in trainloader`);
+* Adam with amsgrad=True (BackdoorBench's Adam branch of `argparser_opt_scheduler`); the model stays in eval().
+Kept ours: `fixed_point`'s early stop (tol 1e-10 on the change of v) is left out: it ends the K iterations
+only once v no longer changes in float precision.
 """
 
 from __future__ import annotations
@@ -144,7 +147,7 @@ class IBAU(DefenseBase):
     n_rounds: int = 5  # cfg
     batch_size: int = 256  # cfg
     lr: float = 1e-4  # cfg (the I-BAU authors' code: 1e-3, the CPU profile's calibrated value)
-    amsgrad: bool = True  # BackdoorBench's Adam branch (kept, §11)
+    amsgrad: bool = True  # argparser_opt_scheduler's Adam branch (utils/aggregate_block/train_settings_generate.py)
     fixed_point_iters: int = 5  # cfg K
     inner_lr: float = 0.1  # official: GradientDescent(loss_inner, 0.1), the map Φ
     perturbation_lr: float = 10.0  # official: SGD(lr=10) on δ (normalised input units)
@@ -171,24 +174,28 @@ class IBAU(DefenseBase):
         optimizer = torch.optim.Adam(params, lr=self.lr, amsgrad=self.amsgrad)
         rounds = []
         with eval_mode(model):  # BatchNorm running statistics stay frozen throughout (official code)
+            # defense/i-bau.py stores one pass of its loader (images_list) before the rounds and unlearns on it in
+            # every round; batch 0 of it also defines the inner map Φ (loss_inner)
+            outer = augmented_pass(data.reserve, self.batch_size, self.crop_pad, self.flip, gen, device)
             for r in range(self.n_rounds):
-                rounds.append(self.round(model, params, optimizer, data.reserve, scale, gen, device))
+                rounds.append(self.round(model, params, optimizer, data.reserve, outer, scale, gen, device))
                 log.info("I-BAU round %d: |delta| %.3f, outer loss %.4f", r + 1, rounds[-1]["delta_norm"],
                          rounds[-1]["outer_loss"])
-        return model, {"rounds": rounds, "duration_s": time.perf_counter() - started}
+        return model, {"rounds": rounds, "outer_batches": len(outer), "duration_s": time.perf_counter() - started}
 
     def round(self, model: nn.Module, params: list[Tensor], optimizer: torch.optim.Optimizer, reserve: ImageSet,
-              scale, gen: torch.Generator, device: torch.device) -> dict:
-        """One round: the universal perturbation on a fresh pass, then the unlearning steps on another."""
+              outer: list[Batch], scale, gen: torch.Generator, device: torch.device) -> dict:
+        """One round: the universal perturbation on a fresh pass, then one unlearning step per stored batch."""
         fresh = augmented_pass(reserve, self.batch_size, self.crop_pad, self.flip, gen, device)
         delta = universal_perturbation(model, fresh, scale, self.perturbation_lr, self.penalty, self.perturbation_norm)
-        outer = augmented_pass(reserve, self.batch_size, self.crop_pad, self.flip, gen, device)
-        losses = [self.unlearn_step(model, params, optimizer, batch, delta, scale, gen) for batch in outer]
+        x0, y0 = outer[0]
+        fp_map = gradient_step_map(model, x0, y0, scale, self.inner_lr, self.penalty)  # reads θ at each call
+        losses = [self.unlearn_step(model, params, optimizer, batch, fp_map, delta, scale, gen) for batch in outer]
         return {"delta_norm": float(delta.norm()), "outer_loss": sum(losses) / len(losses), "steps": len(losses)}
 
     def unlearn_step(self, model: nn.Module, params: list[Tensor], optimizer: torch.optim.Optimizer, batch: Batch,
-                     delta: Tensor, scale, gen: torch.Generator) -> float:
-        """One Adam step on θ with the implicit hypergradient of the outer loss on `batch`."""
+                     fp_map: Callable[[Tensor], Tensor], delta: Tensor, scale, gen: torch.Generator) -> float:
+        """One Adam step on θ with the implicit hypergradient of the outer loss on `batch` through the map Φ."""
         x, y = batch
         rows = torch.randperm(len(y), generator=gen)[:int(self.perturbed_fraction * len(y))].to(x.device)
         losses = []
@@ -197,7 +204,6 @@ class IBAU(DefenseBase):
             losses.append(F.cross_entropy(model(perturb(x, d, scale, rows)), y))
             return losses[-1]
 
-        fp_map = gradient_step_map(model, x, y, scale, self.inner_lr, self.penalty)
         grads = fixed_point_hypergradient(delta, params, fp_map, outer_loss, self.fixed_point_iters)
         optimizer.zero_grad(set_to_none=True)
         for p, g in zip(params, grads):

@@ -38,15 +38,6 @@ class ModelSpec:
         return cls(data["name"], int(data["in_channels"]), int(data["num_classes"]), tuple(data["mean"]), tuple(data["std"]))
 
 
-def create_model(spec: ModelSpec) -> nn.Module:
-    """A new model of `spec`: a registered architecture, or one of the user's own (`factory:...`, registered by
-    --model-factory for this process)."""
-    from .factory import factory_of, is_factory
-
-    constructor = factory_of(spec.name) if is_factory(spec.name) else MODELS.get(spec.name)
-    return constructor(spec.in_channels, spec.num_classes, spec.mean, spec.std)
-
-
 def batchnorm_layers(model: nn.Module) -> list[nn.BatchNorm2d]:
     return [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
 

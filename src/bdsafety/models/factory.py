@@ -1,4 +1,5 @@
-"""Architectures from the user's own code: `--model-factory package.module:function`.
+"""`create_model`: a registered architecture (`_common.MODELS`) or one from the user's own code,
+`--model-factory package.module:function`.
 
 The function is called like bdsafety's own model constructors, `function(in_channels, num_classes, mean,
 std)`, and returns an `nn.Module` that takes float [0, 1] images (normalising them itself, e.g. through
@@ -17,6 +18,7 @@ from typing import Callable
 from torch import nn
 
 from ..errors import UsageError
+from ._common import MODELS, ModelSpec
 
 PREFIX = "factory:"
 FACTORY_PATH = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$")
@@ -53,8 +55,13 @@ def factory_of(name: str) -> Callable[..., nn.Module]:
     return FACTORIES[name]
 
 
+def create_model(spec: ModelSpec) -> nn.Module:
+    """A new model of `spec`: a registered architecture, or one of the user's own (`factory:...`, registered by
+    --model-factory for this process)."""
+    constructor = factory_of(spec.name) if is_factory(spec.name) else MODELS.get(spec.name)
+    return constructor(spec.in_channels, spec.num_classes, spec.mean, spec.std)
+
+
 def check_model_name(name: str) -> None:
     """A one-line error unless `name` is a registered architecture or factory."""
-    from ._common import MODELS
-
     factory_of(name) if is_factory(name) else MODELS.get(name)

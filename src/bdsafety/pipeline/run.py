@@ -1,89 +1,31 @@
 """The main job: plan -> stage graph -> executor -> store -> results.json. Orchestration only: what each
-stage computes is in `stages.py`, where it is kept in `store.py`, which stages exist in `graph.py`.
+stage computes is in `stages.py`, where it is kept in `store.py`, which stages exist in `graph.py`, how one
+stage is run (for every executor) in `context.py`.
 Every finished stage is reused, so a rerun (or a rerun after `kill -9`) only does what is missing.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import time
 from pathlib import Path
-from typing import Protocol
 
 import torch
 import yaml
 
 from .. import store
 from ..aggregate import aggregate_group, seed_groups
-from ..audits.verdict import AUDITED_ANYWAY, NOT_IMPLANTED, combine_cards, not_implanted_card, verdict_card
-from ..data import DataBundle, load_dataset
-from ..poisons import IMPLANTED_ASR
+from ..audits.verdict import AUDITED_ANYWAY, combine_cards, not_implanted_card, verdict_card
+from ..data import load_dataset
 from ..store import RunStore, Stage
-from . import stages
-from .graph import Cell, Node, StageGraph, build_graph, trajectory_points
-from .setup import Setup, evaluate_setup, prepare
-from .specs import AttackSpec, Plan, check_against_data
+from .context import RunContext, backdoor_implanted
+from .executors import Executor
+from .executors.local import LocalExecutor
+from .graph import Cell, StageGraph, build_graph
+from .setup import evaluate_setup
+from .specs import Plan, check_against_data
 
 log = logging.getLogger(__name__)
-
-
-class RunContext:
-    """What every stage of one run shares: the plan, the loaded dataset, the device and each cell's setup
-    (built once per process: data split, fitted attack, poisoned and triggered sets)."""
-
-    def __init__(self, plan: Plan, bundle: DataBundle, device: torch.device):
-        self.plan, self.bundle, self.device = plan, bundle, device
-        self.setups: dict[tuple[str, int], Setup] = {}
-
-    def implanted(self, backdoored: Stage) -> bool:
-        """Whether a cell's audits run: its backdoored model follows its poisons (ASR at least `IMPLANTED_ASR`),
-        or the spec audits it anyway. Poisons that are not the model's backdoor say nothing about its defenses."""
-        return self.plan.spec.audit_unimplanted or backdoor_implanted(backdoored)
-
-    def setup(self, attack: AttackSpec, seed: int) -> Setup:
-        key = (store.canonical_hash(dataclasses.asdict(attack)), seed)
-        if key not in self.setups:
-            device = self.device if attack.name != "none" else "cpu"
-            self.setups[key] = prepare(self.plan.spec.data, attack, seed, self.bundle, self.plan.profile, device)
-        return self.setups[key]
-
-
-def backdoor_implanted(backdoored: Stage) -> bool:
-    return backdoored.record.metrics.get("asr", 0.0) >= IMPLANTED_ASR
-
-
-def compute(node: Node, context: RunContext, parents: dict[str, Stage]) -> stages.Built:
-    """What stage `node` computes, from its finished `parents` (role -> stage); an audit of a cell whose backdoor
-    did not implant is skipped (a record saying so)."""
-    plan, setup = context.plan, context.setup(node.attack, node.seed)
-    if node.kind == "audit" and not context.implanted(parents["setup"]):
-        log.info("audit %s skipped: %s", node.name, NOT_IMPLANTED)
-        return None, store.Record("audit", node.name, {}, {"skipped": NOT_IMPLANTED}, node.seed, node.parent_keys), None
-    if node.kind == "train":
-        log.info("training the %s model (seed %d)", node.label, node.seed)
-        return stages.train(setup, plan.spec.data, plan.model, plan.train_config, plan.profile, node.seed,
-                            context.device)
-    if node.kind == "purify":
-        return stages.purify(node.name, plan.defenses[node.name], parents["backdoored"], setup, node.seed,
-                             plan.profile, trajectory_points(plan))
-    if plan.audits[node.name].scope == "cell":
-        return stages.cell_audit(node.name, plan.audits[node.name], parents, node.parent_keys, setup, node.seed)
-    subjects = {"backdoored": parents["setup"], **{role: stage for role, stage in parents.items() if role != "setup"}}
-    return stages.audit(node.name, plan.audits[node.name], subjects, node.parent_keys, setup, node.seed)
-
-
-class Executor(Protocol):
-    """Runs every node of a graph (parents first) and returns the finished stages by key."""
-
-    def run(self, graph: StageGraph, context: RunContext, runs: RunStore) -> dict[str, Stage]: ...
-
-
-def run_node(node: Node, context: RunContext, runs: RunStore, done: dict[str, Stage]) -> Stage:
-    """Stage `node`: loaded when finished, else computed from its parents in `done` and saved."""
-    parents = {role: done[key] for role, key in node.parents}
-    spec = context.setup(node.attack, node.seed).model_spec(context.plan.model)
-    return runs.stage(node.directory, spec, lambda: compute(node, context, parents))
 
 
 def block_of(cell: Cell, context: RunContext, done: dict[str, Stage]) -> tuple[dict, dict]:
@@ -187,8 +129,6 @@ def dry_run(plan: Plan, out: Path) -> dict:
 def run_experiment(plan: Plan, out: Path, device: torch.device, executor: Executor | None = None) -> dict:
     """Run (or resume) every stage of `plan` under `out` with `executor` (default: `LocalExecutor`, this
     process, one stage after another); write results.json and timings.json and return the results."""
-    from .executors.local import LocalExecutor
-
     started, spec = time.perf_counter(), plan.spec
     bundle = load_dataset(spec.dataset, spec.data_dir, seed=spec.seed)
     check_against_data(spec, bundle)  # before anything is written

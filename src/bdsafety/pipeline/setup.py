@@ -16,7 +16,7 @@ from ..attacks import (ATTACKS, Attack, PoisonedSet, attack_labels, check_poison
                        triggered_test_set)
 from ..audits import AuditData
 from ..audits.retuning import poison_candidates
-from ..data import DataBundle, ImageSet, Split, defender_split, load_dataset, seed_for
+from ..data import DataBundle, ImageSet, Split, defender_split, load_dataset, run_split, seed_for
 from ..defenses import DefenderData
 from ..errors import UsageError
 from ..models import ModelSpec
@@ -39,6 +39,9 @@ class Setup:
     triggered_test: ImageSet | None
     triggered_calibration: ImageSet | None = None
     external: AttackerPoisons | None = None  # the attacker's poisons from outside bdsafety (`poisons/`), if any
+    # `defender_data: official`: the clean training images the backdoored model saw (never a poisoned index), in
+    # a seeded order; each defense takes its first `defender_size`. None: the held-out reserve (`held_out`)
+    defender_pool: torch.Tensor | None = None
 
     @property
     def target(self) -> int:
@@ -58,8 +61,22 @@ class Setup:
 
     @property
     def reserve(self) -> ImageSet:
-        """The defender's clean data: held out of training, never poisoned."""
-        return self.bundle.train.subset(self.split.reserve)
+        """The defender's clean data as the audits use it (QRA's clean images, LMC's BatchNorm re-estimation): the
+        held-out reserve, or under the official protocol the first 5 % of the defender's pool (BackdoorBench's
+        defense `ratio`)."""
+        if self.defender_pool is None:
+            return self.bundle.train.subset(self.split.reserve)
+        return self.defender_images(round(OFFICIAL_RATIO * len(self.bundle.train)))
+
+    def defender_images(self, count: int, balanced: bool = False) -> ImageSet:
+        """The first `count` images of the defender's pool (official protocol): clean training images of the
+        backdoored model; a smaller defense's images are part of a larger one's. `balanced`: the first
+        count // classes of each class in the pool's order (all of a class that has fewer)."""
+        chosen = self.defender_pool[:count]
+        if balanced:
+            labels, per_class = self.bundle.train.labels[self.defender_pool], count // self.bundle.num_classes
+            chosen = torch.cat([self.defender_pool[labels == c][:per_class] for c in range(self.bundle.num_classes)])
+        return self.bundle.train.subset(chosen.sort().values)
 
     @property
     def calibration(self) -> ImageSet:
@@ -86,9 +103,14 @@ class Setup:
     def model_spec(self, model: str) -> ModelSpec:
         return ModelSpec(model, self.bundle.shape[0], self.bundle.num_classes, self.bundle.mean, self.bundle.std)
 
-    def defender_data(self) -> DefenderData:
-        """What a defender holds: the reserve split; the attack is attached for EP only (run_defense strips it)."""
-        return DefenderData(self.reserve, self.bundle.num_classes, self.attack, self.target)
+    def defender_data(self, defense=None) -> DefenderData:
+        """What `defense` holds: its share of the clean training images the backdoored model saw (official
+        protocol), or the held-out reserve; the attack is attached for EP only (run_defense strips it)."""
+        images = self.reserve
+        if self.defender_pool is not None and defense is not None:
+            size = defense.defender_size(len(self.bundle.train), self.bundle.num_classes)
+            images = self.defender_images(size, getattr(defense, "defender_balanced", False))
+        return DefenderData(images, self.bundle.num_classes, self.attack, self.target)
 
     def audit_data(self) -> AuditData:
         """What the audits know: the attacker's data, the poisons, the reserve and the test sets."""
@@ -121,9 +143,9 @@ def prepare(data: DataSpec, attack: AttackSpec, seed: int, bundle: DataBundle | 
     bundle = bundle or load_dataset(data.name, data.data_dir, seed=seed)
     if not 0 <= attack.target < bundle.num_classes:
         raise UsageError(f"target class must be in 0..{bundle.num_classes - 1}, got {attack.target}")
-    split = defender_split(len(bundle.train), data.reserve_fraction, seed, data.calibration_fraction)
+    split = run_split(len(bundle.train), seed, data.defender_data, data.reserve_fraction, data.calibration_fraction)
     if attack.name == "none":
-        return Setup(bundle, split, None, attack, None, None)
+        return Setup(bundle, split, None, attack, None, None, defender_pool=defender_pool(data, split, None, seed))
     train = bundle.train.subset(split.train)
     check_poisoning(train.labels, ATTACKS.get(attack.name).clean_label, attack.poison_rate, attack.target,
                     bundle.num_classes, attack.labels)  # before a fit that may take minutes
@@ -139,7 +161,21 @@ def prepare(data: DataSpec, attack: AttackSpec, seed: int, bundle: DataBundle | 
         return triggered_test_set(images, trigger, attack.target, bundle.num_classes, attack.labels)
 
     return Setup(bundle, split, trigger, attack, poisoned, triggered(bundle.test),
-                 triggered(calibration) if len(calibration) else None)
+                 triggered(calibration) if len(calibration) else None,
+                 defender_pool=defender_pool(data, split, poisoned, seed))
+
+
+def defender_pool(data: DataSpec, split: Split, poisoned: PoisonedSet | None, seed: int) -> torch.Tensor | None:
+    """Official protocol: the training indices the backdoored model saw as clean images (poisoned and noise-mode
+    samples left out), in a seeded order. The official code draws the defender's images from the clean training
+    set (`fine_tune/ft.py`'s `choose_index_v2`; BackdoorBench's `defense/base.py` via `ratio`)."""
+    if data.defender_data != "official":
+        return None
+    clean = split.train
+    if poisoned is not None:
+        clean = split.train[~(poisoned.poison_mask | poisoned.cross_mask)]
+    order = torch.randperm(len(clean), generator=torch.Generator().manual_seed(seed_for(seed, "defender-data")))
+    return clean[order]
 
 
 def prepare_external(data: DataSpec, source: TriggerSource, seed: int, bundle: DataBundle | None = None) -> Setup:
@@ -159,6 +195,9 @@ def prepare_external(data: DataSpec, source: TriggerSource, seed: int, bundle: D
                  external.test, triggered_calibration, external)
 
 
+OFFICIAL_RATIO = 0.05  # BackdoorBench's defense configs: `ratio: 0.05` of the clean training set
+
+
 def evaluate_setup(model: torch.nn.Module, setup: Setup) -> dict:
     """Test-set C-Acc and ASR, and where the setup has a calibration split, the same on it (`calibration_*`)."""
     return setup.eval_sets.evaluate(model)
@@ -169,6 +208,7 @@ def setup_details(data: DataSpec, attack: AttackSpec, setup: Setup) -> dict:
     return {
         "data": {"name": data.name, "data_dir": str(Path(data.data_dir).resolve()) if data.data_dir else None,
                  "reserve_fraction": data.reserve_fraction, "calibration_fraction": data.calibration_fraction,
+                 "defender_data": data.defender_data,
                  "num_train": len(setup.split.train), "num_reserve": len(setup.split.reserve),
                  "num_calibration": len(setup.split.calibration), "num_test": len(setup.bundle.test)},
         "attack": {"name": attack.name, "params": dataclasses.asdict(setup.attack) if setup.attack else {},
@@ -191,7 +231,7 @@ def specs_from_record(record: dict, data_dir: str | None = None) -> tuple[DataSp
     """The data and attack a stored model was trained with (from its record's `data` and `attack`)."""
     data_rec, attack_rec = record["data"], record["attack"]
     data = DataSpec(data_rec["name"], data_dir or data_rec.get("data_dir"), data_rec["reserve_fraction"],
-                    data_rec.get("calibration_fraction", 0.0))
+                    data_rec.get("calibration_fraction", 0.0), data_rec.get("defender_data", "held_out"))
     attack = AttackSpec(attack_rec["name"], attack_rec["poison_rate"], attack_rec["target"],
                         dict(attack_rec.get("params", {})), attack_rec.get("labels", "all2one"))
     return data, attack

@@ -18,7 +18,7 @@ import yaml
 from ..attacks import ATTACKS, LABEL_POLICIES, Attack
 from ..attacks._common import check_clean_label_rate
 from ..audits import AUDITS, Audit, create_audits, missing_dependencies
-from ..data import DATASET_NAMES, DataBundle, defender_split, seed_for
+from ..data import DATASET_NAMES, DataBundle, run_split, seed_for
 from ..defenses import DEFENSES, Defense
 from ..errors import UsageError
 from ..models import MODELS
@@ -31,6 +31,7 @@ from ..train import TrainConfig, training_augmentation
 CHECKS = ("ra", "qra", "lmc", "trajectory")
 # The practitioner's audits beyond the paper's (bdsafety demo --practitioner adds them to a demo)
 PRACTITIONER_CHECKS = ("ra_curve", "position", "bec", "uap", "uap_transfer")
+DEFENDER_DATA = ("official", "held_out")  # DataSpec.defender_data
 PAPER_DEFENSES = ("ep", "ft", "fst", "ft_sam", "anp", "i_bau", "bti_dbf", "pam")
 
 
@@ -38,9 +39,12 @@ PAPER_DEFENSES = ("ep", "ft", "fst", "ft_sam", "anp", "i_bau", "bti_dbf", "pam")
 class DataSpec:
     name: str = "fashion-mnist"
     data_dir: str | None = None
-    reserve_fraction: float = 0.05  # the defender's clean split (ALGORITHMS §11.1)
-    # held-out training images on which defense settings are calibrated (ALGORITHMS §11.4), never the test set
+    reserve_fraction: float = 0.05  # the defender's clean split, held out of training (`defender_data: held_out`)
+    # held-out training images on which defense settings are calibrated, never the test set, never trained on
     calibration_fraction: float = 0.0
+    # "official": each defense draws its own share from the clean training images the backdoored model saw, as the
+    # paper's code does; "held_out": one reserve of `reserve_fraction`, kept out of backdoor training
+    defender_data: str = "official"
 
 
 @dataclass(frozen=True)
@@ -98,6 +102,7 @@ class ExperimentSpec:
     seeds: tuple[int, ...] = ()  # several seeds: one block per (attack, seed); empty: just `seed`
     reserve_fraction: float = 0.05
     calibration_fraction: float = 0.0  # held-out training images for choosing settings (never the test set)
+    defender_data: str = "official"  # or "held_out" (DataSpec)
     attacks: tuple[AttackSpec, ...] = (AttackSpec(),)
     train: dict = field(default_factory=dict)  # TrainConfig overrides, e.g. {epochs: 4}
     defenses: tuple[str, ...] = PAPER_DEFENSES
@@ -117,7 +122,8 @@ class ExperimentSpec:
 
     @property
     def data(self) -> DataSpec:
-        return DataSpec(self.dataset, self.data_dir, self.reserve_fraction, self.calibration_fraction)
+        return DataSpec(self.dataset, self.data_dir, self.reserve_fraction, self.calibration_fraction,
+                        self.defender_data)
 
     def to_json(self) -> dict:
         """The spec as plain data; `seeds` only when given, so single-seed specs keep their earlier hash."""
@@ -125,6 +131,8 @@ class ExperimentSpec:
         for name in ("seeds", "audit_unimplanted"):  # absent when unset: specs keep their earlier hash
             if not data[name]:
                 del data[name]
+        if data["defender_data"] == "held_out":  # what a spec without the field meant before it existed
+            del data["defender_data"]
         return data
 
     def digest(self) -> str:
@@ -157,7 +165,8 @@ def build_plan(spec: ExperimentSpec) -> Plan:
             built = attack.build(seed, profile)
             if hasattr(built, "check_model"):  # an attack that trains its victim itself trains this model
                 built.check_model(model)
-    defenses = {name: DEFENSES.create(name, profile, augmentation, **spec.defense_params.get(name, {}))
+    shared = {**augmentation, "dataset": spec.dataset}  # a defense whose official value depends on it (FST)
+    defenses = {name: DEFENSES.create(name, profile, shared, **spec.defense_params.get(name, {}))
                 for name in spec.defenses}
     audits = create_audits(spec.checks, profile, augmentation, spec.audit_params)
     return Plan(spec, profile, model, config, defenses, audits)
@@ -330,6 +339,8 @@ def validate(spec: ExperimentSpec) -> None:
            f"spec 'seeds' must be a list of non-negative integers, got {spec.seeds!r}")
     expect(is_number(spec.reserve_fraction) and 0 < spec.reserve_fraction < 1,
            f"spec 'reserve_fraction' must be in (0, 1), got {spec.reserve_fraction!r}")
+    expect(spec.defender_data in DEFENDER_DATA, f"spec 'defender_data' must be one of {', '.join(DEFENDER_DATA)}, got "
+                                                f"{spec.defender_data!r}")
     expect(is_number(spec.calibration_fraction) and 0 <= spec.calibration_fraction < 1 - spec.reserve_fraction,
            f"spec 'calibration_fraction' must be in [0, 1 - reserve_fraction), got {spec.calibration_fraction!r}")
     for entry in spec.attacks:
@@ -378,8 +389,8 @@ def check_against_data(spec: ExperimentSpec, bundle: DataBundle) -> None:
         expect(entry.target < bundle.num_classes, f"attack '{entry.name}': target must be a class of {spec.dataset} "
                                                   f"(0..{bundle.num_classes - 1}), got {entry.target}")
     for seed in spec.resolved_seeds:
-        train_labels = bundle.train.labels[defender_split(len(bundle.train), spec.reserve_fraction, seed,
-                                                          spec.calibration_fraction).train]
+        train_labels = bundle.train.labels[run_split(len(bundle.train), seed, spec.defender_data, spec.reserve_fraction,
+                                                     spec.calibration_fraction).train]
         for entry in spec.attacks:
             if ATTACKS.get(entry.name).clean_label:
                 check_clean_label_rate(train_labels, entry.poison_rate, entry.target)

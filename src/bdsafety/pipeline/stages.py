@@ -44,9 +44,11 @@ def stage_key(stage: str, inputs: dict, parents: Mapping[str, str] | None = None
 def train_inputs(data: DataSpec, attack: AttackSpec, seed: int, model: str, config: TrainConfig,
                  profile: str) -> dict:
     """What a trained model depends on; the profile only through the fit lengths it sets (SSBA, LC)."""
-    calibration = {"calibration_fraction": data.calibration_fraction} if data.calibration_fraction else {}
+    held = {"calibration_fraction": data.calibration_fraction} if data.calibration_fraction else {}
+    if data.defender_data != "held_out":  # absent for held_out: the keys of runs made before the setting existed
+        held["defender_data"] = data.defender_data
     overrides = ATTACKS.profile_params(attack.name, profile) if attack.name != "none" else {}
-    return {"dataset": data.name, "reserve_fraction": data.reserve_fraction, **calibration, "seed": seed,
+    return {"dataset": data.name, "reserve_fraction": data.reserve_fraction, **held, "seed": seed,
             "model": model, "train": config.to_json(), "attack": attack.key_inputs(),
             **({"attack_profile": overrides} if overrides else {})}
 
@@ -92,8 +94,8 @@ def purify_with_trajectory(defense: Defense, backdoored: nn.Module, setup: Setup
     (`trajectory_states`, e.g. ANP along its pruning threshold); else it is the run's step snapshots.
     """
     started = time.perf_counter()
-    purified, history, steps = trace_defense(defense, backdoored, setup.defender_data(), seed_for(seed, "defense"),
-                                             keep_snapshots=points > 1)
+    purified, history, steps = trace_defense(defense, backdoored, setup.defender_data(defense),
+                                             seed_for(seed, "defense"), keep_snapshots=points > 1)
     duration = time.perf_counter() - started
     fractions = trajectory_fractions(points) if points > 1 else []
     own = defense.trajectory_states(backdoored, history, fractions) if fractions else None

@@ -10,7 +10,7 @@ import logging
 from pathlib import Path
 
 from ..store import HTML_FILE, MARKDOWN_FILE, RESULTS_FILE, TIMINGS_FILE, atomic_write_bytes, read_json
-from .claims import evaluate_claims
+from .claims import claim_notes, evaluate_claims
 from .figures import attack_figures
 from .html import ReportContent, render_html, render_markdown
 from .tables import (qra_table, robustness_table, runtime_table, setup_table, strength_table, transfer_tables,
@@ -25,7 +25,8 @@ def build_content(results: dict) -> ReportContent:
     tables = [setup_table(results), trigger_table(results), robustness_table(results), verdict_table(results),
               qra_table(results), *transfer_tables(results), strength_table(results), runtime_table(results)]
     return ReportContent("bdsafety report: superficial safety of backdoor defenses", meta,
-                         [t for t in tables if t is not None], evaluate_claims(results), attack_figures(results))
+                         [t for t in tables if t is not None], evaluate_claims(results), attack_figures(results),
+                         tuple(claim_notes(results)))
 
 
 def with_timings(results: dict, timings_path: Path) -> dict:

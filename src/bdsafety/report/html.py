@@ -22,9 +22,11 @@ class ReportContent:
     tables: list[Table]
     claims: list[dict]
     figures: list[tuple[str, str, bytes]]  # (file name, caption, PNG bytes)
+    claim_notes: tuple[str, ...] = ()  # the rules and thresholds, shown above the claims
 
 
-STATUS = {True: ("held", "held"), False: ("did not hold here", "failed"), None: ("not evaluable (data missing)", "unknown")}
+CSS_CLASS = {True: "held", False: "failed", None: "unknown"}
+MEAN_BADGE = {True: "mean: held", False: "mean: did not hold", None: "mean: n/a"}
 
 CSS = """
 body { font-family: -apple-system, "Segoe UI", Helvetica, Arial, sans-serif; margin: 2rem auto; max-width: 1180px;
@@ -43,6 +45,7 @@ ol.claims { padding-left: 1.4rem; } ol.claims li { margin-bottom: .7rem; }
          font-size: .8rem; font-weight: 600; margin-right: .4rem; }
 .held { background: #dff3e4; color: #17622e; } .failed { background: #fbe3e1; color: #9b1c13; }
 .unknown { background: #ececec; color: #555; }
+.status { display: block; font-weight: 600; margin-top: .15rem; } .note { color: #444; font-size: .88rem; }
 .evidence { display: block; color: #555; font-size: .84rem; margin-top: .15rem; }
 figure { margin: 1rem 0 1.8rem; } figure img { max-width: 100%; border: 1px solid #eee; }
 figcaption { font-size: .85rem; color: #444; }
@@ -56,7 +59,9 @@ def render_html(content: ReportContent) -> str:
              f"<h1>{escape(content.title)}</h1>",
              '<p class="meta">' + "".join(f"<span>{escape(k)}: <b>{escape(v)}</b></span>" for k, v in content.meta)
              + "</p>"]
-    parts.append("<h2>Claims of the paper, checked on this run</h2>" + _claims_html(content.claims))
+    parts.append("<h2>Claims of the paper, checked on this run</h2>"
+                 + "".join(f'<p class="note">{escape(note)}</p>' for note in content.claim_notes)
+                 + _claims_html(content.claims))
     parts.append("<h2>Tables</h2>" + "".join(to_html(table) for table in content.tables))
     if content.figures:
         parts.append("<h2>Figures</h2>" + "".join(_figure_html(*figure) for figure in content.figures))
@@ -67,22 +72,20 @@ def render_html(content: ReportContent) -> str:
 def _claims_html(claims: list[dict]) -> str:
     items = []
     for claim in claims:
-        text, css = STATUS[claim["held"]]
-        evidence = _evidence_lines(claim)
-        items.append(f'<li><span class="badge {css}">{escape(text)}</span>{escape(claim["claim"])}'
-                     + "".join(f'<span class="evidence">{escape(line)}</span>' for line in evidence) + "</li>")
+        badges = "".join(f'<span class="badge {css}">{escape(text)}</span>' for text, css in _badges(claim))
+        items.append(f"<li>{badges}{escape(claim['claim'])}"
+                     f'<span class="status">{escape(claim["status"])}</span>'
+                     + "".join(f'<span class="evidence">{escape(line)}</span>' for line in claim["lines"]) + "</li>")
     return '<ol class="claims">' + "".join(items) + "</ol>"
 
 
-EDGE_NOTE = "the verdict changes within the spread: at the low or the high end of the recorded ranges it differs"
-
-
-def _evidence_lines(claim: dict) -> list[str]:
-    """One line per attack when the claim was checked on several, else the single evidence text; a last line
-    when the verdict changes within the recorded spread."""
-    details = claim.get("details") or {}
-    lines = [f"{label}: {evidence}" for label, evidence in details.items()] if len(details) > 1 else [claim["evidence"]]
-    return lines + ([EDGE_NOTE] if claim.get("within_spread") is False else [])
+def _badges(claim: dict) -> list[tuple[str, str]]:
+    """(text, CSS class) of the two verdicts: on the mean over attacks, and attack by attack."""
+    per_attack = claim["by_attack"]["per_attack"]
+    judged = [held for held in per_attack.values() if held is not None]
+    attacks = f"attacks: {sum(judged)} of {len(judged)} held" if judged else "attacks: n/a"
+    return [(MEAN_BADGE[claim["on_mean"]["held"]], CSS_CLASS[claim["on_mean"]["held"]]),
+            (attacks, CSS_CLASS[claim["by_attack"]["held"]])]
 
 
 def _figure_html(name: str, caption: str, png: bytes) -> str:
@@ -96,9 +99,10 @@ def render_markdown(content: ReportContent) -> str:
     lines = [f"# {_md_text(content.title)}", "",
              " · ".join(f"{_md_text(k)}: **{_md_text(v)}**" for k, v in content.meta), "",
              "## Claims of the paper, checked on this run", ""]
+    lines += [line for note in content.claim_notes for line in (_md_text(note), "")]
     for i, claim in enumerate(content.claims, 1):
-        lines.append(f"{i}. **{STATUS[claim['held']][0]}** — {_md_text(claim['claim'])}  ")
-        lines += [f"   - {_md_text(line)}" for line in _evidence_lines(claim)]
+        lines.append(f"{i}. **{_md_text(claim['status'])}** — {_md_text(claim['claim'])}  ")
+        lines += [f"   - {_md_text(line)}" for line in claim["lines"]]
     lines += ["", "## Tables", ""]
     for table in content.tables:
         lines += [to_markdown(table)]

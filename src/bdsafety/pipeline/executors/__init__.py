@@ -5,10 +5,7 @@ before children, and returns every node's finished stage by key; `run_experiment
 results.json from them, so every executor gives the same file.
 """
 
-from ...registry import Registry
+from ._common import EXECUTORS, Executor
+from . import local, ray_cluster  # noqa: F401  (registration)
 
-EXECUTORS = Registry("executor")
-
-from . import local, ray_cluster  # noqa: E402,F401  (registration)
-
-__all__ = ["EXECUTORS"]
+__all__ = ["EXECUTORS", "Executor"]

@@ -5,8 +5,8 @@ from __future__ import annotations
 from ...store import RunStore, Stage, is_finished
 from ..graph import StageGraph
 from ..progress import Progress
-from ..run import RunContext, run_node
-from . import EXECUTORS
+from ..context import RunContext, run_node
+from ._common import EXECUTORS
 
 
 @EXECUTORS.register("local")

@@ -20,9 +20,9 @@ from ...errors import UsageError
 from ...store import RunStore, Stage, is_finished
 from ..graph import Node, StageGraph
 from ..progress import Progress
-from ..run import RunContext, run_node
+from ..context import RunContext, run_node
 from ..specs import Plan
-from . import EXECUTORS
+from ._common import EXECUTORS
 
 _CONTEXTS: dict[tuple[str, str], RunContext] = {}  # per worker process: data and setups built once per plan
 
