@@ -132,6 +132,8 @@ def test_a_backdoorbench_record_is_audited_whole_with_its_own_saved_poisons(mode
     assert audit["trigger_source"]["kind"] == "backdoorbench_record" and audit["trigger_source"]["target"] == TARGET
     assert audit["backdoored"]["asr"] > 0.95 and audit["purified"]["asr"] < 0.2 and audit["ra"]["asr"] > 0.5
     assert len(audit["lmc"]["points"]) == 3 and audit["clean_reference"]["ra"]["asr"] < 0.5
+    report = (tmp_path / "audits" / "report.md").read_text()
+    assert "| ft |" in report and "| superficially safe |" in report and "ft: SUPERFICIALLY SAFE" in report
     capsys.readouterr()
     assert main(["results", str(tmp_path / "audits"), "--format", "jsonl"]) == 0
     rows = [json.loads(line) for line in capsys.readouterr().out.splitlines()]

@@ -169,6 +169,7 @@ def audit_record(args, source, paths: dict, names: list[str], params: dict, out:
     """`bdsafety audit --backdoorbench RECORD_DIR`: the given purified model, or every defense_result.pt of the
     record, audited against the record's own poisons; one directory with audit.json per purified model."""
     from .pipeline.audit_inputs import record_audits, run_audit
+    from .report.record_audit import record_report
 
     audits = record_audits(source, paths, model_name=args.model, dataset=args.dataset, data_dir=args.data_dir,
                            seed=args.seed, profile=args.profile, device=device, train_clean=args.clean == "train",
@@ -181,7 +182,8 @@ def audit_record(args, source, paths: dict, names: list[str], params: dict, out:
         for name, audited in results.items():
             store.write_json(tmp / name / store.AUDIT_FILE, {"checks": names, "defense": name, **audited,
                                                             "versions": store.versions()})
-    print(f"saved {len(results)} audits in {out}/<defense>/{store.AUDIT_FILE}")
+        (tmp / "report.md").write_text(record_report(Path(args.backdoorbench).name, results))
+    print(f"saved {len(results)} audits in {out}/<defense>/{store.AUDIT_FILE} and their report in {out}/report.md")
     return 0
 
 
