@@ -164,8 +164,13 @@ def add_experiment_commands(sub) -> None:
                       help="the attacks beyond the paper's that implant on Fashion-MNIST (Adap-Blend, LF, "
                            "TrojanNN, Input-aware) with the paper's defenses")
     demo.add_argument("--set", action="append", metavar="KEY=VALUE", help="spec override")
-    report = sub.add_parser("report", help="(re)write report.md / report.html from DIR/results.json")
-    report.add_argument("dir", help="experiment directory")
+    report = sub.add_parser("report", help="(re)write report.md / report.html from DIR/results.json; with --docs, a "
+                                           "results page of the documentation site from one or more runs")
+    report.add_argument("dirs", nargs="+", metavar="DIR", help="experiment directory (with --docs, one section each)")
+    report.add_argument("--docs", metavar="PAGE.md",
+                        help="write this page (e.g. docs/results/NAME.md) and its figures (in PAGE/) instead, and list "
+                             "a new page in docs/results/index.md and mkdocs.yml's nav")
+    report.add_argument("--title", help="with --docs: the page's title (default: its name)")
     results = sub.add_parser("results", help="one table (csv or jsonl) of every audit in one or many run directories")
     results.add_argument("dirs", nargs="+", metavar="DIR", help="experiment directories (from 'bdsafety run')")
     results.add_argument("--format", choices=("csv", "jsonl"), default="csv")

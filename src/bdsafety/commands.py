@@ -7,6 +7,7 @@ functions (`pipeline.stages`), and write one directory.
 from __future__ import annotations
 
 import logging
+import os
 import sys
 from importlib import resources
 from pathlib import Path
@@ -277,10 +278,30 @@ def cmd_results(args) -> int:
 
 
 def cmd_report(args) -> int:
+    if args.docs:
+        return report_docs(args)
+    if args.title:
+        raise UsageError("--title is the title of a --docs page; add --docs docs/results/NAME.md")
     from .report import write_report
 
-    for path in write_report(Path(args.dir)):
-        print(path)
+    for directory in args.dirs:
+        for path in write_report(Path(directory)):
+            print(path)
+    return 0
+
+
+def report_docs(args) -> int:
+    """`bdsafety report DIR... --docs PAGE.md`: the results page of the documentation site."""
+    from .report.docs_page import write_docs_page
+
+    written = write_docs_page([Path(d) for d in args.dirs], Path(args.docs), title=args.title)
+    print(f"wrote {written.page} and {len(written.figures)} figures in {written.page.with_suffix('')}")
+    if written.registered:
+        print(f"listed it in {' and '.join(os.path.relpath(path) for path in written.registered)}")
+    for todo in written.todo:
+        print(f"to do by hand: {todo}")
+    if written.unrecorded:
+        print(f"not recorded by the runs, so the page says so: {', '.join(written.unrecorded)}")
     return 0
 
 

@@ -1,4 +1,5 @@
-"""Pure metric functions on prediction tensors (ALGORITHMS §8). All return fractions in [0, 1]."""
+"""Pure metric functions on prediction tensors (C-Acc, ASR: Min et al., NeurIPS 2024, Table 1). All return fractions
+in [0, 1]."""
 
 from __future__ import annotations
 

@@ -13,7 +13,7 @@ from typing import Any, Callable
 
 from .errors import UsageError
 
-PROFILES = ("paper", "cpu")  # paper: the authors' defaults; cpu: lengths scaled for 2 cores (ALGORITHMS §11.4)
+PROFILES = ("paper", "cpu")  # paper: the authors' defaults; cpu: lengths scaled for 2 cores (docs/reproducing.md)
 
 
 def check_profile(profile: str) -> str:

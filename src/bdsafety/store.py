@@ -11,13 +11,16 @@ keys). A stage directory holds `model.safetensors`, `model.json` (constructor ar
 from __future__ import annotations
 
 import contextlib
+import datetime
 import fcntl
 import hashlib
 import json
 import logging
 import os
 import platform
+import shlex
 import shutil
+import subprocess
 import sys
 import tempfile
 from dataclasses import dataclass, field
@@ -38,6 +41,7 @@ log = logging.getLogger(__name__)
 
 MODEL_FILE, SPEC_FILE, RECORD_FILE, TENSORS_FILE = "model.safetensors", "model.json", "record.json", "tensors.safetensors"
 SPEC_YAML, RESULTS_FILE, TIMINGS_FILE, STAGES_DIR = "spec.yaml", "results.json", "timings.json", "stages"
+ENV_FILE = "env.json"  # where a run ran (environment()): kept out of results.json, which stays deterministic
 AUDIT_FILE, BENCH_FILE = "audit.json", "bench.json"
 MARKDOWN_FILE, HTML_FILE = "report.md", "report.html"
 CACHE_ENV = "BDSAFETY_CACHE"
@@ -127,6 +131,45 @@ def canonical_hash(obj) -> str:
 def versions() -> dict:
     return {"bdsafety": __version__, "torch": torch.__version__, "python": sys.version.split()[0],
             "platform": platform.platform()}
+
+
+def environment(device: str, commit: str | None = None) -> dict:
+    """Where and from what this process runs, for a run's env.json: the command, the checkout's commit (and
+    whether it has uncommitted changes), the date, the device, the CPU and GPU model, threads and torch."""
+    if commit is None:
+        commit, dirty = git_state()
+    else:
+        dirty = None
+    return {"command": shlex.join(sys.argv), "commit": commit, "dirty": dirty,
+            "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"), "device": device,
+            "cpu": cpu_model(), "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
+            "threads": torch.get_num_threads(), "torch": torch.__version__}
+
+
+def git_state() -> tuple[str | None, bool | None]:
+    """The source checkout's commit and whether it has uncommitted changes (None, None outside a checkout)."""
+    source = Path(__file__).resolve().parent
+    try:
+        head = subprocess.run(["git", "-C", str(source), "rev-parse", "--short=10", "HEAD"], capture_output=True,
+                              text=True, timeout=10)
+        status = subprocess.run(["git", "-C", str(source), "status", "--porcelain", "--untracked-files=no"],
+                                capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.SubprocessError):
+        return None, None
+    if head.returncode != 0:
+        return None, None
+    return head.stdout.strip(), bool(status.stdout.strip())
+
+
+def cpu_model() -> str:
+    """The CPU's model name (Linux: /proc/cpuinfo), else what the platform says."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
 
 
 def cpu_state_dict(model: nn.Module) -> dict[str, Tensor]:

@@ -24,13 +24,13 @@ LossFn = Callable[[nn.Module, Tensor, Tensor], Tensor]
 PRECISIONS = ("fp32", "bf16", "auto")
 SCHEDULES = ("cosine", "cosine_per_step", "constant")
 BatchHook = Callable[[Tensor, Tensor, torch.Generator], tuple[Tensor, Tensor]]
-# channels_last measured 20-30% faster for the small ResNet on CPU, and is the fast path on GPUs.
+# channels_last is faster for the small ResNet on CPU (docs/speed.md, docs/calibration.md) and the fast path on GPUs.
 MEMORY_FORMAT = torch.channels_last
 
 
 @dataclass(frozen=True)
 class TrainConfig:
-    """SGD recipe; defaults are the paper's backdoor-training recipe (ALGORITHMS §3)."""
+    """SGD recipe; defaults are the paper's backdoor-training recipe (config `config/attack/prototype/cifar10.yaml`)."""
 
     epochs: int = 100
     batch_size: int = 128
@@ -256,8 +256,8 @@ def trange(n: int, progress: bool):
 
 
 def eval_batch_size(device: torch.device) -> int:
-    """Inference batch: 256 on CPU, where it measured 9,300 img/s against 6,500 at 1024 (cache-sized
-    activations, preact_small on 2 cores); 1024 on accelerators, which want large batches."""
+    """Inference batch: 256 on CPU, where it measured faster than 1024 (cache-sized activations, preact_small on
+    2 cores; the numbers are in docs/calibration.md); 1024 on accelerators, which want large batches."""
     return 256 if device.type == "cpu" else 1024
 
 
@@ -291,7 +291,7 @@ def eval_mode(*models: nn.Module) -> Iterator[None]:
 
 
 def evaluate(model: nn.Module, test: ImageSet, triggered: ImageSet | None, target: int | None) -> dict:
-    """C-Acc on the whole clean test set and ASR on the triggered test set (ALGORITHMS §8): the share of triggered
+    """C-Acc on the whole clean test set and ASR on the triggered test set (Min et al., Table 1): the share of triggered
     images given their attack label (all-to-one: the target; all-to-all: each image's own), as `triggered` holds it."""
     metrics = {"clean_acc": clean_accuracy(predict(model, test.images).cpu(), test.labels.cpu())}
     if triggered is not None and target is not None:

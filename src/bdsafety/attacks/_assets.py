@@ -1,6 +1,6 @@
 """Fitted attack assets (SSBA's encoder, LC's source model and adversarial images), cached by content hash.
 
-Some attacks need an expensive local fit before they can poison (ALGORITHMS §11.3). Such an attack
+Some attacks need an expensive local fit before they can poison (docs/methods/attacks.md). Such an attack
 implements the `Fittable` protocol: `fit_assets` computes a flat dict of tensors from the attacker's
 training set, and `with_assets` returns a frozen copy of the attack that holds them. `fit_attack`
 puts a content-addressed cache in between: the key hashes the training images and labels, the attack's

@@ -2,15 +2,15 @@
 
 Training poisons are target-class images made hard to classify by an untargeted L-inf PGD attack
 against an adversarially trained source model, then stamped with the four-corner +-1 trigger; their
-labels stay correct. Test poisons get the trigger only (ALGORITHMS §2.6). bdsafety trains the source
+labels stay correct. Test poisons get the trigger only (BackdoorBench's label_consistent). bdsafety trains the source
 model locally with PGD adversarial training (Madry et al., 2018) and crafts the adversarial versions
-of every target-class training image once; both are cached by content hash (§11.3, `_assets.py`).
+of every target-class training image once; both are cached by content hash (`_assets.py`).
 
 Deviations: the source model is bdsafety's own (`preact_small` by default, PGD-AT 8/255, 7 steps of
 2/255) since BackdoorBench's checkpoint is not shipped; adversarial images are rounded to uint8 rather
-than floored. ε stays 8/255 on 28x28 grayscale: measured on Fashion-MNIST at 5 % (CPU profile), 16/255
-gave a lower ASR (0.40) and 32/255 a far lower one (0.07) than 8/255 (0.53), and the trigger alone
-(steps=0) gave 0.58, so a larger budget is not what this dataset needs; a larger rate is (9 %: ASR 0.93).
+than floored. ε stays 8/255 on 28x28 grayscale: on Fashion-MNIST at a 5 % poison rate (CPU profile), 16/255
+and 32/255 gave a lower ASR than 8/255, and the trigger alone (steps=0) did no worse, so a larger budget is
+not what this dataset needs; a larger rate is (docs/calibration.md, measured before the current code).
 """
 
 from __future__ import annotations
@@ -39,7 +39,7 @@ log = logging.getLogger(__name__)
 # (20 x 1.5/255 still crosses the 8/255 ball twice over).
 CPU_OVERRIDES = {"at_epochs": 5, "at_images": 10000, "steps": 20}
 
-# The "all-corners" 3x3 patterns of BackdoorBench's label_consistent attack, on a 32x32 canvas (§2.6).
+# The "all-corners" 3x3 patterns of BackdoorBench's label_consistent attack, on a 32x32 canvas.
 CORNER_LEFT = ((1, -1, -1), (-1, 1, -1), (1, -1, 1))
 CORNER_RIGHT = ((-1, -1, 1), (-1, 1, -1), (1, -1, 1))
 
@@ -90,7 +90,7 @@ def craft(model: nn.Module, images: Tensor, label: int, eps: float, step_size: f
 class LC(AttackBase):
     """Label-consistent: train poison = trigger(PGD_adv(x)), test poison = trigger(x); must be fitted (`fit_attack`).
 
-    Paper values from BackdoorBench's `craft_adv_dataset.py` and label_consistent config (ALGORITHMS §2.6).
+    Paper values from BackdoorBench's `resource/label-consistent/craft_adv_dataset.py` and label_consistent config.
     """
 
     eps: float = 8 / 255  # crafting budget (craft_adv_dataset.py)

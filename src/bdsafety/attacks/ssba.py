@@ -5,7 +5,7 @@ script that BackdoorBench's SSBA resource uses) is trained locally on the attack
 with random secrets: the encoder adds a residual to the image, the decoder must read the secret back
 from the encoded image, and an L2 image loss keeps the residual invisible. The attack then embeds one
 fixed secret into every image it poisons, so each image gets its own residual carrying the same
-message (ALGORITHMS §2.5, §11.3). This is a re-implementation, not BackdoorBench's pre-computed arrays.
+message (BackdoorBench's `resource/ssba`). This is a re-implementation, not BackdoorBench's pre-computed arrays.
 
 Deviations, all for a 2-core CPU budget or a 1x28x28 input: a 3-level U-Net instead of StegaStamp's
 5-level one; the encoder outputs a tanh-bounded residual (`max_residual`, a hard L-inf bound) instead
@@ -13,8 +13,8 @@ of the whole image through a sigmoid (`use_residual=0`), so training starts from
 secret is a seeded random bit string without BCH coding (error correction only matters for reading
 the message back, not for the backdoor); 32 bits instead of 100 (28x28x1 has 4x fewer values than
 32x32x3). The bound is 0.05 (about 13/255) because it sets the invisibility: on Fashion-MNIST the
-residual reaches the bound in every image, and with 0.1 the mean PSNR was 26.1 dB (below the 27 dB
-"invisible" mark), with 0.05 it is about 29 dB (measured with the CPU profile's lengths).
+residual reaches the bound in every image, and with 0.1 the mean PSNR fell below the 27 dB "invisible"
+mark, with 0.05 it stays above it (docs/calibration.md, measured before the current code).
 """
 
 from __future__ import annotations
@@ -36,9 +36,9 @@ from ._common import ATTACKS, AttackBase, check_numeric_fields, psnr
 log = logging.getLogger(__name__)
 
 STAT_IMAGES = 2000  # images the trigger statistics are measured on
-# CPU profile (Fashion-MNIST, 2 cores), lengths only: the script's 20 epochs (15.6k steps on CIFAR-10) take
-# over an hour here; 4 epochs of the attacker's 57k images are 3.6k steps (~4.5 min on one core), with the
-# image-loss wait/ramp scaled by about the same factor (1000/3000 -> 250/700 steps).
+# CPU profile (Fashion-MNIST, 2 cores), lengths only: the script's 20 epochs (15.6k steps on CIFAR-10) do not
+# fit 2 cores; 4 epochs of the attacker's 57k images are 3.6k steps, with the image-loss wait/ramp scaled by
+# about the same factor (1000/3000 -> 250/700 steps). Timings: docs/calibration.md.
 CPU_OVERRIDES = {"epochs": 4.0, "l2_wait": 250, "l2_ramp": 700}
 
 
@@ -124,7 +124,8 @@ def stegastamp_step(encoder: StegaEncoder, decoder: StegaDecoder, images: Tensor
 class SSBA(AttackBase):
     """Sample-specific invisible trigger: x' = E(x, s) for one fixed secret s; must be fitted (`fit_attack`).
 
-    Paper/BackdoorBench values from ALGORITHMS §2.5 (ArtificialGANFingerprints `train.py` defaults).
+    Paper/BackdoorBench values: the README example of BackdoorBench's `resource/ssba` and the argparse defaults
+    of ArtificialGANFingerprints `train.py`.
     """
 
     bits: int = 32  # 100 bits for 32x32x3 in the BackdoorBench README; scaled to 28x28x1's 4x fewer values

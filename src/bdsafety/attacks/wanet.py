@@ -1,8 +1,8 @@
 """WaNet (Nguyen & Tran, 2021, arXiv 2102.10369): an imperceptible smooth warp of the image.
 
-The warping field is built once from the seed (ALGORITHMS §2.7). Noise-mode ("cross") samples are
+The warping field is built once from the seed (BackdoorBench's `attack/wanet.py`). Noise-mode ("cross") samples are
 warped with the field plus per-sample random noise and keep their labels, which forces the model to
-learn this exact warp. bdsafety poisons once, as tensors, instead of per batch (see the README).
+learn this exact warp. bdsafety poisons once, as tensors, instead of per batch (docs/methods/attacks.md).
 """
 
 from __future__ import annotations

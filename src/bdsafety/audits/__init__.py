@@ -1,4 +1,4 @@
-"""Superficial-safety audits (ALGORITHMS §5-7): measurements on the test set, never defenses.
+"""Superficial-safety audits (docs/methods/audits.md): measurements on the test set, never defenses.
 
 One file per audit; the contract, `AuditData` and `AuditResult` are in `_common.py`. Build one with
 `AUDITS.create(name, profile, shared, **params)`, or a spec's set with `create_audits`.

@@ -1,9 +1,9 @@
-"""Linear mode connectivity (LMC; Min et al., NeurIPS 2024, arXiv 2410.09838, §4; ALGORITHMS §7 [assume]).
+"""Linear mode connectivity (LMC; Min et al., NeurIPS 2024, arXiv 2410.09838, §4, Fig. 3; no official code).
 
 Explains superficial safety: along the straight path θ(t) = (1−t)·θ_bd + t·θ_pur, a superficially
 purified model stays in the backdoored basin (ASR high until t is close to 1, low backdoor loss),
-whereas a robust one deviates far from it. No official code exists; both BatchNorm treatments of
-§7 are implemented and the one used is recorded:
+whereas a robust one deviates far from it. No official code exists and the paper does not say how it
+treats BatchNorm statistics, so both treatments are implemented and the one used is recorded:
 
 * "interp" (default): interpolate every floating tensor, running_mean/var included;
   `num_batches_tracked` is taken from θ_bd.
@@ -111,9 +111,9 @@ def predictions_and_loss(model: nn.Module, data: ImageSet, batch_size: int | Non
 class LinearModeConnectivity(AuditBase):
     """Linear mode connectivity: C-Acc, ASR, clean and backdoor loss along θ_bd → θ_pur."""
 
-    points: int = 21  # ALGORITHMS §7 recommendation: t in {0, 0.05, ..., 1} (paper grid not published)
-    bn_mode: str = "interp"  # ALGORITHMS §11.2: "interp" by default, "reset" by flag
-    bn_batch_size: int = 128  # [assume] the training batch size, for "reset" re-estimation
+    points: int = 21  # bdsafety's choice: t in {0, 0.05, ..., 1} (the paper's grid is not published)
+    bn_mode: str = "interp"  # bdsafety's choice: "interp" by default, "reset" by flag (module docstring)
+    bn_batch_size: int = 128  # bdsafety's choice: the training batch size, for "reset" re-estimation
     # 0: every test image. N > 0: a fixed random N of the clean and N of the triggered test images (the same
     # for every model), which cuts the scan's cost by |test| / N at a sampling error of at most
     # 0.5 / sqrt(N) in each fraction (1.6 points for N = 1,000).

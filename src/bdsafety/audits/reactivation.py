@@ -3,7 +3,7 @@
 Inference-time reactivation without touching weights: an MLP generator learns a sample-specific
 perturbation δ(x), |δ| ≤ ε, such that the purified model mimics its retuned (RA) version on x + δ(x),
 while a clean model still predicts the true label on x + δ(x), so δ reactivates the dormant backdoor
-instead of being a transferable adversarial example. ALGORITHMS §6 with the §11.2 decisions: the
+instead of being a transferable adversarial example. bdsafety's decisions (docs/methods/audits.md): the
 target comes from the attack spec and the poisoned pool is the test trigger on TRAINING images.
 
 Images are [0,1] pixel tensors and every model normalises internally, so δ and ε live in pixel space;
@@ -88,17 +88,17 @@ def frozen(*models: nn.Module) -> Iterator[None]:
 class QueryReactivation(AuditBase):
     """Query-based Reactivation Attack: learn δ(x) that makes the purified model act like its RA version."""
 
-    epsilon: float = 16 / 255  # qra.py [argdef], pixel units
-    alpha: float = 0.2  # alpha_qra [argdef, README]
+    epsilon: float = 16 / 255  # argparse default of qra.py, pixel units
+    alpha: float = 0.2  # argparse default of qra.py alpha_qra, as in the official README command
     lr: float = 0.1  # qra.py SGD lr hard-coded (the --lr flag is ignored)
     momentum: float = 0.9  # qra.py SGD
-    epochs: int = 50  # [argdef]
+    epochs: int = 50  # argparse default of qra.py
     batch_size: int = 128  # qra.py loader
-    clean_count: int = 500  # clean_num_qra [argdef]: the first 500 of the reserved split
-    poison_count: int = 500  # poison_num_qra [argdef]
-    hidden: int = 1024  # qra.py auto-encoder width [hard]
-    # The official 50 epochs on the CPU profile too (~1 s per epoch on Fashion-MNIST, 2 cores): cut to 10, QRA
-    # reached only 27 % / 15 % on purified models that RA revived to 76 % / 80 %.
+    clean_count: int = 500  # argparse default of qra.py clean_num_qra: the first 500 of the reserved split
+    poison_count: int = 500  # argparse default of qra.py poison_num_qra
+    hidden: int = 1024  # auto-encoder width, hard-coded in qra.py
+    # The official 50 epochs on the CPU profile too: they are cheap on Fashion-MNIST, and cut to 10 QRA stayed far
+    # below RA on purified models that RA revived (docs/calibration.md, measured before the current code).
     cpu_overrides: ClassVar[dict] = {}
     needs: ClassVar[tuple[str, ...]] = ("purified", "ra", "clean")
 

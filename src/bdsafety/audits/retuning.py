@@ -2,7 +2,7 @@
 
 Post-purification robustness: the attacker fine-tunes the released purified model on a little clean
 data of his own plus a handful of poisoned samples. A superficially purified model re-learns the
-backdoor at once (high P-ASR); a clean model does not. ALGORITHMS §5 with the §11.2 decisions: the
+backdoor at once (high P-ASR); a clean model does not. bdsafety's decisions (docs/methods/audits.md): the
 poisons are ADDED to the clean images (not replacing them); the clean images get the backdoor
 training's augmentation, drawn fresh each epoch, while the poisons enter every batch exactly as stored
 (the official code loads them with the test transform: the exact trigger at its test position).
@@ -41,15 +41,15 @@ class Retuning(AuditBase):
     backdoored model's own training augmentation from its record (`AUDITS.create(..., shared=augmentation)`).
     """
 
-    clean_fraction: float = 0.02  # ft_poison.py split_ratio [argdef]: 2% of the training set (1,000 on CIFAR-10)
-    poison_count: int = 5  # ft_poison.py poison_num [argdef, README]
+    clean_fraction: float = 0.02  # argparse default of ft_poison.py split_ratio: 2% (1,000 on CIFAR-10)
+    poison_count: int = 5  # argparse default of ft_poison.py poison_num, as in the official README command
     epochs: int = 5  # README command
-    lr: float = 0.01  # [argdef, README]
+    lr: float = 0.01  # argparse default of ft_poison.py, as in the official README command
     momentum: float = 0.9  # ft_poison.py SGD
     weight_decay: float = 0.0  # ft_poison.py: none
-    batch_size: int = 128  # [argdef]
+    batch_size: int = 128  # argparse default of ft_poison.py
     repeats: int = 3  # attacker draws (the official script runs one, seed 42); the spread makes a verdict checkable
-    crop_pad: int = 4  # CIFAR-10 train transform, RandomCrop padding 4 (ALGORITHMS §1.1)
+    crop_pad: int = 4  # RandomCrop padding 4 (official utils/aggregate_block/dataset_and_transform_generate.py)
     flip: bool = True  # CIFAR-10 train transform, RandomHorizontalFlip
     cpu_overrides: ClassVar[dict] = {}  # 5 epochs on ~1,200 Fashion-MNIST images already take a few seconds
     on_clean: ClassVar[bool] = True  # the clean model's P-ASR is the reference a purified model is judged by

@@ -139,13 +139,13 @@ class UniversalReactivation(AuditBase):
     inner_steps: int = 5  # README --inner_steps 5 (argdef 100)
     lr: float = 0.05  # wb_attack.py train(): adv_lr = 0.05 hard-coded, plain SGD (no momentum)
     batch_size: int = 128  # config/reattack/config.yaml batch_size
-    poison_count: int = 1000  # wb_attack.py --poison_nums [argdef]
-    ce_weight: float = 1.0  # wb_attack.py --lmd1 [argdef]
-    margin_weight: float = 1.0  # wb_attack.py --lmd2 [argdef]
+    poison_count: int = 1000  # argparse default of wb_attack.py --poison_nums
+    ce_weight: float = 1.0  # argparse default of wb_attack.py --lmd1
+    margin_weight: float = 1.0  # argparse default of wb_attack.py --lmd2
     source: str = "poisons"  # wb_attack.py: the attack's poisoned training samples; "triggered": see the module doc
     # 1,000 poisons make 7 batches: 50 x 7 x 5 = 1,750 SGD steps of 128 images on the paper profile; the CPU
-    # profile takes 10 passes (350 steps). On the synthetic test data (1 batch a pass) ASR with δ was 0.50 after
-    # 1 pass, 0.58 after 5 and 0.59 after 20; not measured on Fashion-MNIST.
+    # profile takes 10 passes (350 steps): on the synthetic test data (1 batch a pass) the ASR with δ hardly grew
+    # after 5 passes (docs/calibration.md, measured before the current code); not measured on Fashion-MNIST.
     cpu_overrides: ClassVar[dict] = {"outer_steps": 10}
     needs: ClassVar[tuple[str, ...]] = ("purified",)
     on_clean: ClassVar[bool] = True  # the same attack on the clean model: how far δ alone gets without a backdoor

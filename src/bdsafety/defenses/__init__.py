@@ -1,4 +1,4 @@
-"""Defense registry: one file per purification defense (ALGORITHMS §4)."""
+"""Defense registry: one file per purification defense (docs/methods/defenses.md)."""
 
 from ._common import DEFENSES, DefenderData, Defense, DefenseBase, summary, trace_defense
 from ._trajectory import trajectory_fractions

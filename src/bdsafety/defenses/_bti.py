@@ -1,4 +1,4 @@
-"""Backdoor trigger inversion shared by BTI-DBF(U) and PAM (ALGORITHMS §4.7, §4.8, §11.2).
+"""Backdoor trigger inversion shared by BTI-DBF(U) and PAM (official `fine_tune/BTIDBF/pretrain.py`, `btidbfu.py`).
 
 BTI-DBF: Xu et al., "Towards Reliable and Efficient Backdoor Trigger Inversion via Decoupling Benign
 Features", ICLR 2024. A U-Net generator G is pre-trained to be the identity in the classifier's
@@ -13,8 +13,9 @@ its output goes straight into the model (which normalises it back to the U-Net's
 Every image loss (`norm_bound`, stage A's image term) is measured in normalised space, the space the
 official bounds were set in.
 
-The official code draws an unseeded 2,500-image subset per loader; here every stage uses the
-defender's seeded reserve split (§11.2), and the generator only ever sees that data.
+The official code (`fine_tune/BTIDBF/cifar.py`) draws an unseeded 2,500-image subset per loader; here every
+stage uses the defender's seeded reserve split (a bdsafety decision, docs/methods/defenses.md), and the
+generator only ever sees that data.
 """
 
 from __future__ import annotations
@@ -134,7 +135,8 @@ def create_generator(model: nn.Module, channels: int, seed: int, base: int = 32)
 
 def generated(generator: TriggerGenerator) -> Callable[[Tensor], Tensor]:
     """x -> G(x) with G in eval mode, without gradients, in the batch's dtype: the images B4 mixes into its
-    batches with their TRUE labels (§4.7 B4; `_tuning.replace_fraction` picks k = int(ratio*|B| + 1))."""
+    batches with their TRUE labels (B4, as `unlearn` in the official `fine_tune/BTIDBF/btidbfu.py`;
+    `_tuning.replace_fraction` picks k = int(ratio*|B| + 1))."""
 
     @torch.no_grad()
     def transform(x: Tensor) -> Tensor:
@@ -157,7 +159,8 @@ def pretrain_loss(logits_x: Tensor, logits_p: Tensor, feats_x: Tensor, feats_p: 
     """Stage A loss: G(x) must look like x to the classifier.
 
     The prediction term applies cross-entropy to softmax *outputs* as if they were logits (a double
-    softmax). This is the official code's quirk (§9.14), kept for fidelity: it only weakens that term.
+    softmax). This is a quirk of the official `fine_tune/BTIDBF/pretrain.py`, kept for fidelity: it only weakens
+    that term.
     """
     pred = soft_cross_entropy(logits_x.softmax(1), logits_p.softmax(1))
     image_weight = 100.0 if float(image_mse.detach()) > 0.1 else 0.01
@@ -194,31 +197,39 @@ def generator_loss(feats_x: Tensor, feats_g: Tensor, mask: Tensor, image_mse: Te
 # BTI-DBF(U) and PAM on Fashion-MNIST, 2 cores (3,000-image reserve). The CPU profile scales the U-Net like the
 # classifier: base width 8 costs 25 MFLOP per 28x28 image, 1.2x preact_small's 20 MFLOP (the paper: width 32 on
 # CIFAR-10, 0.40 GFLOP, 0.36x ResNet-18's 1.11 GFLOP; width 32 here would be 20x the classifier). Inversion
-# lengths from the strength rule's grid on the calibration split (README, "Defense strength"): at generator
-# 2 / 5 / 1 epochs PAM does not purify (width 32 and width 8 alike), at 5 / 20 / 5 it does (width 8: calibration
-# O-ASR 0.7 %, 241 s). `defense_params` sets the paper's lengths and width (50/20/30/3/30, 32).
+# lengths from the strength rule's grid on the calibration split: at generator 2 / 5 / 1 epochs PAM does not
+# purify (width 32 and width 8 alike), at 5 / 20 / 5 it does; the grid's numbers are in docs/calibration.md
+# (measured before the current code). `defense_params` sets the paper's lengths and width (50/20/30/3/30, 32).
 CPU_OVERRIDES = {"preround": 5, "mround": 20, "uround": 5, "nround": 2, "ul_round": 5, "generator_width": 8}
 
 
 @dataclass(frozen=True)
 class BTIStages(DefenseBase):
-    """The trigger-inversion hyperparameters shared by BTI-DBF(U) and PAM (§4.7; paper defaults)."""
+    """The trigger-inversion hyperparameters shared by BTI-DBF(U) and PAM (the paper's official defaults).
 
-    preround: int = 50  # stage A epochs [argdef pretrain.py]
-    gen_lr: float = 1e-3  # Adam lr of G, stage A and B2 [argdef]
-    mround: int = 20  # B1 mask epochs per round [sh defense.sh]
-    mask_lr: float = 0.01  # Adam lr of the mask logits [hard]
-    uround: int = 30  # B2 generator epochs per round [sh]
-    norm_bound: float = 0.3  # B2: max image MSE (normalised space) before only L_img is minimised [argdef]
-    feat_bound: float = 3.0  # B2: max benign-feature MSE [argdef]
-    nround: int = 3  # rounds of B1-B4 [sh]
-    ul_round: int = 30  # B4 unlearning epochs per round [sh]
-    batch_size: int = 128  # [sh]
-    gen_ratio: float = 0.2  # fraction of each unlearning batch replaced by G(x): k = int(0.2|B| + 1) [hard]
-    noise_std: float = 0.03  # B3: Gaussian noise (normalised space) added before G when detecting the target [hard]
-    crop_pad: int = 4  # train transform: random crop with zero padding 4 [read cifar.py]
-    flip: bool = True  # train transform: horizontal flip [read cifar.py]
-    generator_width: int = 32  # U-Net base width (32/64/128/256, bottleneck 512) [hard]
+    Sources, all in the official `fine_tune/BTIDBF/`: "argparse default of cfg.py" is a default of the parser in
+    `cfg.py` (which `pretrain.py` and `btidbfu.py` use); "defense.sh" is the repository's shell script
+    `defense.sh`, whose commands override those defaults; "hard-coded" names the file that holds the constant.
+    """
+
+    preround: int = 50  # stage A epochs: argparse default of cfg.py, read by pretrain.py
+    gen_lr: float = 1e-3  # Adam lr of G, stage A and B2: argparse default of cfg.py
+    mround: int = 20  # B1 mask epochs per round: the repository's shell script defense.sh
+    mask_lr: float = 0.01  # Adam lr of the mask logits: hard-coded in btidbfu.py
+    uround: int = 30  # B2 generator epochs per round: the repository's shell script defense.sh
+    # B2: max image MSE (normalised space) before only L_img is minimised: defense.sh (= argparse default of cfg.py)
+    norm_bound: float = 0.3
+    feat_bound: float = 3.0  # B2: max benign-feature MSE: argparse default of cfg.py
+    nround: int = 3  # rounds of B1-B4: the repository's shell script defense.sh (argparse default: 5)
+    ul_round: int = 30  # B4 unlearning epochs per round: the repository's shell script defense.sh
+    batch_size: int = 128  # the repository's shell script defense.sh (= argparse default of cfg.py)
+    # share of each unlearning batch replaced by G(x), k = int(0.2|B| + 1): hard-coded in btidbfu.py
+    gen_ratio: float = 0.2
+    # B3: Gaussian noise (normalised space) added before G when detecting the target: hard-coded in evaluate.py
+    noise_std: float = 0.03
+    crop_pad: int = 4  # train transform of the official loader (cifar.py): random crop with zero padding 4
+    flip: bool = True  # train transform of the official loader (cifar.py): horizontal flip
+    generator_width: int = 32  # U-Net base width (32/64/128/256, bottleneck 512): hard-coded in btidbfu.py
 
     @classmethod
     def defender_size(cls, num_train: int, num_classes: int) -> int:

@@ -19,7 +19,7 @@ so a model without it gets one line saying what is missing.
 `row_fields(record)` may copy parts of the record into the defense's results.json row for the report.
 
 `cpu_overrides` (a ClassVar dict) holds the Fashion-MNIST CPU profile's settings: shorter lengths, and a
-stronger setting only where the official one was measured not to purify (README, "Defense strength").
+stronger setting only where the official one was measured not to purify (docs/calibration.md).
 A defense's `crop_pad`/`flip` fields default to the paper's CIFAR-10 transform; the pipeline and
 `bdsafety purify` set them to the backdoored model's own training augmentation, read from its record.
 """

@@ -1,4 +1,4 @@
-"""BTI-DBF(U) (Xu et al., ICLR 2024): trigger inversion via decoupled benign features, then unlearning (§4.7)."""
+"""BTI-DBF(U) (Xu et al., ICLR 2024; official `fine_tune/BTIDBF/btidbfu.py`): trigger inversion, then unlearning."""
 
 from __future__ import annotations
 
@@ -45,7 +45,7 @@ class BTIDBF(BTIStages):
     labels. The Adam optimizer is created once and persists across rounds.
     """
 
-    lr: float = 1e-4  # B4 Adam learning rate [hard btidbfu.py]
+    lr: float = 1e-4  # B4 Adam learning rate, hard-coded in fine_tune/BTIDBF/btidbfu.py
 
     cpu_overrides: ClassVar[dict] = CPU_OVERRIDES
     model_parts: ClassVar[tuple[str, ...]] = ("features",)  # its mask and generator act on the feature map

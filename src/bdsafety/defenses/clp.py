@@ -135,8 +135,9 @@ class ChannelLipschitzPruning(DefenseBase):
     u: float = 3.0  # cfg u (config/defense/clp/cifar10.yaml; tiny.yaml: 5), the paper's default
     trajectory_u_max: float = 10.0  # cfg u_max: where the trajectory along u starts (docstring)
 
-    # No length to cut (data-free, well under a second); u from the strength grid: at the paper's u = 3 (and 2.5)
-    # CLP stops at 20.5 % (22.0 %) calibration O-ASR on the demo's model, at u = 2 it purifies (README)
+    # No length to cut (data-free: one pass over the weights); u from the strength grid: at the paper's u = 3
+    # (and at 2.5) CLP stays above the rule's calibration O-ASR on the demo's model, at u = 2 it purifies
+    # (grid: docs/calibration.md)
     cpu_overrides: ClassVar[dict] = {"u": 2.0}
     uses_attack: ClassVar[bool] = False
     model_parts: ClassVar[tuple[str, ...]] = ("batchnorm",)  # prunes BN channels (ConvNeXt and ViT have none)

@@ -1,4 +1,4 @@
-"""EP: exact purification, fine-tuning with the true trigger on correctly labelled images (ALGORITHMS §4.1)."""
+"""EP: exact purification, fine-tuning with the true trigger on correctly labelled images (Min et al., NeurIPS 2024)."""
 
 from __future__ import annotations
 
@@ -21,19 +21,21 @@ class EP(DefenseBase):
     The oracle reference of arXiv 2410.09838: it knows the real trigger, so it is the only defense that
     receives `data.attack`. Each batch (after augmentation) has a random int(0.2·|B|+1) of its images
     passed through the attack's test trigger, labels unchanged; otherwise the FT recipe (no official
-    code exists; reconstruction of ALGORITHMS §4.1).
+    code exists; bdsafety's reconstruction, docs/methods/defenses.md).
     """
 
-    epochs: int = 10  # [assume] = FT recipe (README)
-    batch_size: int = 128  # [assume] = FT
-    lr: float = 0.01  # [assume] = FT
-    momentum: float = 0.9  # [assume] = FT
-    weight_decay: float = 0.0  # [assume] = FT
-    trigger_fraction: float = 0.2  # [assume] BTI-DBF(U)/PAM mixing ratio, int(0.2·|B|+1) per batch
-    crop_pad: int = 4  # CIFAR-10 train transform (ALGORITHMS §1.1)
+    # No official code: every value below is bdsafety's choice, taken from FT (the official README command of
+    # fine_tune/ft.py) or, for trigger_fraction, from BTI-DBF(U)/PAM's mixing (fine_tune/BTIDBF/btidbfu.py).
+    epochs: int = 10  # bdsafety's choice: FT's
+    batch_size: int = 128  # bdsafety's choice: FT's
+    lr: float = 0.01  # bdsafety's choice: FT's
+    momentum: float = 0.9  # bdsafety's choice: FT's
+    weight_decay: float = 0.0  # bdsafety's choice: FT's
+    trigger_fraction: float = 0.2  # bdsafety's choice: BTI-DBF(U)/PAM's mixing ratio, int(0.2·|B|+1) per batch
+    crop_pad: int = 4  # official CIFAR-10 train transform (utils/aggregate_block/dataset_and_transform_generate.py)
     flip: bool = True  # CIFAR-10 train transform
 
-    cpu_overrides: ClassVar[dict] = {"epochs": 10}  # the paper length already takes ~20 s on Fashion-MNIST
+    cpu_overrides: ClassVar[dict] = {"epochs": 10}  # the paper length: already short on Fashion-MNIST
     uses_attack: ClassVar[bool] = True
 
     def purify(self, model: nn.Module, data: DefenderData, seed: int) -> tuple[nn.Module, dict]:

@@ -156,9 +156,9 @@ class FinePruning(DefenseBase):
     crop_pad: int = 4  # CIFAR-10 train transform (BackdoorBench: RandomCrop padding 4)
     flip: bool = True  # CIFAR-10 train transform (RandomHorizontalFlip)
 
-    # 100 epochs over the 3,000-image reserve are ~200 s on 2 cores (~2 s/epoch); 50 fit ~2 min. Lengths only.
-    # Half the fine-tuning epochs to fit 2 cores; the tolerated drop from the strength grid: at the official 10 %
-    # (and 20 %) FP stops at 11.6 % (10.4 %) calibration O-ASR on the demo's model, at 30 % it purifies (README)
+    # Half the fine-tuning epochs to fit 2 cores (the official 100 are reachable with --set epochs=100); the
+    # tolerated drop from the strength grid: at the official 10 % (and at 20 %) FP stays above the rule's
+    # calibration O-ASR on the demo's model, at 30 % it purifies. Grid and timings: docs/calibration.md.
     cpu_overrides: ClassVar[dict] = {"epochs": 50, "max_acc_drop": 0.3}
     model_parts: ClassVar[tuple[str, ...]] = ("pooled_linear",)  # prunes the last feature map's channels
     uses_attack: ClassVar[bool] = False

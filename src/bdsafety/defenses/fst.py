@@ -51,8 +51,8 @@ class FST(DefenseBase):
     crop_pad: int = 4  # fine_tune/ft.py's train transform (get_transform): RandomCrop padding 4
     flip: bool = True  # get_transform: RandomHorizontalFlip
 
-    # The official 10 epochs on the CPU profile too: they purify the demo model (calibration O-ASR 0.0 %), at
-    # C-Acc 86.8 % (30 epochs, the earlier CPU setting: 89.8 %); README "Defense strength".
+    # The official 10 epochs on the CPU profile too: they purify the demo model on the calibration split (the
+    # earlier CPU setting was 30 epochs; the numbers are in docs/calibration.md).
     cpu_overrides: ClassVar[dict] = {}
     model_parts: ClassVar[tuple[str, ...]] = ("linear",)  # re-initialises and steers the classifier layer
     uses_attack: ClassVar[bool] = False

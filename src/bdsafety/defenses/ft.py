@@ -1,4 +1,4 @@
-"""FT: plain fine-tuning of every parameter on the defender's clean split (ALGORITHMS §4.2, §11.2)."""
+"""FT: plain fine-tuning of every parameter on the defender's clean split (official `fine_tune/ft.py --ft_mode ft`)."""
 
 from __future__ import annotations
 
@@ -17,8 +17,9 @@ from ._tuning import tuning_config, tuning_record
 class FT(DefenseBase):
     """Fine-tuning on clean data (baseline in Min et al., NeurIPS 2024, arXiv 2410.09838); no head renorm.
 
-    Deviation from the official `fine_tune/ft.py` (ALGORITHMS §9.5, §11.2): the classifier's weight norm
-    is not projected back after each step, so this is plain fine-tuning.
+    Deviation from the official `fine_tune/ft.py`, which rescales the classifier's weight back to its backdoored
+    Frobenius norm after every step in every `--ft_mode`: here the norm is not projected back, so this is plain
+    fine-tuning.
     """
 
     epochs: int = 10  # README (fine_tune/ft.py has no default)
@@ -26,10 +27,10 @@ class FT(DefenseBase):
     lr: float = 0.01  # README
     momentum: float = 0.9  # hard-coded in fine_tune/ft.py
     weight_decay: float = 0.0  # hard-coded: no weight decay
-    crop_pad: int = 4  # CIFAR-10 train transform (ALGORITHMS §1.1)
+    crop_pad: int = 4  # official CIFAR-10 train transform (utils/aggregate_block/dataset_and_transform_generate.py)
     flip: bool = True  # CIFAR-10 train transform
 
-    cpu_overrides: ClassVar[dict] = {"epochs": 10}  # the paper length already takes ~20 s on Fashion-MNIST
+    cpu_overrides: ClassVar[dict] = {"epochs": 10}  # the paper length: already short on Fashion-MNIST
     uses_attack: ClassVar[bool] = False
     defender_fraction: ClassVar[float] = 0.02  # README's fine_tune/ft.py commands: --split_ratio 0.02
 

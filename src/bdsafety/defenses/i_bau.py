@@ -12,11 +12,12 @@ normalise inside, so δ is kept in normalised units and added to pixels as δ·s
 and the 0.001·‖δ‖² penalty therefore keep their meaning. No clamping to [0, 1], as in the official code.
 
 Strength. The defaults are the paper repository's (BackdoorBench cfg): Adam 1e-4 and no projection of δ.
-On the Fashion-MNIST CPU profile that leaves the demo model's calibration O-ASR at 62.7 %, so the CPU
-profile takes the weakest point of the strength grid that reaches <= 10 % (README, "Defense strength"):
-the I-BAU authors' own code, Adam 1e-3 with δ projected into the L2 ball of radius 10 (normalised units)
-before unlearning (4.0 %; the grid's 1e-4 with the ball gave 13.3 %, 3e-4 with it 41.3 %). Without the
-ball δ grows to norms of several hundred there, a smear over the whole image rather than a trigger stand-in.
+On the Fashion-MNIST CPU profile that leaves the demo model's calibration O-ASR far above 10 %, so the CPU
+profile takes the weakest point of the strength grid that reaches <= 10 % (docs/calibration.md, "The strength
+rule"): the I-BAU authors' own code, Adam 1e-3 with δ projected into the L2 ball of radius 10 (normalised
+units) before unlearning (the grid's 1e-4 and 3e-4 with the ball did not reach it). Without the ball δ grows
+far beyond that radius there, a smear over the whole image rather than a trigger stand-in. The grid's numbers
+are in docs/calibration.md, measured before the current code.
 
 As the paper's code (`defense/i-bau.py` of AISafety-HKUST/stable_backdoor_purification, BackdoorBench's):
 * the inner map Φ is always evaluated on the first stored batch with its true labels (`loss_inner` reads

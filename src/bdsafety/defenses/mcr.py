@@ -79,7 +79,8 @@ class MCR(CurveTrajectory, DefenseBase):
     crop_pad: int = 4  # CIFAR-10 train transform (BackdoorBench)
     flip: bool = True  # CIFAR-10 train transform
 
-    # 20 of 100 fine-tuning and 20 of 100 curve epochs to fit 2 cores (~2 x 50 s on the Fashion-MNIST reserve)
+    # 20 of 100 fine-tuning and 20 of 100 curve epochs to fit 2 cores (timing: docs/calibration.md); the
+    # official lengths are reachable with --set finetune_epochs=100 --set epochs=100
     cpu_overrides: ClassVar[dict] = {"finetune_epochs": 20, "epochs": 20}
     uses_attack: ClassVar[bool] = False
 

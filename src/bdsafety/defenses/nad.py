@@ -94,11 +94,11 @@ class NAD(DefenseBase):
     beta2: float = 1000.0  # cfg / official config.py
     beta3: float = 1000.0  # cfg / official config.py: the last stage
     p: float = 2.0  # cfg / official config.py: power of |a| in the attention map
-    crop_pad: int = 4  # CIFAR-10 train transform (ALGORITHMS §1.1)
+    crop_pad: int = 4  # official CIFAR-10 train transform (utils/aggregate_block/dataset_and_transform_generate.py)
     flip: bool = True  # CIFAR-10 train transform
 
-    # The paper lengths fit the CPU profile: 12 steps per epoch on the 3,000-image reserve, ~2.5 s per teacher
-    # epoch and ~3.5 s per student epoch (plus the teacher's forward pass), ~60 s in all (estimate).
+    # The paper lengths fit the CPU profile: 12 steps per epoch on the 3,000-image reserve, 10 teacher and 10
+    # student epochs (timing estimate: docs/calibration.md).
     cpu_overrides: ClassVar[dict] = {}
     model_parts: ClassVar[tuple[str, ...]] = ("blocks",)  # distils the last three stage outputs
     uses_attack: ClassVar[bool] = False

@@ -1,4 +1,4 @@
-"""PAM (Min et al., NeurIPS 2024): BTI-DBF's trigger inversion with path-aware minimisation as unlearning (§4.8)."""
+"""PAM (Min et al., NeurIPS 2024, §5): BTI-DBF's trigger inversion with path-aware minimisation as unlearning."""
 
 from __future__ import annotations
 
@@ -24,13 +24,15 @@ class PAMDefense(BTIStages):
 
     Stage A and rounds of B1-B3 as in BTI-DBF(U); each round's B4 is `ul_round` epochs of PAM updates
     (CE only) on batches where 20% of the images are G(x) with their true labels. θ_bd is copied once
-    before round 0; the PAM/SGD optimizer (and its momentum) persists across rounds.
+    before round 0; the PAM/SGD optimizer (and its momentum) persists across rounds. Official code:
+    `fine_tune/BTIDBF/btidbfu.py --use_sam` (`unlearn_pam`) with the optimizer of `fine_tune/BTIDBF/sam.py`.
     """
 
-    rho: float = 0.5  # displacement radius toward θ_bd [sh defense.sh; no argparse default]
-    lr: float = 0.01  # base SGD learning rate [hard btidbfu.py]
-    momentum: float = 0.1  # base SGD momentum [hard]
-    weight_decay: float = 0.0  # base SGD weight decay [hard]
+    # displacement radius toward θ_bd: the repository's shell script fine_tune/BTIDBF/defense.sh (no argparse default)
+    rho: float = 0.5
+    lr: float = 0.01  # base SGD learning rate, hard-coded in fine_tune/BTIDBF/btidbfu.py
+    momentum: float = 0.1  # base SGD momentum, hard-coded in fine_tune/BTIDBF/btidbfu.py
+    weight_decay: float = 0.0  # base SGD weight decay: none, hard-coded in fine_tune/BTIDBF/btidbfu.py
 
     cpu_overrides: ClassVar[dict] = CPU_OVERRIDES
     model_parts: ClassVar[tuple[str, ...]] = ("features",)  # BTI's generator and unlearning act on the feature map

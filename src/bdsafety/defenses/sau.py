@@ -204,8 +204,8 @@ class SAU(DefenseBase):
     augment_flip: bool = False  # official: no flip
 
     # An SAU epoch costs ~11 plain training epochs (5 PGD steps through two models, one unlearning step on
-    # the doubled batch), so only 5 of the 100 epochs fit the CPU profile's few minutes per defense (the
-    # README gives both lengths' times and results)
+    # the doubled batch), so only 5 of the 100 epochs fit the CPU profile's few minutes per defense
+    # (docs/calibration.md gives both lengths' times and results)
     cpu_overrides: ClassVar[dict] = {"epochs": 5}
     uses_attack: ClassVar[bool] = False
 

@@ -1,4 +1,4 @@
-"""CIFAR-style ResNet-18/50 (3x3 stride-1 stem, no max-pool), the paper's main model (ALGORITHMS §1.3)."""
+"""CIFAR-style ResNet-18/50 (3x3 stride-1 stem, no max-pool), the paper's main model (official `models/resnet.py`)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Path-Aware Minimization (Min et al., NeurIPS 2024, arXiv 2410.09838; ALGORITHMS §4.8).
+"""Path-Aware Minimization (Min et al., NeurIPS 2024, arXiv 2410.09838, §5; official `fine_tune/BTIDBF/sam.py::PAM`).
 
 PAM approximately minimises L(θ + ρ·(θ_bd − θ)/‖θ_bd − θ‖): the loss is evaluated a fixed distance ρ
 from the current weights *toward* the backdoored weights θ_bd, and that gradient updates the
@@ -24,8 +24,10 @@ class PAM(torch.optim.Optimizer):
 
     Args:
         params: the model's parameters.
-        rho: displacement radius toward θ_bd (paper: 0.5 [sh]).
-        base_optimizer: class of the base optimizer (paper: SGD, lr 0.01, momentum 0.1, wd 0 [hard]).
+        rho: displacement radius toward θ_bd (paper: 0.5, from the repository's shell script
+            `fine_tune/BTIDBF/defense.sh`; no argparse default).
+        base_optimizer: class of the base optimizer (paper: SGD, lr 0.01, momentum 0.1, wd 0, hard-coded in
+            `fine_tune/BTIDBF/btidbfu.py`).
         reference: θ_bd tensors in the order of `params`; default: a copy of `params` now.
         **base_kwargs: passed to the base optimizer.
     """

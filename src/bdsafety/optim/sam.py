@@ -1,5 +1,5 @@
 """Sharpness-aware minimization (Foret et al., 2021, arXiv 2010.01412) and its adaptive form ASAM
-(Kwon et al., 2021, arXiv 2102.11600), as used by FT-SAM (ALGORITHMS §4.4).
+(Kwon et al., 2021, arXiv 2102.11600), as used by FT-SAM (official `defense/ft-sam.py`).
 
 One step: gradient g at θ; move to θ + e with e = ρ·g/‖g‖ (SAM) or e = ρ·g⊙θ²/‖|θ|⊙g‖ (ASAM);
 gradient g' there with BatchNorm running statistics frozen; back to θ; the base optimizer steps with g'.

@@ -135,6 +135,7 @@ def run_experiment(plan: Plan, out: Path, device: torch.device, executor: Execut
     with store.run_lock(out):
         runs = RunStore(out, device)
         store.atomic_write_bytes(Path(out) / store.SPEC_YAML, spec_yaml(spec).encode())
+        store.write_json(Path(out) / store.ENV_FILE, store.environment(str(device)))
         graph, context = build_graph(plan), RunContext(plan, bundle, device)
         done = (executor or LocalExecutor()).run(graph, context, runs)
         results, defense_seconds = results_of(graph, context, done)

@@ -1,4 +1,4 @@
-"""The run report: tables, claims and figures rendered from `results.json` (never recomputed, STYLE.md §6).
+"""The run report: tables, claims and figures rendered from `results.json` (never recomputed).
 
 `write_report(run_dir)` reads `run_dir/results.json` and writes, each atomically, the figure PNGs,
 `report.md` (linking the PNGs) and a self-contained `report.html` into `run_dir`.

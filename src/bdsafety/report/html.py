@@ -1,4 +1,4 @@
-"""Pure renderers: the report as one self-contained HTML page and as Markdown (STYLE.md §6).
+"""Pure renderers: the report as one self-contained HTML page and as Markdown.
 
 The HTML page has inline CSS, figures as base64 `data:` URIs and no external resource; every piece of
 text from the record is escaped. The Markdown report carries the same tables and claims and links the PNGs.
@@ -96,20 +96,37 @@ def _figure_html(name: str, caption: str, png: bytes) -> str:
 
 def render_markdown(content: ReportContent) -> str:
     """The same report in Markdown; figures are linked by file name (the PNGs sit next to report.md)."""
-    lines = [f"# {_md_text(content.title)}", "",
-             " · ".join(f"{_md_text(k)}: **{_md_text(v)}**" for k, v in content.meta), "",
-             "## Claims of the paper, checked on this run", ""]
+    lines = [f"# {_md_text(content.title)}", "", *markdown_sections(content)]
+    return "\n".join(lines).rstrip() + "\n"
+
+
+def markdown_sections(content: ReportContent, level: int = 2, figure_links: dict[str, str] | None = None,
+                      nested: str = "   ") -> list[str]:
+    """The report below its title as Markdown lines: the meta line, the claims, the tables and the figures.
+
+    Args:
+        content: the report.
+        level: the heading level of the sections (2: `## Tables`).
+        figure_links: each figure's link by file name (default: the file name, the PNG beside the page).
+        nested: the indent of each claim's evidence lines (Python-Markdown, which MkDocs uses, needs 4 spaces).
+
+    Returns:
+        The lines, to be joined with newlines.
+    """
+    heading, links = "#" * level, figure_links or {}
+    lines = [" · ".join(f"{_md_text(k)}: **{_md_text(v)}**" for k, v in content.meta), "",
+             f"{heading} Claims of the paper, checked on this run", ""]
     lines += [line for note in content.claim_notes for line in (_md_text(note), "")]
     for i, claim in enumerate(content.claims, 1):
         lines.append(f"{i}. **{_md_text(claim['status'])}** — {_md_text(claim['claim'])}  ")
-        lines += [f"   - {_md_text(line)}" for line in claim["lines"]]
-    lines += ["", "## Tables", ""]
+        lines += [f"{nested}- {_md_text(line)}" for line in claim["lines"]]
+    lines += ["", f"{heading} Tables", ""]
     for table in content.tables:
         lines += [to_markdown(table)]
     if content.figures:
-        lines += ["## Figures", ""]
-        lines += [f"![{_md_text(caption)}]({name})\n" for name, caption, _ in content.figures]
-    return "\n".join(lines).rstrip() + "\n"
+        lines += [f"{heading} Figures", ""]
+        lines += [f"![{_md_text(caption)}]({links.get(name, name)})\n" for name, caption, _ in content.figures]
+    return lines
 
 
 def _md_text(text: str) -> str:

@@ -1,10 +1,10 @@
 """The paper's tables built from a run's `results.json`, as plain rows, then rendered to Markdown and HTML.
 
-Reports render records, never recompute (STYLE.md §6): every number shown is a field of `results.json`;
+Reports render records, never recompute : every number shown is a field of `results.json`;
 this module only selects, orders and formats. Fractions in [0, 1] are shown as percentages with one decimal;
 a missing (null) metric is shown as an em dash.
 
-Table layout follows ALGORITHMS.md §8 (Min et al., NeurIPS 2024, Table 1): one column pair per attack
+Table layout follows Min et al., NeurIPS 2024, Table 1: one column pair per attack
 (C-Acc ↑, ASR ↓); rows are the clean reference model, then for each defense three evaluation modes:
 O-Backdoor (the backdoored model), O-Robustness (after the defense) and P-Robustness (after the Retuning Attack).
 """
@@ -150,8 +150,8 @@ QRA_COLUMNS = ("qra_asr_purified", "qra_asr_clean_model", "qra_target_rate_clean
 
 
 def qra_table(results: dict) -> Table | None:
-    """QRA (ALGORITHMS.md §6/§8): QRA-ASR on the purified vs the clean model, and the target-class rate
-    on perturbed clean inputs for both. None when no defense has QRA numbers."""
+    """QRA (Min et al., NeurIPS 2024, §3.2; official `fine_tune/qra.py`): QRA-ASR on the purified vs the clean
+    model, and the target-class rate on perturbed clean inputs for both. None when no defense has QRA numbers."""
     blocks = attack_blocks(results)
     defenses = [d for d in defense_order(blocks)
                 if any((find_row(b, d) or {}).get(k) is not None for b in blocks for k in QRA_COLUMNS)]
