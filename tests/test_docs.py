@@ -12,6 +12,8 @@ from pathlib import Path
 import pytest
 import yaml
 
+from bdsafety.report.docs_page import nav_pages
+
 ROOT = Path(__file__).resolve().parents[1]
 DOCS = ROOT / "docs"
 MAIN_JOB = "./scripts/setup.sh && .venv/bin/bdsafety demo --out runs/demo"
@@ -24,17 +26,6 @@ LINK = re.compile(r"\]\(([^)#\s]+\.md)(?:#[^)]*)?\)")
 
 def docs_pages() -> set[str]:
     return {path.relative_to(DOCS).as_posix() for path in DOCS.rglob("*.md")}
-
-
-def nav_pages(nav) -> set[str]:
-    """Every page path that mkdocs.yml's nav names, at any depth."""
-    if isinstance(nav, str):
-        return {nav}
-    if isinstance(nav, list):
-        return set().union(*(nav_pages(item) for item in nav))
-    if isinstance(nav, dict):
-        return set().union(*(nav_pages(value) for value in nav.values()))
-    return set()
 
 
 def test_the_site_builds_in_strict_mode(tmp_path):
