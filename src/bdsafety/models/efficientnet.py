@@ -27,7 +27,7 @@ from torch import Tensor, nn
 
 from ._common import MODELS, Normalize
 from .torchvision_style import (FeatureStack, SqueezeExcitation, StackModel, StochasticDepth, conv_norm_act,
-                                make_divisible)
+                                init_like_torchvision, make_divisible)
 
 # (expand ratio, kernel, stride, input width, output width, blocks) per stage of EfficientNet-B0 (torchvision)
 EFFICIENTNET_B0 = ((1, 3, 1, 32, 16, 1), (6, 3, 2, 16, 24, 2), (6, 5, 2, 24, 40, 2), (6, 3, 2, 40, 80, 3),
@@ -86,18 +86,7 @@ class TorchvisionEfficientNet(StackModel):
         self.features = FeatureStack(layers, self.normalize)
         self.avgpool = nn.AdaptiveAvgPool2d(1)
         self.classifier = nn.Sequential(nn.Dropout(dropout), nn.Linear(4 * last_in, num_classes))
-        for m in self.modules():
-            if isinstance(m, nn.Conv2d):
-                nn.init.kaiming_normal_(m.weight, mode="fan_out")
-                if m.bias is not None:
-                    nn.init.zeros_(m.bias)
-            elif isinstance(m, nn.BatchNorm2d):
-                nn.init.ones_(m.weight)
-                nn.init.zeros_(m.bias)
-            elif isinstance(m, nn.Linear):
-                bound = 1.0 / math.sqrt(m.out_features)
-                nn.init.uniform_(m.weight, -bound, bound)
-                nn.init.zeros_(m.bias)
+        init_like_torchvision(self, init_linear=uniform_by_outputs)
 
     @property
     def linear(self) -> nn.Linear:  # type: ignore[override]
@@ -106,6 +95,13 @@ class TorchvisionEfficientNet(StackModel):
     def pool(self, z: Tensor) -> Tensor:
         """The global average pool, flattened: the input of the classifier (1536 features for B3)."""
         return torch.flatten(self.avgpool(z), 1)
+
+
+def uniform_by_outputs(layer: nn.Linear) -> None:
+    """torchvision EfficientNet's classifier initialisation: U(-1/sqrt(out), 1/sqrt(out)), zero bias."""
+    bound = 1.0 / math.sqrt(layer.out_features)
+    nn.init.uniform_(layer.weight, -bound, bound)
+    nn.init.zeros_(layer.bias)
 
 
 @MODELS.register("efficientnet_b3_torchvision")

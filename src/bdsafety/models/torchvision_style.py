@@ -35,9 +35,9 @@ from torch import Tensor, nn
 from ._common import MODELS, Classifier, Normalize
 
 
-def init_like_torchvision(model: nn.Module) -> None:
+def init_like_torchvision(model: nn.Module, init_linear: Callable[[nn.Linear], None] | None = None) -> None:
     """VGG's and MobileNetV3's initialisation in torchvision: He-normal convolutions (fan-out; the default
-    leaky-ReLU gain with slope 0 is ReLU's), unit BN, N(0, 0.01) linear layers, zero biases."""
+    leaky-ReLU gain with slope 0 is ReLU's), unit BN, N(0, 0.01) linear layers (or `init_linear`), zero biases."""
     for m in model.modules():
         if isinstance(m, nn.Conv2d):
             nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
@@ -46,6 +46,8 @@ def init_like_torchvision(model: nn.Module) -> None:
         elif isinstance(m, nn.BatchNorm2d):
             nn.init.ones_(m.weight)
             nn.init.zeros_(m.bias)
+        elif isinstance(m, nn.Linear) and init_linear is not None:
+            init_linear(m)
         elif isinstance(m, nn.Linear):
             nn.init.normal_(m.weight, 0, 0.01)
             nn.init.zeros_(m.bias)

@@ -99,7 +99,6 @@ def write_docs_page(run_dirs: list[Path], page: Path, title: str | None = None) 
     write_figures(folder, figures)
     store.atomic_write_bytes(page, ("\n".join(lines).rstrip() + "\n").encode("utf-8"))
     registered, todo = register(page, title, command)
-    log.info("wrote %s and %d figures in %s", page, len(figures), folder)
     return DocsPage(page, sorted(figures), registered, todo, unrecorded(runs))
 
 
