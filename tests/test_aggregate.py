@@ -39,3 +39,12 @@ def test_a_field_that_is_a_record_on_one_seed_and_empty_on_another_is_kept_per_s
     held["rows"][0]["weakest"] = None
     (summary,) = aggregate_blocks([revived, held])
     assert summary["rows"][0]["weakest"] == [{"audit": "ra", "value": 0.9}, None]
+
+
+def test_curves_of_numbers_are_averaged_point_by_point_and_a_report_can_draw_them():
+    """The attacker-budget curve stores {poisons: [ASR per epoch]}: over seeds it is a curve again, not a list of
+    the seeds' curves (which the report's figure could not draw)."""
+    seed_0 = {"attack": "badnets", "seed": 0, "ra_curve": {"asr": {"5": [0.2, 0.4]}, "poison_counts": [0, 5]}}
+    seed_1 = {"attack": "badnets", "seed": 1, "ra_curve": {"asr": {"5": [0.4, 0.8]}, "poison_counts": [0, 5]}}
+    curve = aggregate_blocks([seed_0, seed_1])[0]["ra_curve"]
+    assert curve["asr"]["5"] == pytest.approx([0.3, 0.6]) and curve["poison_counts"] == [0, 5]

@@ -5,7 +5,8 @@ sample standard deviation, minimum and maximum beside it (`<key>_sd`, `<key>_min
 that hold every repeat of a measurement (`<key>_repeats`, the Retuning Attack's draws) are pooled over
 the seeds, and then the mean and spread of `<key>` are those of all pooled draws. Curves (LMC, the
 defense trajectories) are averaged point by point. A field with the same value for every seed (attack,
-rate, target, grid positions) is kept as it is, without spread.
+rate, target, grid positions) is kept as it is, without spread. Lists of the same length (curves of numbers or
+of points, nested or not) are averaged element by element.
 """
 
 from __future__ import annotations
@@ -42,11 +43,10 @@ def aggregate(values: list):
     first = values[0]
     if isinstance(first, dict) and all(isinstance(v, dict) for v in values):
         return aggregate_mapping(values)
-    if isinstance(first, list) and all(isinstance(v, list) and len(v) == len(first) for v in values) \
-            and first and isinstance(first[0], dict):
-        return [aggregate([v[i] for v in values]) for i in range(len(first))]
     if all(v == first for v in values):
         return first
+    if isinstance(first, list) and all(isinstance(v, list) and len(v) == len(first) for v in values):
+        return [aggregate([v[i] for v in values]) for i in range(len(first))]  # a curve: point by point
     if is_number(first) and all(is_number(v) for v in values):
         return statistics.fmean(values)
     return values
