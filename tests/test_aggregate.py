@@ -2,7 +2,7 @@
 
 import pytest
 
-from bdsafety.aggregate import aggregate_blocks
+from bdsafety.results.aggregate import aggregate_blocks
 
 
 def block(seed, o_asr, p_repeats, lmc_asr):

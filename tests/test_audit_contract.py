@@ -6,7 +6,7 @@ import json
 import pytest
 import torch
 
-from bdsafety.audits import AUDITS, AuditResult, create_audits, run_order
+from bdsafety.audits import AUDITS, AuditedModel, AuditResult, create_audits, run_order
 from bdsafety.audits.retuning import Retuning
 from bdsafety.pipeline.stages import purify_with_trajectory
 from bdsafety.defenses import DEFENSES
@@ -54,8 +54,13 @@ def test_audit_contract(name, badnets_setup, subjects):
     for role, state in states.items():  # the models it was given are left alone
         for key, value in models[role].state_dict().items():
             assert torch.equal(value, state[key]), (role, key)
-    row = {"defense": "ft", "o_clean_acc": 0.9, "o_asr": 0.1, "p_clean_acc": 0.9, "p_asr": 0.5, "strength": {"relative_distance": 0.1}}
-    assert isinstance(audits[name].row_fields(result.metrics, row), dict)
+    ra = {"clean_acc": 0.9, "asr": 0.5}  # what an audit that uses RA may read of it
+    model = AuditedModel("ft", {"clean_acc": 0.9, "asr": 0.1}, {"relative_distance": 0.1}, {"ra": ra})
+    assert isinstance(audits[name].row_fields(result.metrics, model), dict)
+    assert isinstance(audits[name].strength_fields(result.metrics), dict)
+    part = audits[name].for_defense(result.metrics, "ft") if cls.scope == "cell" else result.metrics
+    lines = cls.card_evidence(part, result.metrics if cls.on_clean else None) if part is not None else []
+    assert all(line["audit"] in cls.card_ranks and isinstance(line["revived"], bool) for line in lines)
     if cls.on_clean:
         assert audits[name].reference_fields(result.metrics)
 
@@ -66,33 +71,49 @@ def test_run_order_puts_an_audit_after_what_it_takes():
 
 def test_a_new_audit_is_one_registration(tmp_path):
     """An audit defined only here runs through `bdsafety run` with no other edit: the spec accepts its name,
-    the run computes it per purified model and its row fields land in results.json."""
+    the run computes it per purified model, and its row fields, its strength field and its card evidence (in
+    its place on the attacker scale) land in results.json, from this definition alone."""
     from dataclasses import dataclass
 
     from bdsafety.audits import AuditBase
     from bdsafety.cli import main
     from bdsafety.metrics import weight_distance
+    from bdsafety.results.card import card_text
+    from bdsafety.results.evidence import QUERIES_ONLY, line
 
     @dataclass(frozen=True)
     class Distance(AuditBase):
         """Relative weight distance of the purified model from the backdoored one."""
 
         needs = ("backdoored", "purified")
+        card_ranks = {"distance": QUERIES_ONLY}
 
         def run(self, models, data, seed):
             return AuditResult({"distance": weight_distance(models["purified"], models["backdoored"])})
 
-        def row_fields(self, metrics, row):
-            return {"distance": metrics["distance"]}
+        def row_fields(self, metrics, model):
+            return {"distance": metrics["distance"], "distance_of": model.defense}
+
+        def strength_fields(self, metrics):
+            return {"distance_again": metrics["distance"]}
+
+        @classmethod
+        def card_evidence(cls, metrics, reference):
+            return [line("distance", "weight distance as if it were an ASR", metrics["distance"], 1.0, "none")]
 
     AUDITS.register("distance")(Distance)
     try:
         spec = tmp_path / "spec.yaml"
         spec.write_text("dataset: synthetic\ntrain: {epochs: 1, batch_size: 64, crop_pad: 1, flip: false}\n"
-                        "defenses: [ft]\ndefense_params: {ft: {epochs: 1}}\nchecks: [distance]\n"
+                        "defenses: [ft]\ndefense_params: {ft: {epochs: 1}}\nchecks: [ra, distance]\n"
+                        "audit_params: {ra: {epochs: 1, repeats: 1}}\n"
                         "audit_unimplanted: true\n")  # one epoch need not implant the backdoor
         assert main(["run", str(spec), "--out", str(tmp_path / "out"), "--device", "cpu", "-q"]) == 0
+        (row,) = json.loads((tmp_path / "out" / "results.json").read_text())["rows"]
+        assert card_text(row["card"], "ft").count("weight distance as if it were an ASR") == 1
     finally:
         del AUDITS._entries["distance"]
-    (row,) = json.loads((tmp_path / "out" / "results.json").read_text())["rows"]
-    assert row["distance"] == row["strength"]["relative_distance"] > 0
+    assert row["distance"] == row["strength"]["relative_distance"] == row["strength"]["distance_again"] > 0
+    assert row["distance_of"] == "ft"
+    assert [entry["audit"] for entry in row["card"]["evidence"]] == ["distance", "ra"]  # weakest attacker first
+    assert row["card"]["evidence"][0]["value"] == row["distance"] and not row["card"]["evidence"][0]["revived"]

@@ -9,7 +9,8 @@ import torch
 from bdsafety.audits import AUDITS
 from bdsafety.audits.budget import area_above, budget_to_revive, curve_of
 from bdsafety.audits.connectivity import barrier_height
-from bdsafety.audits.verdict import PURIFIED_ASR, card_text, combine_cards, verdict_card
+from bdsafety.results.card import card_text, combine_cards, verdict_card
+from bdsafety.results.thresholds import NOT_PURIFIED_ASR as PURIFIED_ASR
 from bdsafety.pipeline import AttackSpec, DataSpec, prepare
 from bdsafety.pipeline.stages import train_model
 from bdsafety.train import TrainConfig, fit
@@ -156,7 +157,7 @@ def test_every_universal_perturbation_of_a_run_is_tried_on_every_other_purified_
     (table,) = transfer_tables(results)
     lines = to_markdown(table).splitlines()
     assert "δ found on" in lines[2] and "clean model" in lines[2] and len(lines) == 4 + 3
-    from bdsafety.pipeline.table import results_rows
+    from bdsafety.results.table import results_rows
 
     transfer_rows = {row["defense"]: row for row in results_rows([out]) if row["audit"] == "uap_transfer"}
     assert set(transfer_rows) == {"ft", "ep"}

@@ -311,7 +311,7 @@ def test_a_claim_on_the_edge_of_the_spread_is_flagged():
 
 
 def test_several_seeds_give_the_range_of_each_number():
-    from bdsafety.aggregate import aggregate_blocks
+    from bdsafety.results.aggregate import aggregate_blocks
     from bdsafety.report.claims import claim_notes
 
     results = fake_results()
@@ -386,7 +386,7 @@ def test_a_one_defense_run_draws_its_bar_figures_without_squeezing_the_axes():
 
 
 def test_budget_curves_and_verdict_cards_get_their_figure_and_their_ranked_table():
-    from bdsafety.audits.verdict import verdict_card
+    from bdsafety.results.card import verdict_card
     from bdsafety.report.figures import attack_figures
     from bdsafety.report.tables import to_markdown, verdict_table
 
@@ -406,7 +406,7 @@ def test_budget_curves_and_verdict_cards_get_their_figure_and_their_ranked_table
 
 
 def test_a_several_seed_run_ranks_the_cards_combined_over_its_seeds():
-    from bdsafety.audits.verdict import verdict_card
+    from bdsafety.results.card import verdict_card
     from bdsafety.pipeline.run import seed_summary
     from bdsafety.report.tables import to_markdown, verdict_table
 

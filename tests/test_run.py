@@ -183,7 +183,7 @@ def test_two_runs_on_one_directory_wait_for_each_other(finished, tmp_path):
 
 
 def test_results_table_has_a_row_per_purified_model_and_audit(finished, capsys):
-    from bdsafety.pipeline.table import results_rows
+    from bdsafety.results.table import results_rows
 
     _, out = finished
     results = json.loads((out / "results.json").read_text())
@@ -212,7 +212,7 @@ audit_params: {lmc: {points: 2}}
 
 
 def test_a_model_list_runs_one_directory_per_model(tmp_path, capsys):
-    from bdsafety.pipeline.table import results_rows
+    from bdsafety.results.table import results_rows
 
     spec, single = tmp_path / "grid.yaml", tmp_path / "single.yaml"
     spec.write_text(GRID)

@@ -6,7 +6,7 @@ import json
 import pytest
 
 from bdsafety.cli import main
-from bdsafety.pipeline import context as run_context
+from bdsafety.results import assemble
 
 SPEC = """
 dataset: synthetic
@@ -24,7 +24,7 @@ audit_params: {ra: {epochs: 1, repeats: 1}, lmc: {points: 3}}
 def unreachable_gate(monkeypatch):
     """Every backdoor counts as not implanted (the gate above any ASR), so the test does not depend on which
     attack fails to implant on synthetic data."""
-    monkeypatch.setattr(run_context, "IMPLANTED_ASR", 1.01)
+    monkeypatch.setattr(assemble, "IMPLANTED_ASR", 1.01)
 
 
 def test_a_cell_whose_backdoor_did_not_implant_skips_its_audits_and_says_why(tmp_path, unreachable_gate, capsys):

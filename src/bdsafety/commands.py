@@ -14,7 +14,7 @@ from pathlib import Path
 
 from . import store
 from .audits import create_audits, single_shot, single_shot_checks
-from .audits.verdict import card_text
+from .results.card import card_text
 from .defenses import DEFENSES, summary
 from .errors import UsageError
 from .models.factory import check_model_name
@@ -270,7 +270,7 @@ def executor_of(args):
 
 
 def cmd_results(args) -> int:
-    from .pipeline.table import results_rows, to_csv, to_jsonl
+    from .results.table import results_rows, to_csv, to_jsonl
 
     rows = results_rows([Path(d) for d in args.dirs], parse_assignments(args.where))
     sys.stdout.write((to_jsonl if args.format == "jsonl" else to_csv)(rows))

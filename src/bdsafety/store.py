@@ -56,7 +56,7 @@ def asset_cache_dir() -> Path:
 class Record:
     """What every stage writes as record.json. Metrics are fractions in [0, 1] (and losses, timings).
 
-    `stage` is train, purify, audit or import; `name` the trained attack ("none": a clean model), the
+    `stage` is train, evaluate, purify, audit or import; `name` the trained attack ("none": a clean model), the
     defense or the audit; `parents` maps a role ("backdoored", "purified", ...) to the parent stage's key
     (single-shot commands: its directory); `details` holds what only this stage kind has (history, data
     and attack of a trained model, a defense's strength and trajectory, ...).

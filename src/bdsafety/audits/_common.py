@@ -9,8 +9,15 @@ source in a comment), registered with `@AUDITS.register(name)`, and
     uses: ClassVar[tuple[str, ...]]    audits whose settings it is built with (passed as fields)
     on_clean: ClassVar[bool]           whether it also runs on the clean model, as the reference
     run(models, data: AuditData, seed) -> AuditResult   never modifies the models
-    row_fields(metrics, row) -> dict   what it adds to a purified model's results row
+    row_fields(metrics, model: AuditedModel) -> dict   what it adds to a purified model's results row
+    strength_fields(metrics) -> dict   what it adds to that row's `strength` (how far the defense moved)
     reference_fields(metrics) -> dict  what it adds to the clean model's entry (when `on_clean`)
+    card_evidence(metrics, reference) -> list[dict]   its lines on the verdict card (`results/evidence.py`),
+                                       each named in `card_ranks` with what the attacker needs for it
+    card_fields(metrics) -> dict       what else it puts on the card (BEC: the existence coefficient)
+
+The results layer (`bdsafety/results/`) calls these and nothing else, so a new audit adds its row fields and
+its card evidence from its own file only.
 
 An audit of `scope = "cell"` runs once per (attack, seed) of a run, after every defense: `needs` then names
 the audits whose stored tensors it reads for every purified model and the clean reference, and it has
@@ -88,6 +95,16 @@ class AuditResult:
     tensors: dict[str, Tensor] | None = None  # kept in the stage's tensors.safetensors (UAP's δ)
 
 
+@dataclass(frozen=True)
+class AuditedModel:
+    """What an audit may read, beside its own metrics, when it writes its part of a purified model's results row."""
+
+    defense: str
+    metrics: Mapping[str, Any]  # the purified model's own test (and calibration) metrics
+    strength: Mapping[str, Any]  # the defense's strength record
+    audits: Mapping[str, dict]  # metrics of the audits that ran on this model: read only those in needs / uses
+
+
 class Audit(Protocol):
     needs: ClassVar[tuple[str, ...]]
     uses: ClassVar[tuple[str, ...]]
@@ -96,7 +113,7 @@ class Audit(Protocol):
 
     def run(self, models: Mapping[str, Any], data: AuditData, seed: int) -> AuditResult: ...
 
-    def row_fields(self, metrics: dict, row: dict) -> dict: ...
+    def row_fields(self, metrics: dict, model: AuditedModel) -> dict: ...
 
 
 class AuditBase:
@@ -107,8 +124,21 @@ class AuditBase:
     on_clean: ClassVar[bool] = False
     cpu_overrides: ClassVar[dict] = {}
     scope: ClassVar[str] = "model"  # or "cell": once per (attack, seed), over every purified model
+    card_ranks: ClassVar[dict[str, int]] = {}  # its card lines -> what the attacker needs (results/evidence.py)
 
-    def row_fields(self, metrics: dict, row: dict) -> dict:
+    def row_fields(self, metrics: dict, model: AuditedModel) -> dict:
+        return {}
+
+    def strength_fields(self, metrics: dict) -> dict:
+        return {}
+
+    @classmethod
+    def card_evidence(cls, metrics: dict, reference: dict | None) -> list[dict]:
+        """Its lines on the card (`results.evidence.line`); `reference`: its metrics on the clean model, if any."""
+        return []
+
+    @classmethod
+    def card_fields(cls, metrics: dict) -> dict:
         return {}
 
     def reference_fields(self, metrics: dict) -> dict:

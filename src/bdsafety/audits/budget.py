@@ -23,7 +23,8 @@ from torch import nn
 from ..data import seed_for
 from ..errors import UsageError
 from ..train import fit, sgd
-from ._common import AUDITS, AuditData, AuditResult
+from ..results.evidence import CLEAN_DATA_ONLY, SMALLEST_POISON_BUDGET, line, revived
+from ._common import AUDITS, AuditData, AuditedModel, AuditResult
 from .retuning import Retuning
 
 log = logging.getLogger(__name__)
@@ -62,6 +63,7 @@ class RetuningBudget(Retuning):
     repeats: int = 1  # attacker draws per count (RA's spread comes from RA itself)
     cpu_overrides: ClassVar[dict] = {}
     on_clean: ClassVar[bool] = True
+    card_ranks: ClassVar[dict[str, int]] = {"relearn": CLEAN_DATA_ONLY, "ra_curve": SMALLEST_POISON_BUDGET}
 
     def __post_init__(self):
         super().__post_init__()
@@ -106,13 +108,36 @@ class RetuningBudget(Retuning):
             steps.append(measured.eval_sets.evaluate_test(retuned))
         return steps
 
-    def row_fields(self, metrics: dict, row: dict) -> dict:
+    @classmethod
+    def card_evidence(cls, metrics: dict, reference: dict | None) -> list[dict]:
+        """Relearning on clean data only (where the curve has 0 poisons), then the smallest reviving budget."""
+        lines = []
+        if metrics.get("relearn_asr") is not None:
+            lines.append(line("relearn", "ASR after retuning on clean data only", metrics["relearn_asr"],
+                              (reference or {}).get("relearn_asr"), budget=f"0 poisons, {metrics['epochs']} epochs"))
+        return lines + [curve_line(metrics, reference)]
+
+    def row_fields(self, metrics: dict, model: AuditedModel) -> dict:
         """The curve, the clean-only relearning ASR and the smallest reviving budget."""
         return {"ra_curve": {k: v for k, v in metrics.items() if k != "duration_s"},
                 "relearn_asr": metrics["relearn_asr"], "budget_to_revive": metrics["budget_to_revive"]}
 
     def reference_fields(self, metrics: dict) -> dict:
         return {"ra_curve": {k: v for k, v in metrics.items() if k != "duration_s"}}
+
+
+def curve_line(curve: dict, clean_curve: dict | None) -> dict:
+    """The smallest budget of the curve whose ASR beats the clean model's at that budget by the gap."""
+    asr, clean = curve_of(curve), curve_of(clean_curve) if clean_curve else None
+
+    def reviving(count: int, epoch: int, value: float) -> bool:
+        return revived(value, clean[count][epoch - 1] if clean else None)
+
+    hit = first_budget(asr, reviving)
+    count, epoch, value = hit or (max(asr), curve["epochs"], asr[max(asr)][-1])
+    what = "smallest retuning budget that revives it" if hit else "ASR at the largest retuning budget"
+    return line("ra_curve", what, value, clean[count][epoch - 1] if clean else None,
+                budget=f"{count} poisons, {epoch} epochs")
 
 
 def mean_rows(rows: list[list[float]]) -> list[float]:

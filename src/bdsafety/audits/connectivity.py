@@ -28,7 +28,7 @@ from ..errors import UsageError
 from ..metrics import attack_success_rate, clean_accuracy
 from .. import train
 from ..train import eval_batch_size, iter_logits, model_device
-from ._common import AUDITS, AuditBase, AuditData, AuditResult
+from ._common import AUDITS, AuditBase, AuditData, AuditedModel, AuditResult
 
 log = logging.getLogger(__name__)
 
@@ -154,10 +154,13 @@ class LinearModeConnectivity(AuditBase):
                             "backdoor_loss_barrier": barrier_height(points, "backdoor_loss"),
                             "duration_s": time.perf_counter() - started})
 
-    def row_fields(self, metrics: dict, row: dict) -> dict:
-        """The scan without its timing (results.json holds none), and its span as a strength unit."""
-        return {"lmc": {k: v for k, v in metrics.items() if k != "duration_s"},
-                "strength": {**row["strength"], "lmc_span": metrics["backdoor_error_span"]}}
+    def row_fields(self, metrics: dict, model: AuditedModel) -> dict:
+        """The scan without its timing (results.json holds none)."""
+        return {"lmc": {k: v for k, v in metrics.items() if k != "duration_s"}}
+
+    def strength_fields(self, metrics: dict) -> dict:
+        """Its span as a unit of how far the defense moved."""
+        return {"lmc_span": metrics["backdoor_error_span"]}
 
     def evaluate_point(self, model: nn.Module, state: dict[str, Tensor], data: AuditData, clean: ImageSet,
                        triggered: ImageSet, t: float) -> dict:

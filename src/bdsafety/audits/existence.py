@@ -55,7 +55,7 @@ from ..data import seed_for, to_float
 from ..errors import UsageError
 from ..models._common import named_blocks
 from ..train import eval_batch_size, model_device
-from ._common import AUDITS, AuditBase, AuditData, AuditResult
+from ._common import AUDITS, AuditBase, AuditData, AuditedModel, AuditResult
 from .reactivation import frozen
 
 log = logging.getLogger(__name__)
@@ -260,5 +260,9 @@ class BackdoorExistence(AuditBase):
                  result["neurons"], len(layers), result["duration_s"])
         return AuditResult(result)
 
-    def row_fields(self, metrics: dict, row: dict) -> dict:
+    @classmethod
+    def card_fields(cls, metrics: dict) -> dict:
+        return {"existence": metrics.get("bec")}
+
+    def row_fields(self, metrics: dict, model: AuditedModel) -> dict:
         return {"bec": metrics["bec"]}

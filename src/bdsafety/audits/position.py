@@ -14,7 +14,7 @@ from typing import Any, ClassVar, Mapping
 
 from ..errors import UsageError
 from ..metrics import weight_distance
-from ._common import AUDITS, AuditBase, AuditData, AuditResult
+from ._common import AUDITS, AuditBase, AuditData, AuditedModel, AuditResult
 
 
 @AUDITS.register("position")
@@ -39,5 +39,5 @@ class WeightPosition(AuditBase):
                             "toward_clean": 1 - to_clean / between if between > 0 else None,
                             "duration_s": time.perf_counter() - started})
 
-    def row_fields(self, metrics: dict, row: dict) -> dict:
+    def row_fields(self, metrics: dict, model: AuditedModel) -> dict:
         return {"position": {k: v for k, v in metrics.items() if k != "duration_s"}}

@@ -27,7 +27,8 @@ from ..attacks import map_uint8
 from ..data import ImageSet, seed_for, to_float
 from ..errors import UsageError
 from ..train import check_finite, eval_batch_size, model_device
-from ._common import AUDITS, AuditBase, AuditData, AuditResult
+from ..results.evidence import QUERIES_ONLY, line
+from ._common import AUDITS, AuditBase, AuditData, AuditedModel, AuditResult
 
 log = logging.getLogger(__name__)
 
@@ -101,6 +102,7 @@ class QueryReactivation(AuditBase):
     # below RA on purified models that RA revived (docs/calibration.md, measured before the current code).
     cpu_overrides: ClassVar[dict] = {}
     needs: ClassVar[tuple[str, ...]] = ("purified", "ra", "clean")
+    card_ranks: ClassVar[dict[str, int]] = {"qra": QUERIES_ONLY}
 
     def __post_init__(self):
         if self.epsilon < 0 or self.epochs < 0 or self.batch_size < 1 or self.clean_count < 0 or self.poison_count < 0:
@@ -173,7 +175,12 @@ class QueryReactivation(AuditBase):
                  result["asr_clean_model"], result["duration_s"])
         return AuditResult(result)
 
-    def row_fields(self, metrics: dict, row: dict) -> dict:
+    @classmethod
+    def card_evidence(cls, metrics: dict, reference: dict | None) -> list[dict]:
+        return [line("qra", "ASR of the query-based perturbation", metrics["asr_purified"],
+                     metrics["asr_clean_model"], budget="queries only")]
+
+    def row_fields(self, metrics: dict, model: AuditedModel) -> dict:
         return {f"qra_{key}": metrics[key] for key in ROW_METRICS}
 
 

@@ -23,11 +23,12 @@ from typing import Any, ClassVar, Mapping
 import torch
 from torch import Tensor, nn
 
-from ..aggregate import spread
+from ..results.aggregate import spread
 from ..data import ImageSet, seed_for
 from ..errors import UsageError
 from ..train import TrainConfig, fit
-from ._common import AUDITS, AuditBase, AuditData, AuditResult
+from ..results.evidence import PAPER_POISON_BUDGET, line
+from ._common import AUDITS, AuditBase, AuditData, AuditedModel, AuditResult
 
 log = logging.getLogger(__name__)
 
@@ -53,6 +54,7 @@ class Retuning(AuditBase):
     flip: bool = True  # CIFAR-10 train transform, RandomHorizontalFlip
     cpu_overrides: ClassVar[dict] = {}  # 5 epochs on ~1,200 Fashion-MNIST images already take a few seconds
     on_clean: ClassVar[bool] = True  # the clean model's P-ASR is the reference a purified model is judged by
+    card_ranks: ClassVar[dict[str, int]] = {"ra": PAPER_POISON_BUDGET}
 
     def __post_init__(self):
         if not 0 < self.clean_fraction < 1 or self.poison_count < 0 or self.repeats < 1:
@@ -99,7 +101,12 @@ class Retuning(AuditBase):
                  num_poison, result["duration_s"])
         return AuditResult(result, returned)
 
-    def row_fields(self, metrics: dict, row: dict) -> dict:
+    @classmethod
+    def card_evidence(cls, metrics: dict, reference: dict | None) -> list[dict]:
+        return [line("ra", "ASR after the Retuning Attack", metrics["asr"], (reference or {}).get("asr"),
+                     spread=metrics.get("asr_sd"), budget=f"{metrics['num_poison']} poisons")]
+
+    def row_fields(self, metrics: dict, model: AuditedModel) -> dict:
         """`p_clean_acc`, `p_asr` (means over the repeats), their `_sd`, `_min`, `_max` and `_repeats`."""
         return {f"p_{key}": value for key, value in summary_values(metrics).items()}
 

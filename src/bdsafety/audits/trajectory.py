@@ -18,7 +18,7 @@ from typing import Any, ClassVar, Mapping
 
 from ..errors import UsageError
 from ..metrics import weight_distance
-from ._common import AUDITS, AuditBase, AuditData, AuditResult
+from ._common import AUDITS, AuditBase, AuditData, AuditedModel, AuditResult
 from .retuning import Retuning
 
 log = logging.getLogger(__name__)
@@ -65,17 +65,19 @@ class DefenseTrajectory(AuditBase):
         return AuditResult({"points": points, "test_images": len(measured.test),
                             "duration_s": time.perf_counter() - started})
 
-    def row_fields(self, metrics: dict, row: dict) -> dict:
+    def row_fields(self, metrics: dict, model: AuditedModel) -> dict:
         """The points before the end, then the purified model itself (its purify and RA numbers) at fraction 1."""
-        return {"trajectory": metrics["points"] + [final_point(row)]}
+        return {"trajectory": metrics["points"] + [final_point(model)]}
 
 
-def final_point(row: dict) -> dict:
-    """The purified model as the last point of its trajectory (fraction 1), from its results row."""
-    point = {"fraction": 1.0, "clean_acc": row["o_clean_acc"], "asr": row["o_asr"],
-             "relative_distance": row["strength"]["relative_distance"], "p_clean_acc": row["p_clean_acc"],
-             "p_asr": row["p_asr"]}
+def final_point(model: AuditedModel) -> dict:
+    """The purified model as the last point of its trajectory (fraction 1): its own metrics and strength, and
+    the means of the RA stage this audit `uses`."""
+    retuned = model.audits["ra"]
+    point = {"fraction": 1.0, "clean_acc": model.metrics["clean_acc"], "asr": model.metrics["asr"],
+             "relative_distance": model.strength["relative_distance"], "p_clean_acc": retuned["clean_acc"],
+             "p_asr": retuned["asr"]}
     for key in ("calibration_clean_acc", "calibration_asr"):
-        if f"o_{key}" in row:
-            point[key] = row[f"o_{key}"]
+        if key in model.metrics:
+            point[key] = model.metrics[key]
     return point

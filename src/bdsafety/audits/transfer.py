@@ -21,7 +21,8 @@ from typing import ClassVar, Mapping
 from torch import Tensor, nn
 
 from ..errors import UsageError
-from ._common import AUDITS, AuditBase, AuditData, AuditResult
+from ..results.evidence import ANOTHER_MODELS_PERTURBATION, line
+from ._common import AUDITS, AuditBase, AuditData, AuditedModel, AuditResult
 from .universal import transfer_asr
 
 CLEAN = "clean"  # the clean reference model's name among the matrix's sources and targets
@@ -38,6 +39,7 @@ class UniversalTransfer(AuditBase):
     cpu_overrides: ClassVar[dict] = {"test_images": 2000}
     needs: ClassVar[tuple[str, ...]] = ("uap",)  # the audit whose δ it reads, for every purified model of the run
     scope: ClassVar[str] = "cell"
+    card_ranks: ClassVar[dict[str, int]] = {"uap_transfer": ANOTHER_MODELS_PERTURBATION}
 
     def __post_init__(self):
         if self.test_images < 0:
@@ -63,7 +65,13 @@ class UniversalTransfer(AuditBase):
         best = max(others, key=lambda source: (others[source], source))
         return {"asr": others[best], "source": best, "clean_model": metrics["asr"][best].get(CLEAN)}
 
-    def row_fields(self, metrics: dict, row: dict) -> dict:
+    @classmethod
+    def card_evidence(cls, metrics: dict, reference: dict | None) -> list[dict]:
+        """`metrics`: its part for one purified model (`for_defense`)."""
+        return [line("uap_transfer", "ASR of the best other purified model's universal perturbation",
+                     metrics["asr"], metrics["clean_model"], budget=f"δ found on {metrics['source']}")]
+
+    def row_fields(self, metrics: dict, model: AuditedModel) -> dict:
         """`uap_transfer_asr` (the best other purified model's δ), its `_source`, its `_clean_model` rate."""
-        best = self.for_defense(metrics, row["defense"])
+        best = self.for_defense(metrics, model.defense)
         return {f"uap_transfer_{key}": value for key, value in (best or {}).items()}

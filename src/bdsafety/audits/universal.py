@@ -47,7 +47,8 @@ from torch import Tensor, nn
 from ..data import ImageSet, seed_for, to_float
 from ..errors import UsageError
 from ..train import check_finite, eval_batch_size, model_device
-from ._common import AUDITS, AuditBase, AuditData, AuditResult
+from ..results.evidence import THIS_MODELS_WEIGHTS, line
+from ._common import AUDITS, AuditBase, AuditData, AuditedModel, AuditResult
 from .reactivation import frozen, perturb, triggered_training_images
 
 log = logging.getLogger(__name__)
@@ -149,6 +150,7 @@ class UniversalReactivation(AuditBase):
     cpu_overrides: ClassVar[dict] = {"outer_steps": 10}
     needs: ClassVar[tuple[str, ...]] = ("purified",)
     on_clean: ClassVar[bool] = True  # the same attack on the clean model: how far δ alone gets without a backdoor
+    card_ranks: ClassVar[dict[str, int]] = {"uap": THIS_MODELS_WEIGHTS}
 
     def __post_init__(self):
         if self.budget < 0 or self.outer_steps < 0 or self.inner_steps < 1 or self.batch_size < 1 \
@@ -202,7 +204,12 @@ class UniversalReactivation(AuditBase):
                  result["asr_without"], result["linf"], count, result["duration_s"])
         return AuditResult(result, tensors={"delta": delta.contiguous()})
 
-    def row_fields(self, metrics: dict, row: dict) -> dict:
+    @classmethod
+    def card_evidence(cls, metrics: dict, reference: dict | None) -> list[dict]:
+        return [line("uap", "ASR of the universal perturbation", metrics["asr"], (reference or {}).get("asr"),
+                     budget=f"L∞ {metrics.get('budget', metrics.get('linf', 0)):.3g}")]
+
+    def row_fields(self, metrics: dict, model: AuditedModel) -> dict:
         return {f"uap_{key}": metrics[key] for key in ROW_METRICS}
 
     def reference_fields(self, metrics: dict) -> dict:

@@ -213,7 +213,7 @@ def run_audit(inputs: AuditInputs, checks: list[str], params: dict | None = None
     A check that cannot run on this architecture is refused before any runs, or with `skip_unsupported` (`--checks
     all`) left out and listed under "skipped" with the reason."""
     from ..audits import create_audits
-    from ..audits.verdict import verdict_card
+    from ..results.card import verdict_card
 
     methods = create_audits(checks, inputs.profile, inputs.augmentation, params)
     methods, skipped = supported(methods, inputs.subjects["purified"].model, skip_unsupported)

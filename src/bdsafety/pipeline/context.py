@@ -12,9 +12,9 @@ import logging
 import torch
 
 from .. import store
-from ..audits.verdict import NOT_IMPLANTED
 from ..data import DataBundle
-from ..poisons import IMPLANTED_ASR
+from ..results.assemble import implanted
+from ..results.card import NOT_IMPLANTED
 from ..store import RunStore, Stage
 from . import stages
 from .graph import Node, trajectory_points
@@ -35,7 +35,7 @@ class RunContext:
     def implanted(self, backdoored: Stage) -> bool:
         """Whether a cell's audits run: its backdoored model follows its poisons (ASR at least `IMPLANTED_ASR`),
         or the spec audits it anyway. Poisons that are not the model's backdoor say nothing about its defenses."""
-        return self.plan.spec.audit_unimplanted or backdoor_implanted(backdoored)
+        return self.plan.spec.audit_unimplanted or implanted(backdoored.record)
 
     def setup(self, attack: AttackSpec, seed: int) -> Setup:
         key = (store.canonical_hash(dataclasses.asdict(attack)), seed)
@@ -43,10 +43,6 @@ class RunContext:
             device = self.device if attack.name != "none" else "cpu"
             self.setups[key] = prepare(self.plan.spec.data, attack, seed, self.bundle, self.plan.profile, device)
         return self.setups[key]
-
-
-def backdoor_implanted(backdoored: Stage) -> bool:
-    return backdoored.record.metrics.get("asr", 0.0) >= IMPLANTED_ASR
 
 
 def compute(node: Node, context: RunContext, parents: dict[str, Stage]) -> stages.Built:
@@ -60,6 +56,8 @@ def compute(node: Node, context: RunContext, parents: dict[str, Stage]) -> stage
         log.info("training the %s model (seed %d)", node.label, node.seed)
         return stages.train(setup, plan.spec.data, plan.model, plan.train_config, plan.profile, node.seed,
                             context.device)
+    if node.kind == "evaluate":
+        return stages.evaluate(parents["model"], setup, node.seed, node.parent_keys)
     if node.kind == "purify":
         return stages.purify(node.name, plan.defenses[node.name], parents["backdoored"], setup, node.seed,
                              plan.profile, trajectory_points(plan))

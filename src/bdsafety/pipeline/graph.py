@@ -17,7 +17,7 @@ from .stages import stage_key, train_inputs
 
 @dataclass(frozen=True)
 class Node:
-    """One stage: what it computes (`kind` train / purify / audit, `name` the defense or audit), for which
+    """One stage: what it computes (`kind` train / evaluate / purify / audit, `name` the defense or audit), for which
     cell (attack, seed), its key and its parents' keys by role."""
 
     kind: str
@@ -30,7 +30,7 @@ class Node:
 
     @property
     def directory(self) -> str:
-        prefix = {"train": "train", "purify": "defense"}.get(self.kind, self.name)
+        prefix = {"train": "train", "purify": "defense", "evaluate": "evaluate"}.get(self.kind, self.name)
         return f"{prefix}-{self.label}-{self.key}"
 
     @property
@@ -45,8 +45,9 @@ class Node:
 
 @dataclass(frozen=True)
 class Cell:
-    """The nodes of one (attack, seed): its backdoored model, the clean reference audits, per defense the
-    purified model and its audits (name -> node), and the cell-scope audits over all of them, in run order."""
+    """The nodes of one (attack, seed): its backdoored model, the clean model's evaluation under its attack and
+    the clean reference audits, per defense the purified model and its audits (name -> node), and the
+    cell-scope audits over all of them, in run order."""
 
     attack: AttackSpec
     seed: int
@@ -55,6 +56,7 @@ class Cell:
     references: dict[str, Node]
     defenses: dict[str, tuple[Node, dict[str, Node]]]
     across: dict[str, Node] = dataclasses.field(default_factory=dict)
+    evaluation: Node | None = None  # the clean model's test metrics under this cell's attack
 
 
 @dataclass(frozen=True)
@@ -68,7 +70,7 @@ class StageGraph:
         """Every node once, parents before children, in the order the local executor runs them."""
         ordered = list(self.cleans.values())
         for cell in self.cells:
-            ordered += [cell.backdoored, *cell.references.values()]
+            ordered += [cell.backdoored, *([cell.evaluation] if cell.evaluation else []), *cell.references.values()]
             for purified, audits in cell.defenses.values():
                 ordered += [purified, *audits.values()]
             ordered += cell.across.values()
@@ -96,6 +98,14 @@ def purify_node(plan: Plan, backdoored: Node, name: str) -> Node:
     parents = {"backdoored": backdoored.key}
     return Node("purify", f"{backdoored.label}-{name}", stage_key("purify", inputs, parents), backdoored.attack,
                 backdoored.seed, name, tuple(parents.items()))
+
+
+def evaluation_node(backdoored: Node, clean: Node) -> Node:
+    """The clean model evaluated on the test sets of `backdoored`'s attack (its C-Acc, and its ASR: what the
+    trigger alone does to a model that never learned it)."""
+    parents = {"setup": backdoored.key, "model": clean.key}
+    return Node("evaluate", f"{backdoored.label}-clean", stage_key("evaluate", {"evaluate": "clean"}, parents),
+                backdoored.attack, backdoored.seed, "clean", tuple(parents.items()))
 
 
 def audit_node(plan: Plan, name: str, subjects: dict[str, Node], backdoored: Node, label: str) -> Node:
@@ -129,7 +139,7 @@ def cell_nodes(plan: Plan, attack: AttackSpec, seed: int, clean: Node) -> Cell:
     defenses = {name: defense_nodes(plan, backdoored, clean, name) for name in plan.defenses}
     across = {name: across_node(plan, name, backdoored, clean, references, defenses)
               for name, method in plan.audits.items() if method.scope == "cell"}
-    return Cell(attack, seed, backdoored, clean, references, defenses, across)
+    return Cell(attack, seed, backdoored, clean, references, defenses, across, evaluation_node(backdoored, clean))
 
 
 def model_scope(plan: Plan) -> list[str]:

@@ -84,6 +84,14 @@ def train(setup: Setup, data: DataSpec, model_name: str, config: TrainConfig, pr
     return model, record, setup_tensors(setup)
 
 
+def evaluate(model: Stage, setup: Setup, seed: int, parents: Mapping[str, str]) -> Built:
+    """A trained model's test metrics under `setup`'s attack (and on its calibration split), as a stage."""
+    started = time.perf_counter()
+    metrics = evaluate_setup(model.model, setup)
+    return None, Record("evaluate", model.record.name, {}, metrics, seed, dict(parents),
+                        time.perf_counter() - started), None
+
+
 def purify_with_trajectory(defense: Defense, backdoored: nn.Module, setup: Setup, seed: int,
                            points: int = 0) -> tuple[nn.Module, dict, list[tuple[dict, dict[str, Tensor]]]]:
     """Run `defense` on a copy of `backdoored`, evaluate it, and keep its states after 1/points, 2/points, ...

@@ -29,19 +29,14 @@ from __future__ import annotations
 import statistics
 from typing import Callable
 
-from ..aggregate import SPREAD_SUFFIXES, is_number
+from ..results.aggregate import SPREAD_SUFFIXES, is_number
+from ..results.thresholds import CLAIM_PURIFIED_ASR as PURIFIED_ASR
+from ..results.thresholds import LMC_MARGIN, PAM_ACC_SLACK, PAM_ASR_SLACK, QRA_GAP, RA_HIGH, RA_LOW
 from ..audits.connectivity import LMC_ERROR, backdoor_error_span
 from .tables import attack_blocks, attack_labels, display_name, find_row
 
 #: The paper's superficially safe baselines (Table 1): ANP, BAU, SAM, FST, BTI. FT is not part of the claims.
 BASELINES = ("anp", "i_bau", "ft_sam", "fst", "bti_dbf")
-RA_HIGH = 0.5        # claim 1: P-ASR at least this counts as "the backdoor is back"
-RA_LOW = 0.2         # claim 2: P-ASR at most this counts as "stays safe"
-QRA_GAP = 0.3        # claim 3: mean (QRA-ASR purified − QRA-ASR clean model) over the baselines
-LMC_MARGIN = 0.1     # claim 4: EP's span must exceed every baseline's by this much (in t; see lmc_grid_note)
-PAM_ASR_SLACK = 0.15  # claim 5: P-ASR(PAM) ≤ P-ASR(EP) + this
-PAM_ACC_SLACK = 0.03  # claim 5: C-Acc(PAM) ≥ C-Acc of the best baseline that purified − this
-PURIFIED_ASR = 0.2   # claims 1, 3, 5: a defense "purified" (PAM has "low ASR", abstract) when its O-ASR is at most this
 EPS = 1e-9           # thresholds are inclusive; absorbs float noise such as 0.93 − 0.90
 MEAN_SPAN = "mean_lmc_span"  # the mean block's field for claim 4: a defense's span averaged over attacks
 

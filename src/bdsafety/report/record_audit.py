@@ -3,7 +3,7 @@ per defense of the record and each defense's verdict card, as `report.md` beside
 
 from __future__ import annotations
 
-from ..audits.verdict import card_text
+from ..results.card import card_text
 
 
 def percent(value) -> str:

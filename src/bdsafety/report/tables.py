@@ -246,15 +246,16 @@ VERDICT_ORDER = ("robust", "superficially safe", "not purified", "backdoor not i
 
 def verdict_rank(card: dict) -> tuple:
     """Robust first; superficially safe ones by how much the weakest reviving attacker needed (more is better)."""
-    from ..audits.verdict import ATTACKER_NEEDS
+    from ..results.card import attacker_rank
+    from ..results.evidence import PAPER_POISON_BUDGET
 
     weakest = card.get("weakest_revival")
-    needs = ATTACKER_NEEDS.index(weakest["audit"]) if weakest else len(ATTACKER_NEEDS)
+    needs = attacker_rank(weakest["audit"]) if weakest else PAPER_POISON_BUDGET + 1  # unrevived: above every attacker
     return VERDICT_ORDER.index(card["verdict"]), -needs, card["purified_asr"]
 
 
 def verdict_table(results: dict) -> Table | None:
-    """The verdict card of every purified model, ranked (audits/verdict.py states the rules); None without cards."""
+    """The verdict card of every purified model, ranked (results/card.py states the rules); None without cards."""
     entries = [(label, row) for block, label in zip(attack_blocks(results), attack_labels(attack_blocks(results)))
                for row in block["rows"] if row.get("card")]
     if not entries:
