@@ -12,9 +12,10 @@ Strength. The defaults are the paper repository's (config `config/defense/anp/ci
 2,000 iterations) with the ANP paper's fixed threshold 0.2. On the Fashion-MNIST CPU profile (400 iterations)
 the mask lr 0.01 prunes no channel, so the CPU profile takes the weakest point of the strength grid that
 reaches <= 10 % O-ASR on the calibration split (docs/calibration.md, "The strength rule"): the ANP paper's
-mask lr 0.2 with the threshold raised to 0.3, with the official defender data (threshold 0.2 did not reach it;
-with a held-out reserve the rule took 0.4). The grid's numbers are in docs/calibration.md; `--set iterations=2000 --set mask_lr=0.01
---set prune_threshold=0.2` restores the official setting on the CPU profile.
+mask lr 0.2 with the threshold raised to 0.3, with the official defender data (threshold 0.2 did not
+reach it; with a held-out reserve the rule took 0.4). The grid's numbers are in docs/calibration.md;
+`defense_params: {anp: {iterations: 2000, mask_lr: 0.01, prune_threshold: 0.2}}` restores the official setting
+on the CPU profile.
 """
 
 from __future__ import annotations
