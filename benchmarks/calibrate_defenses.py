@@ -2,6 +2,7 @@
 
     python benchmarks/calibrate_defenses.py RUN_DIR [--defenses fst,i_bau,anp,ft_sam,pam,bti_dbf] [--out FILE.json]
     python benchmarks/calibrate_defenses.py RUN_DIR --point pam '{"uround": 10}'   # one setting, with RA
+    python benchmarks/calibrate_defenses.py --markdown FILE.json   # the saved grids as a docs table
 
 RUN_DIR is a `bdsafety run` / `demo` directory whose spec has a calibration split (`calibration_fraction`;
 demo: 2 % of the training images, held out of backdoor training and of the defender's reserve). Its
@@ -135,8 +136,35 @@ def report(name: str, point: dict, seconds: float) -> None:
           f"steps {point['optimizer_steps']}  defense {point['defense_s']:.0f} s ({seconds:.0f} s here)", flush=True)
 
 
+def markdown(saved: dict) -> str:
+    """The saved grids as a Markdown table, under a header naming the command, commit and machine."""
+    env = saved.get("environment") or {}
+    lines = [f"command: `{env.get('command', 'not recorded')}`  ", f"commit: {env.get('commit', 'not recorded')}"
+             f"{' (with uncommitted changes)' if env.get('dirty') else ''}; machine: {env.get('cpu')}, "
+             f"{env.get('threads')} threads, torch {env.get('torch')}; date: {env.get('date')}  ",
+             f"rule: {saved['rule']}; the test set's numbers and RA's P-ASR are shown, never used to choose", "",
+             "| defense | grid point | calibration O-ASR | test C-Acc / O-ASR | P-ASR (RA draws) | distance | steps |",
+             "|---|---|---|---|---|---|---|"]
+    for name, found in saved["defenses"].items():
+        points = found["points"] + ([found["official_length"]] if "official_length" in found else [])
+        for point in points:
+            chosen = point["params"] == found["chosen"]
+            p_asr = f"{100 * point['test_p_asr']:.1f} ± {100 * point['test_p_asr_sd']:.1f}" if "test_p_asr" in point \
+                else ""
+            cal = f"{100 * point['calibration_asr']:.2f}"
+            lines.append(f"| {name} | {'**' if chosen else ''}{json.dumps(point['params'])}{'**' if chosen else ''} | "
+                         f"{cal} | {100 * point['test_clean_acc']:.1f} / {100 * point['test_asr']:.1f} | {p_asr} | "
+                         f"{point['relative_distance']:.3f} | {point['optimizer_steps']} |")
+        if found["chosen"] is None:
+            lines.append(f"| {name} | no grid point reached the rule | | | | | |")
+    return "\n".join(lines)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    if "--markdown" in sys.argv[1:2]:
+        print(markdown(json.loads(Path(sys.argv[2]).read_text())))
+        return
     parser.add_argument("run_dir", type=Path)
     parser.add_argument("--defenses", default=",".join(GRIDS))
     parser.add_argument("--out", type=Path)
@@ -157,7 +185,8 @@ def main() -> None:
         results[name] = calibration.calibrate(name, not args.skip_official_length, args.max_points)
         if args.out:  # after each defense, so an interrupted calibration keeps what it measured
             store.write_json(args.out, {"rule": f"weakest grid setting with calibration O-ASR <= {CALIBRATION_ASR}",
-                                        "backdoored": calibration.backdoored.key, "defenses": results})
+                                        "backdoored": calibration.backdoored.key, "defenses": results,
+                                        "environment": store.environment("cpu")})
 
 
 if __name__ == "__main__":

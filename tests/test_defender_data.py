@@ -61,3 +61,21 @@ def test_official_ft_sam_gets_a_class_balanced_share():
     counts = torch.bincount(data.reserve.labels, minlength=setup.bundle.num_classes)
     expected = round(0.05 * len(setup.bundle.train)) // setup.bundle.num_classes
     assert (counts == expected).all()
+
+
+def test_a_held_out_run_reads_back_as_held_out_from_its_spec_yaml_and_keeps_its_hash(tmp_path):
+    """spec.yaml names the protocol; only the hash leaves held_out out, as specs hashed before the setting."""
+    from bdsafety.pipeline.run import spec_yaml
+    from bdsafety.store import canonical_hash
+    from bdsafety.pipeline.specs import load_spec
+
+    source = tmp_path / "spec.yaml"
+    source.write_text("dataset: synthetic\nattacks: [{name: badnets}]\ndefenses: [ft]\n")
+    held_out, official = load_spec(source, ["defender_data=held_out"]), load_spec(source)
+    written = tmp_path / "written.yaml"
+    written.write_text(spec_yaml(held_out))
+    again = load_spec(written)
+    assert again.defender_data == "held_out" and again.digest() == held_out.digest() != official.digest()
+    without_field = load_spec(source, ["defender_data=official"]).to_json()
+    del without_field["defender_data"]
+    assert held_out.digest() == canonical_hash(without_field)

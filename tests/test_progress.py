@@ -91,3 +91,53 @@ def test_the_estimate_scales_stage_time_by_wall_time_and_names_the_kinds_not_tim
     progress.finish("ra-b", reused=False, seconds=10.0)
     assert progress.estimate() == 10.0  # ra-c and qra-a (untimed: the mean stage), 20 s of work at 2x
     assert progress.left() == "about 10 s left (1 kind not timed yet)"
+
+
+def test_a_kind_not_timed_yet_is_charged_its_image_passes_at_the_measured_cost_per_pass():
+    """After the first training, a cheap audit is charged by its image passes, not the training's time (which
+    made the first estimate of a 44-minute demo say over three hours)."""
+    clock = FakeClock()
+    kinds = {"train-clean": "train", "train-badnets": "train", "ra-a": "audit:ra", "lmc-a": "audit:lmc"}
+    costs = {"train-clean": 1000.0, "train-badnets": 1000.0, "ra-a": 100.0, "lmc-a": 10.0}
+    progress = Progress(kinds, status=None, clock=clock, costs=costs)
+    progress.start("train-clean")
+    clock.now += 100.0  # 0.1 s per image pass
+    progress.finish("train-clean", reused=False)
+    assert progress.estimate() == 100.0 + 10.0 + 1.0  # train-badnets: its kind's mean; ra and lmc: passes × 0.1 s
+    other_clock = FakeClock()
+    without = Progress(kinds, status=None, clock=other_clock, costs=None)
+    without.start("train-clean")
+    other_clock.now += 100.0
+    without.finish("train-clean", reused=False)
+    assert without.estimate() > 2 * progress.estimate()  # every stage charged a training
+
+
+def test_stage_costs_follow_the_spec_settings_and_charge_a_shared_first_round_once(tmp_path):
+    import torch
+
+    from bdsafety.data import load_dataset
+    from bdsafety.pipeline.context import RunContext
+    from bdsafety.pipeline.cost import stage_costs
+    from bdsafety.pipeline.graph import build_graph
+    from bdsafety.pipeline.specs import build_plan, load_spec
+
+    spec_file = tmp_path / "spec.yaml"
+    spec_file.write_text("dataset: synthetic\nprofile: cpu\nattacks: [{name: badnets}]\n"
+                         "defenses: [ft, ep, bti_dbf, pam]\ndefense_params: {ft: {epochs: 2}, ep: {epochs: 4}}\n"
+                         "checks: [ra, lmc]\n")
+
+    def costs_of(*overrides):
+        spec = load_spec(spec_file, list(overrides))
+        plan = build_plan(spec)
+        context = RunContext(plan, load_dataset(spec.dataset, spec.data_dir, seed=0), torch.device("cpu"))
+        costs = stage_costs(build_graph(plan), context)
+        return {name.rsplit("-", 1)[0].split("-")[-1] if name.startswith("defense") else name.rsplit("-", 1)[0]: c
+                for name, c in costs.items()}
+
+    costs = costs_of()
+    assert costs["ep"] > costs["ft"]  # 4 epochs against 2 on the same share
+    assert costs["pam"] < costs["bti_dbf"]  # PAM reuses BTI-DBF's first round in the same process
+    alone = costs_of("defenses=[pam]")
+    assert alone["pam"] > costs["pam"]
+    longer = costs_of("audit_params.ra.epochs=10")
+    assert longer["ra-badnets-0.05-t0-ft"] > costs["ra-badnets-0.05-t0-ft"]

@@ -132,6 +132,11 @@ class AuditBase:
     def strength_fields(self, metrics: dict) -> dict:
         return {}
 
+    def image_passes(self, sizes) -> float:
+        """Image passes of one run, for the progress estimate (`sizes`: pipeline.cost.DataSizes); by default one
+        evaluation on the test sets."""
+        return sizes.evaluation
+
     @classmethod
     def card_evidence(cls, metrics: dict, reference: dict | None) -> list[dict]:
         """Its lines on the card (`results.evidence.line`); `reference`: its metrics on the clean model, if any."""

@@ -108,6 +108,12 @@ class RetuningBudget(Retuning):
             steps.append(measured.eval_sets.evaluate_test(retuned))
         return steps
 
+    def image_passes(self, sizes) -> float:
+        """Per poison count and draw: RA's epochs, each followed by a reading of the test sample."""
+        reading = 2 * self.test_images / 3 if self.test_images else sizes.evaluation
+        per_epoch = self.clean_fraction * sizes.train + sum(self.poison_counts) / len(self.poison_counts) + reading
+        return len(self.poison_counts) * self.repeats * self.epochs * per_epoch
+
     @classmethod
     def card_evidence(cls, metrics: dict, reference: dict | None) -> list[dict]:
         """Relearning on clean data only (where the curve has 0 poisons), then the smallest reviving budget."""

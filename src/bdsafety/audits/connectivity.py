@@ -158,6 +158,10 @@ class LinearModeConnectivity(AuditBase):
         """The scan without its timing (results.json holds none)."""
         return {"lmc": {k: v for k, v in metrics.items() if k != "duration_s"}}
 
+    def image_passes(self, sizes) -> float:
+        reading = 2 * self.test_images / 3 if self.test_images else sizes.evaluation
+        return self.points * reading
+
     def strength_fields(self, metrics: dict) -> dict:
         """Its span as a unit of how far the defense moved."""
         return {"lmc_span": metrics["backdoor_error_span"]}

@@ -175,6 +175,10 @@ class QueryReactivation(AuditBase):
                  result["asr_clean_model"], result["duration_s"])
         return AuditResult(result)
 
+    def image_passes(self, sizes) -> float:
+        """The perturbation's epochs through the purified and the RA model, then its reading on both models."""
+        return 2 * self.epochs * (self.clean_count + self.poison_count) + 2 * sizes.evaluation
+
     @classmethod
     def card_evidence(cls, metrics: dict, reference: dict | None) -> list[dict]:
         return [line("qra", "ASR of the query-based perturbation", metrics["asr_purified"],

@@ -101,6 +101,9 @@ class Retuning(AuditBase):
                  num_poison, result["duration_s"])
         return AuditResult(result, returned)
 
+    def image_passes(self, sizes) -> float:
+        return self.repeats * (self.epochs * (self.clean_fraction * sizes.train + self.poison_count) + sizes.evaluation)
+
     @classmethod
     def card_evidence(cls, metrics: dict, reference: dict | None) -> list[dict]:
         return [line("ra", "ASR after the Retuning Attack", metrics["asr"], (reference or {}).get("asr"),

@@ -46,6 +46,12 @@ class DefenseTrajectory(AuditBase):
         if not isinstance(self.ra, Retuning):
             raise UsageError("trajectory takes its RA settings from the spec's audit_params.ra, not its own 'ra'")
 
+    def image_passes(self, sizes) -> float:
+        """At each interior point: RA's draws and two readings of the test sample."""
+        reading = 2 * self.test_images / 3 if self.test_images else sizes.evaluation
+        retune = self.ra_repeats * self.ra.epochs * (self.ra.clean_fraction * sizes.train + self.ra.poison_count)
+        return (self.points - 1) * (retune + 2 * reading)
+
     def run(self, models: Mapping[str, Any], data: AuditData, seed: int) -> AuditResult:
         """Evaluate each (info, state) of `models["defense_run"]` (info: its `fraction`, `step` or `threshold`)."""
         started = time.perf_counter()

@@ -136,8 +136,8 @@ class UniversalReactivation(AuditBase):
     purified model's backdoor; ASR with and without δ."""
 
     budget: float = 0.05  # README --norm 0.05 --norm_type L_inf; pixel units (added to de-normalised images)
-    outer_steps: int = 50  # README --outer_steps 50 (argdef 100)
-    inner_steps: int = 5  # README --inner_steps 5 (argdef 100)
+    outer_steps: int = 50  # README --outer_steps 50 (argparse default 100)
+    inner_steps: int = 5  # README --inner_steps 5 (argparse default 100)
     lr: float = 0.05  # wb_attack.py train(): adv_lr = 0.05 hard-coded, plain SGD (no momentum)
     batch_size: int = 128  # config/reattack/config.yaml batch_size
     poison_count: int = 1000  # argparse default of wb_attack.py --poison_nums
@@ -203,6 +203,9 @@ class UniversalReactivation(AuditBase):
         log.info("uap: asr %.4f with δ, %.4f without (|δ|∞ %.4f, %d images, %.1fs)", result["asr"],
                  result["asr_without"], result["linf"], count, result["duration_s"])
         return AuditResult(result, tensors={"delta": delta.contiguous()})
+
+    def image_passes(self, sizes) -> float:
+        return self.outer_steps * self.inner_steps * self.poison_count + sizes.evaluation
 
     @classmethod
     def card_evidence(cls, metrics: dict, reference: dict | None) -> list[dict]:

@@ -231,6 +231,17 @@ class BTIStages(DefenseBase):
     flip: bool = True  # train transform of the official loader (cifar.py): horizontal flip
     generator_width: int = 32  # U-Net base width (32/64/128/256, bottleneck 512): hard-coded in btidbfu.py
 
+    def image_passes(self, images: int) -> float:
+        """The generator's epochs (each through the U-Net and the classifier), then the unlearning epochs."""
+        generator_epochs = self.preround + self.nround * (self.mround + self.uround)
+        return images * (2 * generator_epochs + self.passes_per_step * self.nround * self.ul_round)
+
+    def shared_work(self, images: int) -> tuple[str, float] | None:
+        """The first round's generator epochs (`shared_first_round`): computed once for BTI-DBF(U) and PAM."""
+        settings = {f.name: getattr(self, f.name) for f in dataclasses.fields(BTIStages)
+                    if f.name not in LATER_SETTINGS}
+        return f"bti-first-round {sorted(settings.items())}", 2.0 * images * (self.preround + self.mround + self.uround)
+
     @classmethod
     def defender_size(cls, num_train: int, num_classes: int) -> int:
         """The official loaders draw a fixed number of training images: 2,500 (`fine_tune/BTIDBF/cifar.py`), 5,000

@@ -73,6 +73,7 @@ class DefenseBase:
     # Its clean data under the official protocol (`defender_data: official`): this share of the training set, as
     # each BackdoorBench defense config sets it (`config/defense/<name>/<dataset>.yaml`, `ratio: 0.05`)
     defender_fraction: ClassVar[float] = 0.05
+    passes_per_step: ClassVar[float] = 1.0  # forward-backward passes per image and step (SAM-like updates: 2)
     # drawn class-balanced, size // classes of each class (BackdoorBench's `choose_by_class`, FT-SAM)
     defender_balanced: ClassVar[bool] = False
 
@@ -85,6 +86,20 @@ class DefenseBase:
                           fractions: list[float]) -> list[tuple[dict, dict]] | None:
         """The model's states at `fractions` of the run, when the defense defines its own trajectory (ANP: along
         its pruning threshold); None: the states after those fractions of its optimizer steps."""
+        return None
+
+    def image_passes(self, images: int) -> float:
+        """Forward-backward image passes of one run on `images` defender images, for the progress estimate
+        (pipeline/cost.py): its epochs over them, or its iterations × batch."""
+        if hasattr(self, "epochs"):
+            return self.passes_per_step * self.epochs * images
+        if hasattr(self, "iterations"):
+            return self.passes_per_step * self.iterations * getattr(self, "batch_size", 128)
+        return float(images)
+
+    def shared_work(self, images: int) -> tuple[str, float] | None:
+        """Work that another defense of the same run may already have done in this process (a key naming it, and
+        its image passes), for the progress estimate; None: nothing shared."""
         return None
 
     def row_fields(self, record: dict) -> dict:

@@ -151,6 +151,7 @@ class ANP(DefenseBase):
     # 400 of 2,000 iterations to fit 2 cores; mask lr and threshold from the strength grid (docstring)
     cpu_overrides: ClassVar[dict] = {"iterations": 400, "mask_lr": 0.2, "prune_threshold": 0.3}
     uses_attack: ClassVar[bool] = False
+    passes_per_step: ClassVar[float] = 2.0  # the neuron-noise step, then the mask step
     model_parts: ClassVar[tuple[str, ...]] = ("batchnorm",)  # masks BN channels (ConvNeXt and ViT have none)
 
     def __post_init__(self):

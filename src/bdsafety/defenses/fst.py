@@ -44,7 +44,7 @@ class FST(DefenseBase):
     alpha: float | None = None  # None: OFFICIAL_ALPHA of `dataset`, else DEFAULT_ALPHA
     dataset: str | None = None  # the dataset's name (bdsafety's: cifar10, cifar100, ...), which selects alpha
     epochs: int = 10  # README
-    batch_size: int = 128  # argdef
+    batch_size: int = 128  # argparse default
     lr: float = 0.01  # README
     momentum: float = 0.9  # hard-coded
     weight_decay: float = 0.0  # hard-coded: no weight decay

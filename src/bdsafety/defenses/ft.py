@@ -23,7 +23,7 @@ class FT(DefenseBase):
     """
 
     epochs: int = 10  # README (fine_tune/ft.py has no default)
-    batch_size: int = 128  # argdef
+    batch_size: int = 128  # argparse default
     lr: float = 0.01  # README
     momentum: float = 0.9  # hard-coded in fine_tune/ft.py
     weight_decay: float = 0.0  # hard-coded: no weight decay

@@ -54,6 +54,7 @@ class FTSAM(DefenseBase):
     # The CPU profile shortens the run only; T_max stays 100 steps, as in the official code.
     cpu_overrides: ClassVar[dict] = {"epochs": 30}
     uses_attack: ClassVar[bool] = False
+    passes_per_step: ClassVar[float] = 2.0  # SAM: the ascent step, then the update
     defender_balanced: ClassVar[bool] = True  # under the official protocol its share is drawn class-balanced
 
     def __post_init__(self):

@@ -159,6 +159,10 @@ class IBAU(DefenseBase):
     flip: bool = True  # train transform (RandomHorizontalFlip)
 
     cpu_overrides: ClassVar[dict] = {}  # the official setting meets the strength rule (docstring)
+
+    def image_passes(self, images: int) -> float:
+        """Per round: δ's pass over the data, then the outer pass with K fixed-point vector-Jacobian products."""
+        return self.n_rounds * images * (2 + self.fixed_point_iters)
     uses_attack: ClassVar[bool] = False
 
     def __post_init__(self):

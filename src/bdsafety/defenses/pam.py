@@ -35,6 +35,7 @@ class PAMDefense(BTIStages):
     weight_decay: float = 0.0  # base SGD weight decay: none, hard-coded in fine_tune/BTIDBF/btidbfu.py
 
     cpu_overrides: ClassVar[dict] = CPU_OVERRIDES
+    passes_per_step: ClassVar[float] = 2.0  # path-aware minimization: the ascent step, then the update
     model_parts: ClassVar[tuple[str, ...]] = ("features",)  # BTI's generator and unlearning act on the feature map
 
     def purify(self, model: nn.Module, data: DefenderData, seed: int) -> tuple[nn.Module, dict]:

@@ -198,7 +198,7 @@ class SAU(DefenseBase):
     lambda_adv: float = 0.0  # cfg lmd_2: plain adversarial-training term, off
     lambda_shared: float = 1.0  # cfg lmd_3 (paper λ2)
     outer_steps: int = 1  # cfg: unlearning steps per PGD batch
-    train_mode: bool = False  # argdef --train_mode off: BatchNorm stays in eval mode
+    train_mode: bool = False  # argparse default of --train_mode off: BatchNorm stays in eval mode
     clip_pixels: bool = False  # official: x + δ is not clipped to [0, 1]
     augment_pad: int = 0  # official: the test transform, no random crop (docstring)
     augment_flip: bool = False  # official: no flip

@@ -298,16 +298,16 @@ class TSC(CurveTrajectory, DefenseBase):
     Args of `purify`: the backdoored model (a copy, overwritten with the result), the defender's data and a seed.
     """
 
-    t: float = 0.4  # README --curve_t 0.4 (argdef curve_t 0.4)
-    rounds: int = 3  # argdef TSPC_epoch
+    t: float = 0.4  # README --curve_t 0.4 (argparse default of curve_t 0.4)
+    rounds: int = 3  # argparse default of TSPC_epoch
     epochs: int = 200  # README --epochs 200, per curve (cfg repair-mc/cifar10.yaml: 100)
     batch_size: int = 256  # README --batch_size 256 (cfg: 100)
     lr: float = 0.02  # README --lr 0.02 (cfg: 1e-4)
     momentum: float = 0.9  # hard-coded (mode_connectivity_Point)
     weight_decay: float = 5e-4  # hard-coded SGD weight decay on the curve
-    curve_l2: float = 1e-4  # cfg wd, argdef regular 1: ½·wd·‖θ(t)‖²
-    finetune_epochs: int = 10  # argdef ft_epochs (between rounds)
-    finetune_lr: float = 1e-4  # argdef ft_lr (SGD momentum 0.9, weight decay 5e-4 hard-coded)
+    curve_l2: float = 1e-4  # cfg wd, argparse default of regular 1: ½·wd·‖θ(t)‖²
+    finetune_epochs: int = 10  # argparse default of ft_epochs (between rounds)
+    finetune_lr: float = 1e-4  # argparse default of ft_lr (SGD momentum 0.9, weight decay 5e-4 hard-coded)
     feature_match: str = "correlation"  # code: correlation of conv outputs; "l2": the paper's L2 distance
     crop_pad: int = 4  # CIFAR-10 train transform (BackdoorBench)
     flip: bool = True  # CIFAR-10 train transform

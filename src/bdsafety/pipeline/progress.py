@@ -87,15 +87,18 @@ class Progress:
 
     `stages` maps every stage's directory to its kind of work (`Node.work`: "train", "purify:anp", "audit:qra",
     ...) and `stored` names the stages already finished, which cost nothing. The estimate charges each stage
-    still to compute the mean time of the stages of its kind computed so far (of all kinds while its own has
-    none yet) and scales that work by the run's wall time per second of stage time at the last stage's end,
-    so that executor overhead and stages running side by side (Ray) count. While some kinds have no timed
-    stage yet the line says how many: their share is a guess.
+    still to compute the mean time of the stages of its kind computed so far; a stage whose kind has none yet,
+    its image passes (`costs`, pipeline/cost.py) times the seconds per image pass of the stages timed so far
+    (without `costs`: their mean time). It scales that work by the run's wall time per second of stage time at
+    the last stage's end, so that executor overhead and stages running side by side (Ray) count. While some
+    kinds have no timed stage yet the line says how many: their share is an estimate from the cost model.
     """
 
     def __init__(self, stages: dict[str, str], status: StatusLine | None = None,
-                 stored: Iterable[str] = (), clock: Callable[[], float] = time.perf_counter):
-        self.kinds, self.total = stages, len(stages)
+                 stored: Iterable[str] = (), clock: Callable[[], float] = time.perf_counter,
+                 costs: dict[str, float] | None = None):
+        self.kinds, self.total, self.costs = stages, len(stages), costs or {}
+        self.timed_passes, self.timed_pass_seconds = 0.0, 0.0  # over the timed stages that have a cost
         self.done, self.computed, self.clock = 0, 0, clock
         self.started, self.running, self.last_end = clock(), {}, 0.0
         self.pending = set(self.kinds) - set(stored)  # to compute, not yet finished
@@ -120,6 +123,9 @@ class Progress:
                 seconds = self.clock() - began
             if seconds is not None:
                 self.seconds.setdefault(self.kinds.get(directory, ""), []).append(seconds)
+                if self.costs.get(directory):
+                    self.timed_passes += self.costs[directory]
+                    self.timed_pass_seconds += seconds
             self.last_end = self.elapsed()
         message = (f"stage {self.done}/{self.total} {'reused' if reused else 'done'} {directory} "
                    f"({duration(self.elapsed())} so far, {self.left()})")
@@ -140,9 +146,15 @@ class Progress:
         if not timed:
             return None
         overall, work = sum(timed) / len(timed), 0.0
+        per_pass = self.timed_pass_seconds / self.timed_passes if self.timed_passes else None
         for directory in self.pending:
             durations = self.seconds.get(self.kinds[directory])
-            work += sum(durations) / len(durations) if durations else overall
+            if durations:
+                work += sum(durations) / len(durations)
+            elif per_pass is not None and directory in self.costs:
+                work += self.costs[directory] * per_pass
+            else:
+                work += overall
         return work * self.last_end / max(sum(timed), 1e-9)
 
     def left(self) -> str:

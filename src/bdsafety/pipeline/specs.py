@@ -126,17 +126,20 @@ class ExperimentSpec:
                         self.defender_data)
 
     def to_json(self) -> dict:
-        """The spec as plain data; `seeds` only when given, so single-seed specs keep their earlier hash."""
+        """The spec as plain data (spec.yaml); `seeds` only when given (single-seed specs keep their hash)."""
         data = dataclasses.asdict(self)
         for name in ("seeds", "audit_unimplanted"):  # absent when unset: specs keep their earlier hash
             if not data[name]:
                 del data[name]
-        if data["defender_data"] == "held_out":  # what a spec without the field meant before it existed
-            del data["defender_data"]
         return data
 
     def digest(self) -> str:
-        return canonical_hash(self.to_json())
+        """The spec's hash; a held_out spec hashes without the field, as specs did before it existed (it is
+        written to spec.yaml all the same, so that reading the file back gives the same protocol)."""
+        data = self.to_json()
+        if data["defender_data"] == "held_out":
+            del data["defender_data"]
+        return canonical_hash(data)
 
 
 @dataclass(frozen=True)

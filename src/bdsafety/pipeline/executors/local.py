@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from ...store import RunStore, Stage, is_finished
 from ..graph import StageGraph
+from ..cost import stage_costs
 from ..progress import Progress
 from ..context import RunContext, run_node
 from ._common import EXECUTORS
@@ -16,7 +17,7 @@ class LocalExecutor:
     def run(self, graph: StageGraph, context: RunContext, runs: RunStore) -> dict[str, Stage]:
         done: dict[str, Stage] = {}
         stored = [node.directory for node in graph.nodes if is_finished(runs.stages / node.directory)]
-        progress = Progress(graph.work(), stored=stored)
+        progress = Progress(graph.work(), stored=stored, costs=stage_costs(graph, context))
         try:
             for node in graph.nodes:
                 progress.start(node.directory)

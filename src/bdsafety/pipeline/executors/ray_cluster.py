@@ -19,6 +19,7 @@ from ...data import load_dataset
 from ...errors import UsageError
 from ...store import RunStore, Stage, is_finished
 from ..graph import Node, StageGraph
+from ..cost import stage_costs
 from ..progress import Progress
 from ..context import RunContext, run_node
 from ..specs import Plan
@@ -91,7 +92,7 @@ class RayExecutor:
         finished = {key for key, node in nodes.items() if is_finished(runs.stages / node.directory)}
         stored = [nodes[key].directory for key in finished]
         waiting, running = [k for k in nodes if k not in finished], {}
-        progress = Progress(graph.work(), stored=stored)
+        progress = Progress(graph.work(), stored=stored, costs=stage_costs(graph, context))
         for directory in stored:
             progress.finish(directory, reused=True)
         try:
