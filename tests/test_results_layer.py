@@ -42,3 +42,21 @@ def test_the_report_of_the_stored_results_is_byte_identical(tmp_path):
     shutil.copy(STORED / "results.json", tmp_path / "results.json")
     write_report(tmp_path)
     assert (tmp_path / "report.md").read_bytes() == (STORED / "report.md").read_bytes()
+
+
+def test_a_spec_note_reaches_results_json_the_results_table_and_the_console(tmp_path):
+    import json
+
+    from bdsafety.pipeline.specs import load_spec
+    from bdsafety.report.tables import console_table, robustness_table
+
+    spec = load_spec(STORED / "spec.yaml", ["note=cut far below the demo, so verdicts can differ"])
+    graph = build_graph(build_plan(spec))
+    done = {node.key: store.Stage(node.key, None, store.load_record(STORED / "stages" / node.directory))
+            for node in graph.nodes}
+    results, _ = results_of(graph, done)
+    assert results["note"] == "cut far below the demo, so verdicts can differ"
+    assert robustness_table(results).caption.endswith("Note: cut far below the demo, so verdicts can differ")
+    assert console_table(results).startswith("note: cut far below the demo")
+    assert "note" not in json.loads((STORED / "results.json").read_text())  # a spec without one: no key
+    assert load_spec(STORED / "spec.yaml").digest() != spec.digest()

@@ -111,6 +111,7 @@ class ExperimentSpec:
     audit_params: dict = field(default_factory=dict)  # {ra|qra|lmc|trajectory: {param: value}}
     # audit a cell whose backdoored model does not follow its poisons (ASR < 50 %) all the same; its cards say so
     audit_unimplanted: bool = False
+    note: str = ""  # shown on the report's results table and the console table (why a cut spec's verdicts differ)
 
     @property
     def resolved_profile(self) -> str:
@@ -128,7 +129,7 @@ class ExperimentSpec:
     def to_json(self) -> dict:
         """The spec as plain data (spec.yaml); `seeds` only when given (single-seed specs keep their hash)."""
         data = dataclasses.asdict(self)
-        for name in ("seeds", "audit_unimplanted"):  # absent when unset: specs keep their earlier hash
+        for name in ("seeds", "audit_unimplanted", "note"):  # absent when unset: specs keep their earlier hash
             if not data[name]:
                 del data[name]
         return data
@@ -352,6 +353,7 @@ def validate(spec: ExperimentSpec) -> None:
               for a in spec.attacks]
     expect(len(set(blocks)) == len(blocks), "spec 'attacks' lists the same attack twice (same name, rate, target, "
                                             "labels and params); use 'seeds' for repeats")
+    expect(isinstance(spec.note, str), f"spec 'note' must be a string, got {spec.note!r}")
     expect(isinstance(spec.audit_unimplanted, bool),
            f"spec 'audit_unimplanted' must be true or false, got {spec.audit_unimplanted!r}")
     for name in spec.defenses:

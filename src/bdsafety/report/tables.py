@@ -121,8 +121,9 @@ def robustness_table(results: dict) -> Table:
         for mode in MODES:
             rows.append([display_name(defense), mode]
                         + _pairs(blocks, lambda b, m=mode: _defense_pair(b, defense, m)))
+    note = f" Note: {results['note']}" if results.get("note") else ""
     return Table("Table 1. C-Acc ↑ and ASR ↓ (%) of the backdoored model (O-Backdoor), after the defense "
-                 "(O-Robustness) and after the Retuning Attack (P-Robustness).",
+                 "(O-Robustness) and after the Retuning Attack (P-Robustness)." + note,
                  ["Defense", "Evaluation"] + ["C-Acc ↑", "ASR ↓"] * len(blocks), rows,
                  [(label, 2) for label in attack_labels(blocks)])
 
@@ -366,7 +367,8 @@ def _html_row(rows: list[list[Cell]], i: int, lead: int, merge: bool) -> str:
 def console_table(results: dict) -> str:
     """The console summary of a run: one small text table per results block (attack, poison rate, target, seed)."""
     blocks = results["attacks"]
-    return "\n".join(block_table(block, len(blocks) > 1) for block in blocks)
+    note = [f"note: {results['note']}"] if results.get("note") else []
+    return "\n".join(note + [block_table(block, len(blocks) > 1) for block in blocks])
 
 
 def block_table(block: dict, titled: bool) -> str:

@@ -83,7 +83,7 @@ def results_of(graph, done: dict[str, Stage]) -> tuple[dict, list[dict]]:
     blocks, seconds = zip(*[block_of(graph, cell, done) for cell in graph.cells])
     summary = seed_summary([block.to_json() for block in blocks]) if len(seeds) > 1 else None
     results = Results(plan.spec.dataset, plan.model, seeds[0], plan.profile, plan.spec.digest(), tuple(blocks),
-                      tuple(plan.spec.seeds), summary)
+                      tuple(plan.spec.seeds), summary, plan.spec.note)
     return results.to_json(), list(seconds)
 
 

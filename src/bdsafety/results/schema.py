@@ -63,10 +63,12 @@ class Results:
     blocks: tuple[Block, ...]
     seeds: tuple[int, ...] = ()  # the spec's `seeds`, when it has them
     summary: list[dict] | None = None
+    note: str = ""  # the spec's note for readers of its tables, when it has one
 
     def to_json(self) -> dict:
         blocks = [block.to_json() for block in self.blocks]
         return {"dataset": self.dataset, "model": self.model, "seed": self.seed, "profile": self.profile,
                 **({"seeds": list(self.seeds)} if self.seeds else {}), "spec_hash": self.spec_hash,
+                **({"note": self.note} if self.note else {}),
                 **{k: blocks[0][k] for k in ("backdoored", "clean", "rows")}, "attacks": blocks,
                 **({"summary": self.summary} if self.summary is not None else {})}
