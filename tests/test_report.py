@@ -407,7 +407,7 @@ def test_budget_curves_and_verdict_cards_get_their_figure_and_their_ranked_table
 
 def test_a_several_seed_run_ranks_the_cards_combined_over_its_seeds():
     from bdsafety.results.card import verdict_card
-    from bdsafety.pipeline.run import seed_summary
+    from bdsafety.results.assemble import seed_summary
     from bdsafety.report.tables import to_markdown, verdict_table
 
     def block(seed, ra_asr):

@@ -18,6 +18,7 @@ from __future__ import annotations
 import hashlib
 import math
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 from torch import Tensor
@@ -44,6 +45,8 @@ def tile_masks(count: int, height: int, width: int, pieces: int, keep: int, gen:
 @dataclass(frozen=True)
 class AdapBlend(AttackBase):
     """Train: x + alpha·m⊙(K − x) with a random half of the tiles in m; test: x + test_alpha·(K − x)."""
+
+    display_name: ClassVar[str] = "Adap-Blend"  # in tables and figures
 
     alpha: float = 0.15  # training opacity (README: -alpha 0.15)
     test_alpha: float = 0.2  # test opacity (README: -test_alpha 0.2)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import ClassVar
 
 from torch import Tensor
 
@@ -13,6 +14,8 @@ from ._common import ATTACKS, AttackBase
 @dataclass(frozen=True)
 class BadNets(AttackBase):
     """Hard-replace a `patch`x`patch` white square (on a 32x32 canvas; scaled with the image) at the corner."""
+
+    display_name: ClassVar[str] = "BadNets"  # in tables and figures
 
     patch: int = 3  # BackdoorBench's trigger_image.png: rows/cols 29-31 of 32x32
     clean_label = False

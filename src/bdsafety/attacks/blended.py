@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from functools import lru_cache
+from typing import ClassVar
 
 import numpy as np
 import torch
@@ -17,6 +18,8 @@ from ._common import ATTACKS, AttackBase
 @dataclass(frozen=True)
 class Blended(AttackBase):
     """K is seeded uniform noise (the Blended paper's random pattern) or a user image file, resized."""
+
+    display_name: ClassVar[str] = "Blended"  # in tables and figures
 
     alpha: float = 0.2  # BackdoorBench cfg, train and test
     seed: int = 0

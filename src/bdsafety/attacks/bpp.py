@@ -17,6 +17,7 @@ contrastive adversarial training stage of the paper is not part of its default r
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 from torch import Tensor
@@ -56,6 +57,8 @@ def floyd_steinberg(images: Tensor, levels: int) -> Tensor:
 @dataclass(frozen=True)
 class Bpp(AttackBase):
     """x' = squeeze(x) to `squeeze_num` levels (dithered with `dithering`); negative samples x + (x_r' − x_r)."""
+
+    display_name: ClassVar[str] = "BppAttack"  # in tables and figures
 
     squeeze_num: int = 8  # BackdoorBench bpp default.yaml (256 levels -> 8)
     dithering: bool = False  # BackdoorBench default.yaml and original_default.yaml: off

@@ -131,6 +131,8 @@ def blend(x: Tensor, pattern: Tensor, mask: Tensor) -> Tensor:
 class InputAware(AttackBase):
     """Input-aware dynamic backdoor: a per-image trigger from generators trained jointly with the victim."""
 
+    display_name: ClassVar[str] = "Input-Aware"  # in tables and figures
+
     victim_model: str = "resnet18"  # the run's model: the victim is trained here (paper profile: resnet18)
     poison_rate: float = 0.1  # pratio [config/attack/inputaware/default.yaml]; set from the spec's rate
     # the victim's input normalisation and class count: the dataset's, set by the pipeline (None: from the images)

@@ -93,6 +93,8 @@ class LC(AttackBase):
     Paper values from BackdoorBench's `resource/label-consistent/craft_adv_dataset.py` and label_consistent config.
     """
 
+    display_name: ClassVar[str] = "LC"  # in tables and figures
+
     eps: float = 8 / 255  # crafting budget (craft_adv_dataset.py)
     step_size: float = 1.5 / 255
     steps: int = 100

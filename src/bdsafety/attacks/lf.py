@@ -66,6 +66,8 @@ def add_trigger(delta: Tensor):
 class LF(AttackBase):
     """x' = clip(x + δ), δ a low-pass targeted universal perturbation of the source model; must be fitted."""
 
+    display_name: ClassVar[str] = "LF"  # in tables and figures
+
     epsilon: float = 0.1  # L∞ of δ in pixel units (BackdoorBench's patterns span 0.2)
     cutoff: float = 3.0  # cycles per image kept by the low-pass filter
     steps: int = 1000  # gradient steps on δ

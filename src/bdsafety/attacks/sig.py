@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 from torch import Tensor
@@ -15,6 +16,8 @@ from ._common import ATTACKS, AttackBase
 @dataclass(frozen=True)
 class SIG(AttackBase):
     """v[r, c] = delta * sin(2 pi c f / W), the same for every row and channel; x' = clip(x + v)."""
+
+    display_name: ClassVar[str] = "SIG"  # in tables and figures
 
     delta: float = 40 / 255  # BackdoorBench cfg: delta 40 on the 0..255 scale
     frequency: float = 6.0

@@ -128,6 +128,8 @@ class SSBA(AttackBase):
     of ArtificialGANFingerprints `train.py`.
     """
 
+    display_name: ClassVar[str] = "SSBA"  # in tables and figures
+
     bits: int = 32  # 100 bits for 32x32x3 in the BackdoorBench README; scaled to 28x28x1's 4x fewer values
     max_residual: float = 0.05  # hard L-inf bound of the residual (ours; see the module docstring)
     epochs: float = 20.0  # README example: 20 epochs

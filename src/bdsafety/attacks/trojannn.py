@@ -83,6 +83,8 @@ def excite(model: nn.Module, start: Tensor, mask: Tensor, neurons: Tensor, targe
 class TrojanNN(AttackBase):
     """x' = (1 − m)·x + m·t, t optimised to excite the most connected neurons of a clean model; must be fitted."""
 
+    display_name: ClassVar[str] = "TrojanNN"  # in tables and figures
+
     num_neurons: int = 2  # num_neuron
     target_value: float = 100.0  # neuron_target_values
     iterations: int = 1000  # mask_update_iters

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from functools import lru_cache
+from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -20,6 +21,8 @@ from ._common import ATTACKS, AttackBase
 @ATTACKS.register("wanet")
 @dataclass(frozen=True)
 class WaNet(AttackBase):
+    display_name: ClassVar[str] = "WaNet"  # in tables and figures
+
     k: int = 4  # control-grid size
     s: float = 0.5  # warp strength
     grid_rescale: float = 1.0

@@ -135,6 +135,10 @@ class ANP(DefenseBase):
     Args of `purify`: the backdoored model (never modified), the defender's data and a seed.
     """
 
+    display_name: ClassVar[str] = "ANP"  # in tables; the paper's name first (Min et al. 2024, Table 1)
+    short_name: ClassVar[str] = "ANP"  # in figures
+    table_order: ClassVar[int] = 1  # the paper's row order, then the defenses beyond it
+
     iterations: int = 2000  # cfg nb_iter (4 repeats x 500)
     batch_size: int = 256  # cfg, sampled with replacement from the reserve
     eps: float = 0.4  # cfg anp_eps: bound of the random start of δ, ξ

@@ -45,6 +45,10 @@ class BTIDBF(BTIStages):
     labels. The Adam optimizer is created once and persists across rounds.
     """
 
+    display_name: ClassVar[str] = "BTI (BTI-DBF(U))"  # in tables; the paper's name first (Min et al. 2024, Table 1)
+    short_name: ClassVar[str] = "BTI"  # in figures
+    table_order: ClassVar[int] = 5  # the paper's row order, then the defenses beyond it
+
     lr: float = 1e-4  # B4 Adam learning rate, hard-coded in fine_tune/BTIDBF/btidbfu.py
 
     cpu_overrides: ClassVar[dict] = CPU_OVERRIDES

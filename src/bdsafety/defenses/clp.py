@@ -132,6 +132,10 @@ class ChannelLipschitzPruning(DefenseBase):
     Args of `purify`: the backdoored model (a copy, modified in place); the defender's data is not read.
     """
 
+    display_name: ClassVar[str] = "CLP"  # in tables; the paper's name first (Min et al. 2024, Table 1)
+    short_name: ClassVar[str] = "CLP"  # in figures
+    table_order: ClassVar[int] = 10  # the paper's row order, then the defenses beyond it
+
     u: float = 3.0  # cfg u (config/defense/clp/cifar10.yaml; tiny.yaml: 5), the paper's default
     trajectory_u_max: float = 10.0  # cfg u_max: where the trajectory along u starts (docstring)
 

@@ -24,6 +24,10 @@ class EP(DefenseBase):
     code exists; bdsafety's reconstruction, docs/methods/defenses.md).
     """
 
+    display_name: ClassVar[str] = "EP"  # in tables; the paper's name first (Min et al. 2024, Table 1)
+    short_name: ClassVar[str] = "EP"  # in figures
+    table_order: ClassVar[int] = 0  # the paper's row order, then the defenses beyond it
+
     # No official code: every value below is bdsafety's choice, taken from FT (the official README command of
     # fine_tune/ft.py) or, for trigger_fraction, from BTI-DBF(U)/PAM's mixing (fine_tune/BTIDBF/btidbfu.py).
     epochs: int = 10  # bdsafety's choice: FT's

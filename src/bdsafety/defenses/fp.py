@@ -146,6 +146,10 @@ class FinePruning(DefenseBase):
     Args of `purify`: the backdoored model (a copy, modified in place), the defender's data and a seed.
     """
 
+    display_name: ClassVar[str] = "FP (Fine-Pruning)"  # in tables; the paper's name first (Min et al. 2024, Table 1)
+    short_name: ClassVar[str] = "FP"  # in figures
+    table_order: ClassVar[int] = 8  # the paper's row order, then the defenses beyond it
+
     max_acc_drop: float = 0.1  # cfg acc_ratio: largest tolerated relative drop of clean (reserve) accuracy
     prune_step: float = 0.01  # cfg once_prune_ratio: each pruning step adds ceil(prune_step·C) channels
     epochs: int = 100  # cfg epochs (fine-tuning)

@@ -35,6 +35,10 @@ class FST(DefenseBase):
     default 0.2. An explicit `alpha` always wins.
     """
 
+    display_name: ClassVar[str] = "FST"  # in tables; the paper's name first (Min et al. 2024, Table 1)
+    short_name: ClassVar[str] = "FST"  # in figures
+    table_order: ClassVar[int] = 4  # the paper's row order, then the defenses beyond it
+
     # README.md (stable_backdoor_purification), the FST command: `--dataset cifar10 ... --ft_mode fst --alpha 0.1`.
     # It is the repository's only FST command: for CIFAR-100 and Tiny-ImageNet the README advises "a small --alpha
     # or simply set it to zero" without a value, so they keep the argparse default.

@@ -22,6 +22,10 @@ class FT(DefenseBase):
     fine-tuning.
     """
 
+    display_name: ClassVar[str] = "FT"  # in tables; the paper's name first (Min et al. 2024, Table 1)
+    short_name: ClassVar[str] = "FT"  # in figures
+    table_order: ClassVar[int] = 6  # the paper's row order, then the defenses beyond it
+
     epochs: int = 10  # README (fine_tune/ft.py has no default)
     batch_size: int = 128  # argparse default
     lr: float = 0.01  # README

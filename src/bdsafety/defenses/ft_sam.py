@@ -37,6 +37,10 @@ class FTSAM(DefenseBase):
     share); a class with fewer images gives all it has, and the record says how many each class gave.
     """
 
+    display_name: ClassVar[str] = "SAM (FT-SAM)"  # in tables; the paper's name first (Min et al. 2024, Table 1)
+    short_name: ClassVar[str] = "SAM"  # in figures
+    table_order: ClassVar[int] = 3  # the paper's row order, then the defenses beyond it
+
     rho: float = 2.0  # cfg rho_max = rho_min = 2.0
     adaptive: bool = True  # official `--adaptive` is store_false: ASAM by default
     label_smoothing: float = 0.1  # cfg

@@ -145,6 +145,10 @@ class IBAU(DefenseBase):
     Args of `purify`: the model (trained in place, BatchNorm statistics frozen), the defender's data, a seed.
     """
 
+    display_name: ClassVar[str] = "BAU (I-BAU)"  # in tables; the paper's name first (Min et al. 2024, Table 1)
+    short_name: ClassVar[str] = "BAU"  # in figures
+    table_order: ClassVar[int] = 2  # the paper's row order, then the defenses beyond it
+
     n_rounds: int = 5  # cfg
     batch_size: int = 256  # cfg
     lr: float = 1e-4  # cfg (the I-BAU authors' code: 1e-3)

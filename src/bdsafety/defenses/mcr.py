@@ -64,6 +64,10 @@ class MCR(CurveTrajectory, DefenseBase):
     and a seed.
     """
 
+    display_name: ClassVar[str] = "MCR"  # in tables; the paper's name first (Min et al. 2024, Table 1)
+    short_name: ClassVar[str] = "MCR"  # in figures
+    table_order: ClassVar[int] = 12  # the paper's row order, then the defenses beyond it
+
     t: float = 0.1  # cfg test_t (BackdoorBench config/defense/mcr/cifar10.yaml)
     finetune_epochs: int = 100  # cfg ft_epochs (the second endpoint)
     finetune_lr: float = 0.01  # cfg ft_lr

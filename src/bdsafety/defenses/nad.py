@@ -84,6 +84,10 @@ class NAD(DefenseBase):
     are the student's only: the teacher is a deep copy, whose parameters are other tensors.
     """
 
+    display_name: ClassVar[str] = "NAD"  # in tables; the paper's name first (Min et al. 2024, Table 1)
+    short_name: ClassVar[str] = "NAD"  # in figures
+    table_order: ClassVar[int] = 9  # the paper's row order, then the defenses beyond it
+
     teacher_epochs: int = 10  # cfg te_epochs
     epochs: int = 10  # student epochs: nad.py passes te_epochs (cfg `epochs: 100` is unused by nad.py)
     batch_size: int = 256  # cfg

@@ -28,6 +28,10 @@ class PAMDefense(BTIStages):
     `fine_tune/BTIDBF/btidbfu.py --use_sam` (`unlearn_pam`) with the optimizer of `fine_tune/BTIDBF/sam.py`.
     """
 
+    display_name: ClassVar[str] = "PAM"  # in tables; the paper's name first (Min et al. 2024, Table 1)
+    short_name: ClassVar[str] = "PAM"  # in figures
+    table_order: ClassVar[int] = 7  # the paper's row order, then the defenses beyond it
+
     # displacement radius toward θ_bd: the repository's shell script fine_tune/BTIDBF/defense.sh (no argparse default)
     rho: float = 0.5
     lr: float = 0.01  # base SGD learning rate, hard-coded in fine_tune/BTIDBF/btidbfu.py

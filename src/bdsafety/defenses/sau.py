@@ -182,6 +182,10 @@ class SAU(DefenseBase):
     defender's data and a seed.
     """
 
+    display_name: ClassVar[str] = "SAU"  # in tables; the paper's name first (Min et al. 2024, Table 1)
+    short_name: ClassVar[str] = "SAU"  # in figures
+    table_order: ClassVar[int] = 11  # the paper's row order, then the defenses beyond it
+
     epochs: int = 100  # cfg n_rounds (cfg `epochs` is unused by sau.py); paper §5.1: 100 on CIFAR-10
     batch_size: int = 256  # cfg
     lr: float = 1e-4  # cfg; constant (the cfg's cosine scheduler is never stepped)

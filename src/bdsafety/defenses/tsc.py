@@ -298,6 +298,10 @@ class TSC(CurveTrajectory, DefenseBase):
     Args of `purify`: the backdoored model (a copy, overwritten with the result), the defender's data and a seed.
     """
 
+    display_name: ClassVar[str] = "TSC"  # in tables; the paper's name first (Min et al. 2024, Table 1)
+    short_name: ClassVar[str] = "TSC"  # in figures
+    table_order: ClassVar[int] = 13  # the paper's row order, then the defenses beyond it
+
     t: float = 0.4  # README --curve_t 0.4 (argparse default of curve_t 0.4)
     rounds: int = 3  # argparse default of TSPC_epoch
     epochs: int = 200  # README --epochs 200, per curve (cfg repair-mc/cifar10.yaml: 100)

@@ -15,7 +15,7 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
 from .claims import LMC_ERROR
-from .tables import DEFENSE_NAMES, attack_blocks, attack_labels, defense_order, display_name, find_row
+from .tables import attack_blocks, attack_labels, defense_order, display_name, find_row, table_order
 
 PALETTE = ("#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f",
            "#bcbd22", "#17becf")
@@ -25,8 +25,8 @@ DPI = 110
 
 def defense_color(defense: str) -> str:
     """A fixed colour per defense, the same in every figure."""
-    known = list(DEFENSE_NAMES)
-    index = known.index(defense) if defense in known else len(known) + sum(map(ord, defense))
+    order = table_order(defense)
+    index = order if order is not None else 1000 + sum(map(ord, defense))
     return PALETTE[index % len(PALETTE)]
 
 

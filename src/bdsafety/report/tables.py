@@ -14,18 +14,27 @@ from __future__ import annotations
 import html
 from dataclasses import dataclass, field
 
-#: Paper display names (Min et al. 2024, Table 1), in the paper's row order; FT is the optional extra baseline,
-#: and the defenses after PAM are the ones bdsafety audits beyond the paper.
-DEFENSE_NAMES = {
-    "ep": "EP", "anp": "ANP", "i_bau": "BAU (I-BAU)", "ft_sam": "SAM (FT-SAM)", "fst": "FST",
-    "bti_dbf": "BTI (BTI-DBF(U))", "ft": "FT", "pam": "PAM",
-    "fp": "FP (Fine-Pruning)", "nad": "NAD", "clp": "CLP", "sau": "SAU", "mcr": "MCR", "tsc": "TSC",
-}
-SHORT_NAMES = {"ep": "EP", "anp": "ANP", "i_bau": "BAU", "ft_sam": "SAM", "fst": "FST", "bti_dbf": "BTI",
-               "ft": "FT", "pam": "PAM", "fp": "FP", "nad": "NAD", "clp": "CLP", "sau": "SAU", "mcr": "MCR",
-               "tsc": "TSC"}
-ATTACK_NAMES = {"badnets": "BadNets", "blended": "Blended", "ssba": "SSBA", "lc": "LC", "sig": "SIG",
-                "wanet": "WaNet"}
+# Display names live on the method classes (`display_name`, `short_name`, `table_order`): a new attack or defense
+# brings its own. A name no registered method has (a run of another version) is shown as it is.
+
+
+def _defense(name: str):
+    from ..defenses import DEFENSES  # the registry, on first use: the report stays light to import
+
+    return DEFENSES.get(name) if name in DEFENSES else None
+
+
+def _attack(name: str):
+    from ..attacks import ATTACKS
+
+    return ATTACKS.get(name) if name in ATTACKS else None
+
+
+def attack_display_name(attack: str) -> str:
+    cls = _attack(str(attack))
+    return cls.display_name if cls is not None else str(attack)
+
+
 MODES = ("O-Backdoor", "O-Robustness", "P-Robustness")
 MISSING = "—"
 
@@ -57,7 +66,7 @@ def attack_blocks(results: dict) -> list[dict]:
 def attack_labels(blocks: list[dict]) -> list[str]:
     """Display names; blocks sharing an attack name are told apart by poison rate and target, and by seed
     when their seeds differ."""
-    names = [ATTACK_NAMES.get(b.get("attack"), str(b.get("attack"))) for b in blocks]
+    names = [attack_display_name(b.get("attack")) for b in blocks]
     labels = []
     for name, block in zip(names, blocks):
         same = [other for n, other in zip(names, blocks) if n == name]
@@ -72,14 +81,22 @@ def attack_labels(blocks: list[dict]) -> list[str]:
 
 
 def defense_order(blocks: list[dict]) -> list[str]:
-    """Defense names present in any block: the paper's order first, unknown names after, alphabetically."""
+    """Defense names present in any block: the paper's order first (`table_order`), unknown names after,
+    alphabetically."""
     present = {row.get("defense") for b in blocks for row in b["rows"]}
-    known = [name for name in DEFENSE_NAMES if name in present]
-    return known + sorted(str(name) for name in present - set(DEFENSE_NAMES))
+    known = sorted((name for name in present if _defense(name) is not None), key=lambda n: _defense(n).table_order)
+    return known + sorted(str(name) for name in present if _defense(name) is None)
+
+
+def table_order(defense: str) -> int | None:
+    """A registered defense's place in the paper's row order (None for a name no defense has)."""
+    cls = _defense(defense)
+    return None if cls is None else cls.table_order
 
 
 def display_name(defense: str, short: bool = False) -> str:
-    return (SHORT_NAMES if short else DEFENSE_NAMES).get(defense, defense)
+    cls = _defense(defense)
+    return defense if cls is None else cls.short_name if short else cls.display_name
 
 
 def find_row(block: dict, defense: str) -> dict | None:
