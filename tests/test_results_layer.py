@@ -19,8 +19,15 @@ from bdsafety.results.assemble import results_of
 STORED = Path(__file__).parent / "data" / "tiny-run"
 
 
-def stored_graph():
-    return build_graph(build_plan(load_spec(STORED / "spec.yaml")))
+def stored_graph(*overrides):
+    return build_graph(build_plan(load_spec(STORED / "spec.yaml", list(overrides))))
+
+
+def assembled(graph):
+    """results.json's content and the defense seconds, from the stored records only."""
+    done = {node.key: store.Stage(node.key, None, store.load_record(STORED / "stages" / node.directory))
+            for node in graph.nodes}
+    return results_of(graph, done)
 
 
 def test_every_stage_key_is_the_stored_runs():
@@ -29,10 +36,7 @@ def test_every_stage_key_is_the_stored_runs():
 
 
 def test_results_json_assembled_from_the_stored_records_is_byte_identical(tmp_path):
-    graph = stored_graph()
-    done = {node.key: store.Stage(node.key, None, store.load_record(STORED / "stages" / node.directory))
-            for node in graph.nodes}
-    results, seconds = results_of(graph, done)
+    results, seconds = assembled(stored_graph())
     store.write_json(tmp_path / "results.json", results)
     assert (tmp_path / "results.json").read_bytes() == (STORED / "results.json").read_bytes()
     assert [sorted(block) for block in seconds] == [["ep", "ft"], ["ep", "ft"]]
@@ -47,16 +51,12 @@ def test_the_report_of_the_stored_results_is_byte_identical(tmp_path):
 def test_a_spec_note_reaches_results_json_the_results_table_and_the_console(tmp_path):
     import json
 
-    from bdsafety.pipeline.specs import load_spec
     from bdsafety.report.tables import console_table, robustness_table
 
-    spec = load_spec(STORED / "spec.yaml", ["note=cut far below the demo, so verdicts can differ"])
-    graph = build_graph(build_plan(spec))
-    done = {node.key: store.Stage(node.key, None, store.load_record(STORED / "stages" / node.directory))
-            for node in graph.nodes}
-    results, _ = results_of(graph, done)
+    note = "note=cut far below the demo, so verdicts can differ"
+    results, _ = assembled(stored_graph(note))
     assert results["note"] == "cut far below the demo, so verdicts can differ"
     assert robustness_table(results).caption.endswith("Note: cut far below the demo, so verdicts can differ")
     assert console_table(results).startswith("note: cut far below the demo")
     assert "note" not in json.loads((STORED / "results.json").read_text())  # a spec without one: no key
-    assert load_spec(STORED / "spec.yaml").digest() != spec.digest()
+    assert load_spec(STORED / "spec.yaml").digest() != load_spec(STORED / "spec.yaml", [note]).digest()

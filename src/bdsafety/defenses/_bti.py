@@ -238,9 +238,8 @@ class BTIStages(DefenseBase):
 
     def shared_work(self, images: int) -> tuple[str, float] | None:
         """The first round's generator epochs (`shared_first_round`): computed once for BTI-DBF(U) and PAM."""
-        settings = {f.name: getattr(self, f.name) for f in dataclasses.fields(BTIStages)
-                    if f.name not in LATER_SETTINGS}
-        return f"bti-first-round {sorted(settings.items())}", 2.0 * images * (self.preround + self.mround + self.uround)
+        settings = sorted(first_round_settings(self).items())
+        return f"bti-first-round {settings}", 2.0 * images * (self.preround + self.mround + self.uround)
 
     @classmethod
     def defender_size(cls, num_train: int, num_classes: int) -> int:
@@ -400,10 +399,15 @@ SHARED_ROUNDS = 2  # first rounds kept in memory: the last backdoored models' (~
 _first_rounds: OrderedDict[str, FirstRound] = OrderedDict()
 
 
+def first_round_settings(stages: BTIStages) -> dict:
+    """The settings the first round reads (every BTIStages field but the later rounds')."""
+    return {f.name: getattr(stages, f.name) for f in dataclasses.fields(BTIStages) if f.name not in LATER_SETTINGS}
+
+
 def first_round_key(model: nn.Module, reserve: ImageSet, num_classes: int, stages: BTIStages, seed: int) -> str:
     """Content hash of everything the first round reads: weights and buffers, reserve, settings, seed."""
     digest = hashlib.sha256()
-    settings = {f.name: getattr(stages, f.name) for f in dataclasses.fields(BTIStages) if f.name not in LATER_SETTINGS}
+    settings = first_round_settings(stages)
     digest.update(repr((sorted(settings.items()), num_classes, seed, str(model_device(model)))).encode())
     tensors = [(name, t) for name, t in sorted(model.state_dict().items())] + \
         [("reserve.images", reserve.images), ("reserve.labels", reserve.labels)]

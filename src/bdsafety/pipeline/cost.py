@@ -53,8 +53,9 @@ def stage_costs(graph, context) -> dict[str, float]:
             cost = plan.train_config.epochs * sizes.train + sizes.evaluation
         elif node.kind == "purify":
             defense = plan.defenses[node.name]
-            cost = defense.image_passes(sizes.defender(defense)) + sizes.evaluation
-            if (work := defense.shared_work(sizes.defender(defense))) is not None:
+            images = sizes.defender(defense)
+            cost = defense.image_passes(images) + sizes.evaluation
+            if (work := defense.shared_work(images)) is not None:
                 key = (node.parent_keys["backdoored"], work[0])
                 cost -= work[1] if key in shared else 0.0
                 shared.add(key)
