@@ -11,13 +11,13 @@ normalise inside, so δ is kept in normalised units and added to pixels as δ·s
 `normalize`): f(x + δ·std) = g((x - μ)/std + δ). The official step sizes (SGD lr 10 for δ, inner GD 0.1)
 and the 0.001·‖δ‖² penalty therefore keep their meaning. No clamping to [0, 1], as in the official code.
 
-Strength. The defaults are the paper repository's (BackdoorBench cfg): Adam 1e-4 and no projection of δ, and
-the CPU profile keeps them: with the official defender data (clean images the model trained on) they reach the
-strength rule's <= 10 % calibration O-ASR on the demo's model (docs/calibration.md, "The strength rule"). The
-strength grid's stronger points are the I-BAU authors' own code: δ projected into the L2 ball of radius 10
-(normalised units) before unlearning, then Adam 3e-4 and 1e-3 (`--set defense_params.i_bau.lr=1e-3 --set
-defense_params.i_bau.perturbation_norm=10`), which the rule chose while the defender's data were a held-out
-reserve.
+Strength. The defaults are the paper repository's (BackdoorBench cfg): Adam 1e-4 and no projection of δ. With the
+official defender data (clean images the model trained on) they reach the strength rule's <= 10 % calibration O-ASR
+on one of the demo's three seeds only (docs/calibration.md, "The strength rule": the rule asks for every seed's
+calibration split), so the CPU profile takes the weakest point of the strength grid that reaches it on every seed:
+the I-BAU authors' own code's L2 ball of radius 10 for δ (normalised units) before unlearning, with Adam 3e-4
+(between BackdoorBench's 1e-4 and the authors' 1e-3). `--set defense_params.i_bau.lr=1e-4 --set
+defense_params.i_bau.perturbation_norm=null` gives the official setting.
 
 As the paper's code (`defense/i-bau.py` of AISafety-HKUST/stable_backdoor_purification, BackdoorBench's):
 * the inner map Φ is always evaluated on the first stored batch with its true labels (`loss_inner` reads
@@ -162,12 +162,13 @@ class IBAU(DefenseBase):
     crop_pad: int = 4  # train transform (BackdoorBench: RandomCrop padding 4)
     flip: bool = True  # train transform (RandomHorizontalFlip)
 
-    cpu_overrides: ClassVar[dict] = {}  # the official setting meets the strength rule (docstring)
+    # The strength rule's choice on every seed's calibration split (docstring)
+    cpu_overrides: ClassVar[dict] = {"lr": 3e-4, "perturbation_norm": 10.0}
+    uses_attack: ClassVar[bool] = False
 
     def image_passes(self, images: int) -> float:
         """Per round: δ's pass over the data, then the outer pass with K fixed-point vector-Jacobian products."""
         return self.n_rounds * images * (2 + self.fixed_point_iters)
-    uses_attack: ClassVar[bool] = False
 
     def __post_init__(self):
         if self.n_rounds < 0 or self.batch_size < 1 or self.fixed_point_iters < 0:
