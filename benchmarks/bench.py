@@ -1,14 +1,18 @@
 """Speed benchmark of bdsafety (benchmarks/speed.py), run from a source checkout:
 
     python benchmarks/bench.py [--out DIR] [--seconds 12] [--threads N] [--profile] [--device cpu]
+    python benchmarks/bench.py --from DIR --docs docs/results/speed.md   # the docs' results page of a measurement
 
-Prints a Markdown table and writes DIR/bench.json (atomically). It is a script outside the library, not a
-`bdsafety` command: the library never imports benchmarks/ (tests/test_imports.py).
+Prints a Markdown table and writes DIR/bench.json and DIR/env.json, where it ran (atomically). `--docs PAGE` also
+writes a results page of the documentation site naming the commit, machine, threads and torch of the measurement
+(docs/results/index.md); `--from DIR` writes it from an earlier measurement without measuring. It is a script
+outside the library, not a `bdsafety` command: the library never imports benchmarks/ (tests/test_imports.py).
 """
 
 from __future__ import annotations
 
 import argparse
+import shlex
 import sys
 from pathlib import Path
 
@@ -19,8 +23,10 @@ import torch  # noqa: E402
 
 from benchmarks.speed import profile_train, run_benchmark  # noqa: E402
 from benchmarks.speed_table import format_table  # noqa: E402
-from bdsafety import store  # noqa: E402
+from bdsafety import __version__, store  # noqa: E402
 from bdsafety.cli import configure  # noqa: E402
+from bdsafety.errors import UsageError  # noqa: E402
+from bdsafety.report.docs_page import shown_path, write_measurement_page  # noqa: E402
 from bdsafety.train import resolve_device  # noqa: E402
 
 
@@ -34,25 +40,62 @@ def parser() -> argparse.ArgumentParser:
     bench.add_argument("--profile", action="store_true", help="also profile a few training steps (top ops)")
     bench.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default)")
     bench.add_argument("-q", "--quiet", action="store_true", help="only warnings and results")
+    bench.add_argument("--docs", type=Path, help="also write this results page of the docs (docs/results/NAME.md)")
+    bench.add_argument("--title", default="Speed: python benchmarks/bench.py", help="the --docs page's title")
+    bench.add_argument("--from", dest="source", type=Path,
+                       help="with --docs: write the page from this earlier measurement's folder; measure nothing")
     return bench
 
 
 def main(argv: list[str]) -> int:
     args = parser().parse_args(argv)
     configure(args.quiet)
+    if args.source:
+        if not args.docs:
+            parser().error("--from writes a results page: give it --docs docs/results/NAME.md")
+        return write_page(args.source, args.docs, args.title)
     if args.threads:
         torch.set_num_threads(args.threads)
     device = resolve_device(args.device)
     result = run_benchmark(device, seconds_per_case=args.seconds)
     if args.profile:
         result["profile"] = profile_train(device)
-    store.write_json(Path(args.out) / store.BENCH_FILE, result)
-    print(format_table(result))
-    for row in result.get("profile", []):
-        print(f"{row['self_cpu_ms']:8.2f} ms/step {100 * row['share']:5.1f} %  {row['op']}")
-    print(f"written to {Path(args.out) / store.BENCH_FILE} ({result['total_s']:.0f} s)")
+    out = Path(args.out)
+    store.write_json(out / store.BENCH_FILE, result)
+    store.write_json(out / store.ENV_FILE, {**store.environment(str(device)), "bdsafety": __version__})
+    print("\n".join(result_lines(result)))
+    print(f"written to {out / store.BENCH_FILE} ({result['total_s']:.0f} s)")
+    return write_page(out, args.docs, args.title) if args.docs else 0
+
+
+def result_lines(result: dict) -> list[str]:
+    """The measurement as Markdown: the table, then the profile's top operations where it was profiled."""
+    lines = format_table(result).splitlines()
+    if result.get("profile"):
+        lines += ["", "Where a training step's time goes (self CPU time per step):", "",
+                  "| op | ms / step | share |", "|---|---|---|"]
+        lines += [f"| `{row['op']}` | {row['self_cpu_ms']:.2f} | {100 * row['share']:.1f} % |"
+                  for row in result["profile"]]
+    return lines
+
+
+def write_page(folder: Path, page: Path, title: str) -> int:
+    """The results page of the measurement in `folder`, with the command that rewrites it."""
+    if not (Path(folder) / store.BENCH_FILE).is_file():
+        raise UsageError(f"{folder} has no {store.BENCH_FILE}: give --from the --out folder of a benchmark run")
+    result = store.read_json(Path(folder) / store.BENCH_FILE)
+    command = shlex.join(["python", "benchmarks/bench.py", "--from", shown_path(folder), "--docs", shown_path(page),
+                          *(["--title", title] if title != parser().get_default("title") else [])])
+    body = result_lines(result) + ["", f"The benchmark took {result['total_s']:.0f} s. What each case measures is "
+                                       "on the [Speed](../speed.md) page."]
+    written = write_measurement_page(folder, page, title, command, body)
+    print(f"results page: {written.page}" + "".join(f"\n{todo}" for todo in written.todo))
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main(sys.argv[1:]))
+    try:
+        sys.exit(main(sys.argv[1:]))
+    except UsageError as error:  # bad input: one line, exit code 2, as the bdsafety command line
+        print(f"error: {error}", file=sys.stderr)
+        sys.exit(2)

@@ -115,3 +115,42 @@ def test_bench_script_prints_the_table_and_writes_bench_json(tmp_path, capsys, m
     record = json.loads((tmp_path / "bench.json").read_text())
     assert record["environment"]["threads"] == 1 and record["speedup"] > 0
     assert "MFU (training)" in capsys.readouterr().out
+
+
+def test_bench_writes_a_results_page_naming_its_commit_and_machine(tmp_path, monkeypatch):
+    import functools
+    import shutil
+    import subprocess
+    import sys
+
+    from test_docs import COMMIT_LINE, ROOT
+
+    import benchmarks.bench as bench
+    from bdsafety.report.docs_page import MARKER
+
+    small = functools.partial(run_benchmark, batch_size=16, shape=SHAPE, n_train=256, n_test=40, steps_per_call=2,
+                              min_calls=2, workers=(0,), matmul_sizes=(64,), lmc_points=3)
+    monkeypatch.setattr(bench, "run_benchmark", small)
+    (tmp_path / "docs" / "results").mkdir(parents=True)  # a copy of the site, the current directory its root
+    shutil.copy(ROOT / "mkdocs.yml", tmp_path / "mkdocs.yml")
+    shutil.copy(ROOT / "docs" / "results" / "index.md", tmp_path / "docs" / "results" / "index.md")
+    monkeypatch.chdir(tmp_path)
+    assert bench.main(["--out", "runs/bench", "--seconds", "0", "--device", "cpu", "--threads", "1"]) == 0
+    env = json.loads((tmp_path / "runs" / "bench" / "env.json").read_text())
+    assert env["threads"] == 1 and env["cpu"] and env["torch"] and env["command"]
+    # as measured from a clean checkout (this test's own checkout may have uncommitted changes)
+    (tmp_path / "runs" / "bench" / "env.json").write_text(json.dumps({**env, "commit": "abc1234", "dirty": False}))
+    assert bench.main(["--from", "runs/bench", "--docs", "docs/results/speed-here.md"]) == 0
+    page = (tmp_path / "docs" / "results" / "speed-here.md").read_text()
+    assert page.startswith(MARKER) and "MFU (training)" in page and f"- machine: {env['cpu']}" in page
+    assert any(COMMIT_LINE.match(line) for line in page.splitlines()) and "commit: abc1234" in page
+    command = "python benchmarks/bench.py --from runs/bench --docs docs/results/speed-here.md"
+    assert f"`{command}`" in page and command in (tmp_path / "docs" / "results" / "index.md").read_text()
+    assert "results/speed-here.md" in (tmp_path / "mkdocs.yml").read_text()
+    assert bench.main(["--from", "runs/bench", "--docs", "docs/results/speed-here.md"]) == 0  # rewritten from disk
+    assert (tmp_path / "docs" / "results" / "speed-here.md").read_text() == page
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    refused = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "bench.py"), "--from", str(empty), "--docs",
+                              "docs/results/other.md"], capture_output=True, text=True, timeout=120)
+    assert refused.returncode == 2 and refused.stderr.count("\n") == 1 and "has no bench.json" in refused.stderr

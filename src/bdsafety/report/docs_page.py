@@ -79,7 +79,8 @@ def write_docs_page(run_dirs: list[Path], page: Path, title: str | None = None) 
             directory without results.json; a figure folder that holds other files.
     """
     page, title = Path(page), title or Path(page).stem
-    check_page(page, [Path(d) for d in run_dirs])
+    check_page(page)
+    check_run_dirs([Path(d) for d in run_dirs])
     results = [with_timings(store.read_json(Path(d) / store.RESULTS_FILE), Path(d) / store.TIMINGS_FILE)
                for d in run_dirs]  # every run is read before anything is written
     runs = [run_of(Path(d), label) for d, label in zip(run_dirs, run_labels([Path(d) for d in run_dirs]))]
@@ -102,8 +103,38 @@ def write_docs_page(run_dirs: list[Path], page: Path, title: str | None = None) 
     return DocsPage(page, sorted(figures), registered, todo, unrecorded(runs))
 
 
-def check_page(page: Path, run_dirs: list[Path]) -> None:
-    """Refuse, before anything is written, a page that is not a new or generated Markdown page, and missing runs."""
+def write_measurement_page(folder: Path, page: Path, title: str, command: str, body: list[str]) -> DocsPage:
+    """Write the results page `page` of a measurement that is not a run directory (a benchmark's output folder):
+    the header and `commit:` line that `write_docs_page` gives a run, from `folder`'s env.json
+    (`store.environment()` at the measurement), then `body`, Markdown lines built by the measurement's own code.
+
+    Args:
+        folder: the measurement's folder, holding its env.json and its results.
+        page: the Markdown page to write, e.g. docs/results/NAME.md.
+        title: the page's title.
+        command: the command that rewrites the page from `folder`, as the page shows it.
+        body: the page's tables and text.
+
+    Raises:
+        UsageError: as `write_docs_page` for the page; a folder without env.json.
+    """
+    page, folder = Path(page), Path(folder)
+    check_page(page)
+    if not (folder / ENV_FILE).is_file():
+        raise UsageError(f"{folder} has no {ENV_FILE}, so its page could not name the commit and machine: measure "
+                         f"again with the current code")
+    run = run_of(folder, Path(os.path.abspath(folder)).name)
+    lines = [MARKER, "", f"# {_md_text(title)}", "", commit_line([run], git_head(page)), "",
+             f"Written by `{command}` from the measurement's files. Regenerate the page with that command rather "
+             "than editing it.", "", f"## {_md_text(run.label)}", ""]
+    lines += [f"- {what}: {text}" for what, text in run.facts if what != "time"] + [""] + body
+    store.atomic_write_bytes(page, ("\n".join(lines).rstrip() + "\n").encode("utf-8"))
+    registered, todo = register(page, title, command)
+    return DocsPage(page, [], registered, todo, unrecorded([run]))
+
+
+def check_page(page: Path) -> None:
+    """Refuse, before anything is written, a page that is not a new or generated Markdown page."""
     if page.suffix != ".md":
         raise UsageError(f"--docs takes a Markdown page, e.g. docs/results/NAME.md; got {page}")
     if page.name == "index.md":
@@ -114,6 +145,10 @@ def check_page(page: Path, run_dirs: list[Path]) -> None:
     others = [p for p in folder.rglob("*") if p.is_file() and p.suffix != ".png"] if folder.is_dir() else []
     if folder.exists() and (not folder.is_dir() or others):
         raise UsageError(f"{folder} holds other files than the page's figures; choose another page name")
+
+
+def check_run_dirs(run_dirs: list[Path]) -> None:
+    """Refuse, before anything is written, a directory without results.json."""
     for run_dir in run_dirs:
         if not (run_dir / store.RESULTS_FILE).is_file():
             raise UsageError(f"{run_dir} has no {store.RESULTS_FILE}: is it a run directory of 'bdsafety run' or "
