@@ -12,7 +12,6 @@ outside the library, not a `bdsafety` command: the library never imports benchma
 from __future__ import annotations
 
 import argparse
-import shlex
 import sys
 from pathlib import Path
 
@@ -21,13 +20,15 @@ if __package__ in (None, ""):  # run as a script: make `benchmarks` importable f
 
 import torch  # noqa: E402
 
+from benchmarks.pages import add_page_arguments, record_environment, write_page  # noqa: E402
 from benchmarks.speed import profile_train, run_benchmark  # noqa: E402
 from benchmarks.speed_table import format_table  # noqa: E402
-from bdsafety import __version__, store  # noqa: E402
+from bdsafety import store  # noqa: E402
 from bdsafety.cli import configure  # noqa: E402
 from bdsafety.errors import UsageError  # noqa: E402
-from bdsafety.report.docs_page import shown_path, write_measurement_page  # noqa: E402
 from bdsafety.train import resolve_device  # noqa: E402
+
+SCRIPT = "benchmarks/bench.py"
 
 
 def parser() -> argparse.ArgumentParser:
@@ -40,10 +41,7 @@ def parser() -> argparse.ArgumentParser:
     bench.add_argument("--profile", action="store_true", help="also profile a few training steps (top ops)")
     bench.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default)")
     bench.add_argument("-q", "--quiet", action="store_true", help="only warnings and results")
-    bench.add_argument("--docs", type=Path, help="also write this results page of the docs (docs/results/NAME.md)")
-    bench.add_argument("--title", default="Speed: python benchmarks/bench.py", help="the --docs page's title")
-    bench.add_argument("--from", dest="source", type=Path,
-                       help="with --docs: write the page from this earlier measurement's folder; measure nothing")
+    add_page_arguments(bench, "Speed: python benchmarks/bench.py")
     return bench
 
 
@@ -53,7 +51,7 @@ def main(argv: list[str]) -> int:
     if args.source:
         if not args.docs:
             parser().error("--from writes a results page: give it --docs docs/results/NAME.md")
-        return write_page(args.source, args.docs, args.title)
+        return write_page(SCRIPT, parser(), args, args.source, store.BENCH_FILE, page_body)
     if args.threads:
         torch.set_num_threads(args.threads)
     device = resolve_device(args.device)
@@ -62,10 +60,10 @@ def main(argv: list[str]) -> int:
         result["profile"] = profile_train(device)
     out = Path(args.out)
     store.write_json(out / store.BENCH_FILE, result)
-    store.write_json(out / store.ENV_FILE, {**store.environment(str(device)), "bdsafety": __version__})
+    record_environment(out, str(device))
     print("\n".join(result_lines(result)))
     print(f"written to {out / store.BENCH_FILE} ({result['total_s']:.0f} s)")
-    return write_page(out, args.docs, args.title) if args.docs else 0
+    return write_page(SCRIPT, parser(), args, out, store.BENCH_FILE, page_body) if args.docs else 0
 
 
 def result_lines(result: dict) -> list[str]:
@@ -79,18 +77,9 @@ def result_lines(result: dict) -> list[str]:
     return lines
 
 
-def write_page(folder: Path, page: Path, title: str) -> int:
-    """The results page of the measurement in `folder`, with the command that rewrites it."""
-    if not (Path(folder) / store.BENCH_FILE).is_file():
-        raise UsageError(f"{folder} has no {store.BENCH_FILE}: give --from the --out folder of a benchmark run")
-    result = store.read_json(Path(folder) / store.BENCH_FILE)
-    command = shlex.join(["python", "benchmarks/bench.py", "--from", shown_path(folder), "--docs", shown_path(page),
-                          *(["--title", title] if title != parser().get_default("title") else [])])
-    body = result_lines(result) + ["", f"The benchmark took {result['total_s']:.0f} s. What each case measures is "
+def page_body(result: dict) -> list[str]:
+    return result_lines(result) + ["", f"The benchmark took {result['total_s']:.0f} s. What each case measures is "
                                        "on the [Speed](../speed.md) page."]
-    written = write_measurement_page(folder, page, title, command, body)
-    print(f"results page: {written.page}" + "".join(f"\n{todo}" for todo in written.todo))
-    return 0
 
 
 if __name__ == "__main__":

@@ -8,6 +8,7 @@ from benchmarks.speed import (conventional_batches, conventional_dataset, defaul
                             make_setup, paired_speedup, profile_train, run_benchmark)
 from benchmarks.speed_table import format_table
 from bdsafety.data import to_float
+from bdsafety.errors import UsageError
 
 SHAPE = (1, 16, 16)
 
@@ -117,9 +118,22 @@ def test_bench_script_prints_the_table_and_writes_bench_json(tmp_path, capsys, m
     assert "MFU (training)" in capsys.readouterr().out
 
 
-def test_bench_writes_a_results_page_naming_its_commit_and_machine(tmp_path, monkeypatch):
-    import functools
+@pytest.fixture
+def site(tmp_path, monkeypatch):
+    """A copy of the documentation site's config and results index; the current directory is its root."""
     import shutil
+
+    from test_docs import ROOT
+
+    (tmp_path / "docs" / "results").mkdir(parents=True)
+    shutil.copy(ROOT / "mkdocs.yml", tmp_path / "mkdocs.yml")
+    shutil.copy(ROOT / "docs" / "results" / "index.md", tmp_path / "docs" / "results" / "index.md")
+    monkeypatch.chdir(tmp_path)
+    return tmp_path
+
+
+def test_bench_writes_a_results_page_naming_its_commit_and_machine(site, monkeypatch):
+    import functools
     import subprocess
     import sys
 
@@ -131,26 +145,41 @@ def test_bench_writes_a_results_page_naming_its_commit_and_machine(tmp_path, mon
     small = functools.partial(run_benchmark, batch_size=16, shape=SHAPE, n_train=256, n_test=40, steps_per_call=2,
                               min_calls=2, workers=(0,), matmul_sizes=(64,), lmc_points=3)
     monkeypatch.setattr(bench, "run_benchmark", small)
-    (tmp_path / "docs" / "results").mkdir(parents=True)  # a copy of the site, the current directory its root
-    shutil.copy(ROOT / "mkdocs.yml", tmp_path / "mkdocs.yml")
-    shutil.copy(ROOT / "docs" / "results" / "index.md", tmp_path / "docs" / "results" / "index.md")
-    monkeypatch.chdir(tmp_path)
     assert bench.main(["--out", "runs/bench", "--seconds", "0", "--device", "cpu", "--threads", "1"]) == 0
-    env = json.loads((tmp_path / "runs" / "bench" / "env.json").read_text())
+    env = json.loads((site / "runs" / "bench" / "env.json").read_text())
     assert env["threads"] == 1 and env["cpu"] and env["torch"] and env["command"]
     # as measured from a clean checkout (this test's own checkout may have uncommitted changes)
-    (tmp_path / "runs" / "bench" / "env.json").write_text(json.dumps({**env, "commit": "abc1234", "dirty": False}))
+    (site / "runs" / "bench" / "env.json").write_text(json.dumps({**env, "commit": "abc1234", "dirty": False}))
     assert bench.main(["--from", "runs/bench", "--docs", "docs/results/speed-here.md"]) == 0
-    page = (tmp_path / "docs" / "results" / "speed-here.md").read_text()
+    page = (site / "docs" / "results" / "speed-here.md").read_text()
     assert page.startswith(MARKER) and "MFU (training)" in page and f"- machine: {env['cpu']}" in page
     assert any(COMMIT_LINE.match(line) for line in page.splitlines()) and "commit: abc1234" in page
     command = "python benchmarks/bench.py --from runs/bench --docs docs/results/speed-here.md"
-    assert f"`{command}`" in page and command in (tmp_path / "docs" / "results" / "index.md").read_text()
-    assert "results/speed-here.md" in (tmp_path / "mkdocs.yml").read_text()
-    assert bench.main(["--from", "runs/bench", "--docs", "docs/results/speed-here.md"]) == 0  # rewritten from disk
-    assert (tmp_path / "docs" / "results" / "speed-here.md").read_text() == page
-    empty = tmp_path / "empty"
+    assert f"`{command}`" in page and command in (site / "docs" / "results" / "index.md").read_text()
+    assert "results/speed-here.md" in (site / "mkdocs.yml").read_text()
+    assert bench.main(["--from", "runs/bench", "--docs", "docs/results/speed-here.md"]) == 0  # the same page again
+    assert (site / "docs" / "results" / "speed-here.md").read_text() == page
+    empty = site / "empty"
     empty.mkdir()
     refused = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "bench.py"), "--from", str(empty), "--docs",
                               "docs/results/other.md"], capture_output=True, text=True, timeout=120)
     assert refused.returncode == 2 and refused.stderr.count("\n") == 1 and "has no bench.json" in refused.stderr
+
+
+def test_the_executors_benchmark_writes_its_results_page_from_its_files(site):
+    import benchmarks.executors as executors
+
+    folder = site / "runs" / "executors"
+    folder.mkdir(parents=True)
+    (folder / "executors.json").write_text(json.dumps(
+        {"spec": "benchmarks/executors-grid.yaml", "stages": 34, "threads": 1, "local_s": 25.6,
+         "ray_s": {"1": 28.8, "2": 15.4}, "overhead_per_stage_s": 0.094, "identical_results": True, "ray": "2.60.0"}))
+    with pytest.raises(UsageError, match="env.json"):  # no page without where it ran
+        executors.main(["--from", str(folder), "--docs", "docs/results/executors.md"])
+    (folder / "env.json").write_text(json.dumps({"command": "benchmarks/executors.py benchmarks/executors-grid.yaml",
+                                                 "commit": "abc1234", "dirty": False, "cpu": "AMD EPYC",
+                                                 "threads": 1, "torch": "2.13.0+cpu", "date": "2026-12-07"}))
+    assert executors.main(["--from", "runs/executors", "--docs", "docs/results/executors.md"]) == 0
+    page = (site / "docs" / "results" / "executors.md").read_text()
+    assert "| 34 | 25.6 s | 28.8 s with 1 Ray CPU; 15.4 s with 2 Ray CPUs | 0.09 s | yes |" in page
+    assert "commit: abc1234" in page and "executors.md" in (site / "mkdocs.yml").read_text()
