@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import shutil
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -34,3 +37,15 @@ def badnets_setup():
 def backdoored(badnets_setup):
     """(model, record) of preact_small trained with BadNets on synthetic data."""
     return train_model(badnets_setup, "preact_small", TINY_TRAIN, seed=0, device=torch.device("cpu"))
+
+
+@pytest.fixture
+def site(tmp_path, monkeypatch):
+    """A copy of the documentation site's config and results index; the current directory is its root, as for the
+    real one (a results page is written there)."""
+    root = Path(__file__).resolve().parents[1]
+    (tmp_path / "docs" / "results").mkdir(parents=True)
+    shutil.copy(root / "mkdocs.yml", tmp_path / "mkdocs.yml")
+    shutil.copy(root / "docs" / "results" / "index.md", tmp_path / "docs" / "results" / "index.md")
+    monkeypatch.chdir(tmp_path)
+    return tmp_path

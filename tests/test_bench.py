@@ -118,20 +118,6 @@ def test_bench_script_prints_the_table_and_writes_bench_json(tmp_path, capsys, m
     assert "MFU (training)" in capsys.readouterr().out
 
 
-@pytest.fixture
-def site(tmp_path, monkeypatch):
-    """A copy of the documentation site's config and results index; the current directory is its root."""
-    import shutil
-
-    from test_docs import ROOT
-
-    (tmp_path / "docs" / "results").mkdir(parents=True)
-    shutil.copy(ROOT / "mkdocs.yml", tmp_path / "mkdocs.yml")
-    shutil.copy(ROOT / "docs" / "results" / "index.md", tmp_path / "docs" / "results" / "index.md")
-    monkeypatch.chdir(tmp_path)
-    return tmp_path
-
-
 def test_bench_writes_a_results_page_naming_its_commit_and_machine(site, monkeypatch):
     import functools
     import subprocess

@@ -4,7 +4,6 @@ directories, in a copy of the site (mkdocs.yml and docs/results/index.md) under 
 from __future__ import annotations
 
 import json
-import shutil
 import subprocess
 
 import pytest
@@ -40,16 +39,6 @@ def make_run(folder, asr_after_ra: float = 0.1, env: dict | None = None, version
         (folder / "stages" / "train-badnets-0123").mkdir(parents=True)
         (folder / "stages" / "train-badnets-0123" / "record.json").write_text(json.dumps({"versions": versions}))
     return folder
-
-
-@pytest.fixture
-def site(tmp_path, monkeypatch):
-    """A copy of the site's config and results index; the current directory is its root, as for the real one."""
-    (tmp_path / "docs" / "results").mkdir(parents=True)
-    shutil.copy(ROOT / "mkdocs.yml", tmp_path / "mkdocs.yml")
-    shutil.copy(ROOT / "docs" / "results" / "index.md", tmp_path / "docs" / "results" / "index.md")
-    monkeypatch.chdir(tmp_path)
-    return tmp_path
 
 
 def test_a_page_of_two_runs_names_commit_machine_and_torch_and_holds_their_tables(site, capsys):
