@@ -6,7 +6,8 @@ versions; "not recorded by the run" where it records nothing), then the run's cl
 same code as its report.md (rendered from results.json, never recomputed). The figures go to
 `docs/results/NAME/`, linked relatively. The page's `commit:` line follows docs/results/index.md. A new page is
 added to the list in docs/results/index.md and to the Results section of mkdocs.yml's nav, so that the site builds
-in strict mode (tests/test_docs.py).
+in strict mode (tests/test_docs.py). `write_measurement_page` gives a benchmark's output folder (benchmarks/pages.py)
+the same header and commit line.
 """
 
 from __future__ import annotations
