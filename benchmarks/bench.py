@@ -20,7 +20,7 @@ if __package__ in (None, ""):  # run as a script: make `benchmarks` importable f
 
 import torch  # noqa: E402
 
-from benchmarks.pages import add_page_arguments, record_environment, write_page  # noqa: E402
+from benchmarks.pages import add_page_arguments, environment, write_page  # noqa: E402
 from benchmarks.speed import profile_train, run_benchmark  # noqa: E402
 from benchmarks.speed_table import format_table  # noqa: E402
 from bdsafety import store  # noqa: E402
@@ -55,12 +55,13 @@ def main(argv: list[str]) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     device = resolve_device(args.device)
+    where = environment(str(device))
     result = run_benchmark(device, seconds_per_case=args.seconds)
     if args.profile:
         result["profile"] = profile_train(device)
     out = Path(args.out)
     store.write_json(out / store.BENCH_FILE, result)
-    record_environment(out, str(device))
+    store.write_json(out / store.ENV_FILE, where)
     print("\n".join(result_lines(result)))
     print(f"written to {out / store.BENCH_FILE} ({result['total_s']:.0f} s)")
     return write_page(SCRIPT, parser(), args, out, store.BENCH_FILE, page_body) if args.docs else 0

@@ -26,7 +26,7 @@ if __package__ in (None, ""):
 
 import torch  # noqa: E402
 
-from benchmarks.pages import add_page_arguments, record_environment, write_page  # noqa: E402
+from benchmarks.pages import add_page_arguments, environment, write_page  # noqa: E402
 from bdsafety import store  # noqa: E402
 from bdsafety.errors import UsageError  # noqa: E402
 from bdsafety.pipeline import load_plan  # noqa: E402
@@ -64,6 +64,7 @@ def main(argv: list[str]) -> int:
         return write_page(SCRIPT, parser(), args, args.source, RESULT_FILE, page_body)
     logging.basicConfig(level=logging.WARNING)
     torch.set_num_threads(args.threads)
+    where = environment("cpu")
     plan = load_plan(args.spec)
     stages = len(build_graph(plan).nodes)
     local = timed(plan, args.out / "local", LocalExecutor())
@@ -80,7 +81,7 @@ def main(argv: list[str]) -> int:
               "ray_s": {str(c): t for c, t in times.items()}, "overhead_per_stage_s": (times[1] - local) / stages,
               "identical_results": identical, "ray": ray.__version__}
     store.write_json(args.out / RESULT_FILE, result)
-    record_environment(args.out, "cpu")
+    store.write_json(args.out / store.ENV_FILE, where)
     print(json.dumps(result, indent=2))
     return write_page(SCRIPT, parser(), args, args.out, RESULT_FILE, page_body) if args.docs else 0
 

@@ -35,6 +35,7 @@ def write_page(script: str, parser: argparse.ArgumentParser, args: argparse.Name
     return 0
 
 
-def record_environment(folder: Path, device: str) -> None:
-    """Where the measurement ran (store.environment() and the bdsafety version), as its page names it."""
-    store.write_json(Path(folder) / store.ENV_FILE, {**store.environment(device), "bdsafety": __version__})
+def environment(device: str) -> dict:
+    """Where the measurement runs (store.environment() and the bdsafety version), as its page names it: taken when
+    it starts, so that the commit and the state of the working tree are those of the code that measured."""
+    return {**store.environment(device), "bdsafety": __version__}
