@@ -153,7 +153,7 @@ def add_experiment_commands(sub) -> None:
     run.add_argument("--set", action="append", metavar="KEY=VALUE", help="spec override, e.g. train.epochs=4")
     demo = sub.add_parser("demo", help="the built-in Fashion-MNIST experiment (BadNets 5%%, all defenses)")
     demo.add_argument("--out", required=True, help="experiment directory (reused on rerun)")
-    demo.add_argument("--quick", action="store_true", help="a shorter first look (about 10 minutes on 2 cores)")
+    demo.add_argument("--quick", action="store_true", help="a shorter first look (about 5 minutes on 2 cores)")
     demo.add_argument("--full", action="store_true",
                       help="the paper's four attacks (BadNets, Blended, SSBA, LC) with every defense: Table 1 in full")
     demo.add_argument("--practitioner", action="store_true",
