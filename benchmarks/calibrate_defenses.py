@@ -11,8 +11,9 @@ backdoored model is purified with each setting of a defense's grid, from the off
 repository's value) up in strength, until one reaches O-ASR <= 10 % on the triggered calibration images:
 that one is the rule's choice. With `--seeds`, a setting is chosen only when it reaches the rule on every
 listed seed's calibration split (each seed's backdoored model and split; the walk stops measuring a setting at
-its first seed above the limit), since the profile applies one setting to every seed. Where the CPU profile is shorter than the official length, the choice (or,
-when none purified, the strongest point) is also run once at the official length. The test set's C-Acc
+its first seed above the limit), since the profile applies one setting to every seed. Where the CPU profile is
+shorter than the official length, the choice (or, when none purified, the strongest point) is also run once at
+the official length (on the first seed). The test set's C-Acc
 and O-ASR, and RA's P-ASR for the chosen and the official-length points, are printed beside each point
 for the README, never used to choose.
 
@@ -146,7 +147,8 @@ class Calibration:
 def report(name: str, point: dict, seconds: float) -> None:
     p_asr = f"P-ASR {100 * point['test_p_asr']:5.1f} ± {100 * point['test_p_asr_sd']:.1f}" \
         if "test_p_asr" in point else "P-ASR   n/a"
-    print(f"{name:7s} seed {point['seed']} {json.dumps(point['params']):50s} cal O-ASR {100 * point['calibration_asr']:5.1f}  "
+    print(f"{name:7s} seed {point['seed']} {json.dumps(point['params']):50s} "
+          f"cal O-ASR {100 * point['calibration_asr']:5.1f}  "
           f"cal C-Acc {100 * point['calibration_clean_acc']:5.1f} | test C-Acc {100 * point['test_clean_acc']:5.1f}  "
           f"O-ASR {100 * point['test_asr']:5.1f}  {p_asr}  dist {point['relative_distance']:.3f}  "
           f"steps {point['optimizer_steps']}  defense {point['defense_s']:.0f} s ({seconds:.0f} s here)", flush=True)
@@ -159,7 +161,8 @@ def markdown(saved: dict) -> str:
              f"{' (with uncommitted changes)' if env.get('dirty') else ''}; machine: {env.get('cpu')}, "
              f"{env.get('threads')} threads, torch {env.get('torch')}; date: {env.get('date')}  ",
              f"rule: {saved['rule']}; the test set's numbers and RA's P-ASR are shown, never used to choose", "",
-             "| defense | grid point | seed | calibration O-ASR | test C-Acc / O-ASR | P-ASR (RA draws) | distance | steps |",
+             "| defense | grid point | seed | calibration O-ASR | test C-Acc / O-ASR | P-ASR (RA draws) | distance "
+             "| steps |",
              "|---|---|---|---|---|---|---|---|"]
     for name, found in saved["defenses"].items():
         points = found["points"] + ([found["official_length"]] if "official_length" in found else [])
@@ -169,7 +172,8 @@ def markdown(saved: dict) -> str:
                 else ""
             cal = f"{100 * point['calibration_asr']:.2f}"
             lines.append(f"| {name} | {'**' if chosen else ''}{json.dumps(point['params'])}{'**' if chosen else ''} | "
-                         f"{point.get('seed', (saved.get('seeds') or ['?'])[0])} | {cal} | {100 * point['test_clean_acc']:.1f} / {100 * point['test_asr']:.1f} | {p_asr} | "
+                         f"{point.get('seed', (saved.get('seeds') or ['?'])[0])} | {cal} | "
+                         f"{100 * point['test_clean_acc']:.1f} / {100 * point['test_asr']:.1f} | {p_asr} | "
                          f"{point['relative_distance']:.3f} | {point['optimizer_steps']} |")
         if found["chosen"] is None:
             lines.append(f"| {name} | no grid point reached the rule | | | | | | |")
@@ -203,7 +207,8 @@ def main() -> None:
         results[name] = calibration.calibrate(name, not args.skip_official_length, args.max_points)
         if args.out:  # after each defense, so an interrupted calibration keeps what it measured
             store.write_json(args.out, {"rule": f"weakest grid setting with calibration O-ASR <= {CALIBRATION_ASR}",
-                                        "backdoored": {seed: model.key for seed, model in calibration.backdoored.items()},
+                                        "backdoored": {seed: model.key
+                                                       for seed, model in calibration.backdoored.items()},
                                         "seeds": calibration.seeds, "defenses": results,
                                         "environment": store.environment("cpu")})
 
