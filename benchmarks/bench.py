@@ -20,12 +20,11 @@ if __package__ in (None, ""):  # run as a script: make `benchmarks` importable f
 
 import torch  # noqa: E402
 
-from benchmarks.pages import add_page_arguments, environment, write_page  # noqa: E402
+from benchmarks.pages import add_page_arguments, environment, run_script, write_page  # noqa: E402
 from benchmarks.speed import profile_train, run_benchmark  # noqa: E402
 from benchmarks.speed_table import format_table  # noqa: E402
 from bdsafety import store  # noqa: E402
 from bdsafety.cli import configure  # noqa: E402
-from bdsafety.errors import UsageError  # noqa: E402
 from bdsafety.train import resolve_device  # noqa: E402
 
 SCRIPT = "benchmarks/bench.py"
@@ -84,8 +83,4 @@ def page_body(result: dict) -> list[str]:
 
 
 if __name__ == "__main__":
-    try:
-        sys.exit(main(sys.argv[1:]))
-    except UsageError as error:  # bad input: one line, exit code 2, as the bdsafety command line
-        print(f"error: {error}", file=sys.stderr)
-        sys.exit(2)
+    run_script(main)

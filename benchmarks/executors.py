@@ -26,9 +26,8 @@ if __package__ in (None, ""):
 
 import torch  # noqa: E402
 
-from benchmarks.pages import add_page_arguments, environment, write_page  # noqa: E402
+from benchmarks.pages import add_page_arguments, environment, run_script, write_page  # noqa: E402
 from bdsafety import store  # noqa: E402
-from bdsafety.errors import UsageError  # noqa: E402
 from bdsafety.pipeline import load_plan  # noqa: E402
 from bdsafety.pipeline.executors.local import LocalExecutor  # noqa: E402
 from bdsafety.pipeline.executors.ray_cluster import RayExecutor  # noqa: E402
@@ -100,8 +99,4 @@ def page_body(result: dict) -> list[str]:
 
 
 if __name__ == "__main__":
-    try:
-        sys.exit(main(sys.argv[1:]))
-    except UsageError as error:  # bad input: one line, exit code 2, as the bdsafety command line
-        print(f"error: {error}", file=sys.stderr)
-        sys.exit(2)
+    run_script(main)

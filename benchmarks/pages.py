@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import shlex
+import sys
 from pathlib import Path
 from typing import Callable
 
@@ -39,3 +40,13 @@ def environment(device: str) -> dict:
     """Where the measurement runs (store.environment() and the bdsafety version), as its page names it: taken when
     it starts, so that the commit and the state of the working tree are those of the code that measured."""
     return {**store.environment(device), "bdsafety": __version__}
+
+
+def run_script(main: Callable[[list[str]], int]) -> None:
+    """Run a benchmark's `main` on the command line's arguments; bad input is one line and exit code 2, as on the
+    bdsafety command line."""
+    try:
+        sys.exit(main(sys.argv[1:]))
+    except UsageError as error:
+        print(f"error: {error}", file=sys.stderr)
+        sys.exit(2)

@@ -7,21 +7,13 @@ import subprocess
 import sys
 import threading
 import time
+from pathlib import Path
 
 import pytest
 
 pytest.importorskip("ray")
 
-GRID = """
-dataset: synthetic
-seeds: [0, 1]
-attacks: [{name: badnets, poison_rate: 0.1, target: 0}, {name: blended, poison_rate: 0.1, target: 1}]
-train: {epochs: 2, batch_size: 64, lr: 0.05, crop_pad: 1, flip: false}
-defenses: [ft, ep]
-defense_params: {ft: {epochs: 1}, ep: {epochs: 1}}
-checks: [ra, lmc]
-audit_params: {ra: {repeats: 1}, lmc: {points: 3}}
-"""
+GRID = (Path(__file__).resolve().parents[1] / "benchmarks" / "executors-grid.yaml").read_text()
 
 
 def run(spec, out, *extra):
