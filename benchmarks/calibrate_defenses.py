@@ -54,9 +54,9 @@ GRIDS = {
                      {"mask_lr": 0.2, "prune_threshold": 0.5}],
             "official": {"iterations": 2000}},
     "ft_sam": {"grid": [{"epochs": 30}, {"epochs": 100}], "official": {"epochs": 100}},
-    # The trigger inversion's length, at the CPU profile's U-Net width 8: the previous CPU length (2 / 5 / 1), then
-    # 5 / 20 / 5. (The README's table also has the earlier grid at width 32 and 2 / 5 / 1 epochs: the authors'
-    # tips, a larger share of inverted samples and a larger rho, and the official unlearning length; none purified.)
+    # The trigger inversion's length at the official U-Net width 32: the previous CPU length (2 / 5 / 1), then
+    # 5 / 20 / 5. (docs/calibration.md also has the earlier grids: width 8, and at 2 / 5 / 1 epochs the authors'
+    # tips, a larger share of inverted samples and a larger rho, and the official unlearning length.)
     "pam": {"grid": [{"preround": 2, "mround": 5, "uround": 1}, {"preround": 5, "mround": 20, "uround": 5}],
             "official": {"generator_width": 32, "preround": 50, "uround": 30, "nround": 3, "ul_round": 30}},
     "bti_dbf": {"grid": [{"preround": 5, "mround": 20, "uround": 5}],
