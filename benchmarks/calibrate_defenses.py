@@ -58,9 +58,9 @@ GRIDS = {
     # 5 / 20 / 5. (docs/calibration.md also has the earlier grids: width 8, and at 2 / 5 / 1 epochs the authors'
     # tips, a larger share of inverted samples and a larger rho, and the official unlearning length.)
     "pam": {"grid": [{"preround": 2, "mround": 5, "uround": 1}, {"preround": 5, "mround": 20, "uround": 5}],
-            "official": {"generator_width": 32, "preround": 50, "uround": 30, "nround": 3, "ul_round": 30}},
+            "official": {"preround": 50, "uround": 30, "nround": 3, "ul_round": 30}},
     "bti_dbf": {"grid": [{"preround": 5, "mround": 20, "uround": 5}],
-                "official": {"generator_width": 32, "preround": 50, "uround": 30, "nround": 3, "ul_round": 30}},
+                "official": {"preround": 50, "uround": 30, "nround": 3, "ul_round": 30}},
     # The six defenses beyond the paper. FP: BackdoorBench's 10 % tolerated accuracy drop, then more pruning.
     "fp": {"grid": [{"max_acc_drop": 0.1}, {"max_acc_drop": 0.2}, {"max_acc_drop": 0.3}], "official": {"epochs": 100}},
     # NAD: the official 10 + 10 epochs, then longer distillation, then doubled attention weights.
